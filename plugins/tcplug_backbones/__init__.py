@@ -1,0 +1,172 @@
+"""Built-in backbones: ``dit``, a small spatio-temporal diffusion transformer."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from diffusers.models.embeddings import get_timestep_embedding
+from einops import rearrange
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from tcplug import AttentionVariant, Backbone, TcplugError, get_component, hookimpl
+
+__version__ = "0.1.0"
+
+
+def sincos_2d(h: int, w: int, dim: int, device: torch.device) -> Tensor:
+    """Fixed 2D sine-cosine position embedding ``(h*w, dim)``."""
+    if dim % 4:
+        raise TcplugError(f"dit dim must be a multiple of 4, got {dim}")
+    quarter = dim // 4
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(quarter, device=device) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    ang_y = ys.flatten()[:, None].float() * freqs
+    ang_x = xs.flatten()[:, None].float() * freqs
+    return torch.cat([ang_y.sin(), ang_y.cos(), ang_x.sin(), ang_x.cos()], dim=1)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block over tokens ``(B, T, N, D)``.
+
+    Self-attention goes through the injected :class:`~tcplug.AttentionVariant`, which
+    decides which frames each frame's queries see. ``c`` is the conditioning embedding
+    broadcastable to ``(B, T, N, D)``.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, attention: AttentionVariant) -> None:
+        super().__init__()
+        if dim % heads:
+            raise TcplugError(f"dit dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.attn = attention
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        nn.init.zeros_(self.ada[1].weight)
+        nn.init.zeros_(self.ada[1].bias)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        b, t, n, d = x.shape
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)
+        h = modulate(self.norm1(x), shift1, scale1)
+        qkv = self.qkv(h).view(b, t, n, 3, self.heads, d // self.heads).permute(3, 0, 1, 4, 2, 5)
+        out = self.attn(qkv[0], qkv[1], qkv[2])  # (B, T, H, N, Dh)
+        out = out.permute(0, 1, 3, 2, 4).reshape(b, t, n, d)
+        x = x + gate1 * self.proj(out)
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class DiT(Backbone):
+    """A small spatio-temporal diffusion transformer (patchify, adaLN-Zero blocks).
+
+    Input latents ``(B, T, C, h, w)`` are cut into ``patch_size`` patches per frame, giving
+    tokens ``(B, T, N, dim)`` with ``N = (h/p)(w/p)``. Every block's self-attention is an
+    injected :class:`~tcplug.AttentionVariant`; that is where frames meet.
+
+    Args:
+        in_channels: latent channels ``C`` (must match the latent design).
+        patch_size: spatial patch size ``p``; ``h`` and ``w`` must be multiples of it.
+        dim: token width.
+        depth: number of blocks.
+        heads: attention heads.
+        mlp_ratio: hidden width of the MLP as a multiple of ``dim``.
+        attention: one variant for every block (copied per block), or a list with one per
+            block; default ``per_frame``.
+        gradient_checkpointing: recompute block activations in the backward pass.
+
+    Timesteps may be per clip ``(B,)``, per frame ``(B, T)`` or per token ``(B, T, N)``.
+    ``context["residuals"]``, if present, is a list (one per block) of tensors broadcastable
+    to ``(B, T, N, dim)`` added after each block (ControlNet-style adapters use it).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        patch_size: int = 2,
+        dim: int = 128,
+        depth: int = 4,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        attention: AttentionVariant | list[AttentionVariant] | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if depth < 1 or patch_size < 1:
+            raise TcplugError("dit depth and patch_size must be >= 1")
+        self.in_channels, self.patch_size, self.dim, self.depth = in_channels, patch_size, dim, depth
+        self.gradient_checkpointing = gradient_checkpointing
+        if attention is None:
+            attention = get_component("attention", "per_frame")()
+        if isinstance(attention, AttentionVariant):
+            variants = [attention] + [copy.deepcopy(attention) for _ in range(depth - 1)]
+        else:
+            variants = list(attention)
+            if len(variants) != depth:
+                raise TcplugError(f"dit got {len(variants)} attention variants for depth {depth}; give one or {depth}")
+        self.patch = nn.Linear(in_channels * patch_size * patch_size, dim)
+        self.t_embed = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.blocks = nn.ModuleList(DiTBlock(dim, heads, mlp_ratio, a) for a in variants)
+        self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.out = nn.Linear(dim, in_channels * patch_size * patch_size)
+        for layer in (self.ada_out[1], self.out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def embed_timesteps(self, timesteps: Tensor, b: int, t: int, n: int) -> Tensor:
+        """Timesteps ``(B,)``/``(B, T)``/``(B, T, N)`` -> embedding broadcastable to ``(B, T, N, dim)``."""
+        if timesteps.dim() == 1:
+            ts = timesteps.view(b, 1, 1)
+        elif timesteps.dim() == 2:
+            ts = timesteps.view(b, t, 1)
+        elif timesteps.dim() == 3 and timesteps.shape[2] == n:
+            ts = timesteps
+        else:
+            raise TcplugError(
+                f"timesteps of shape {tuple(timesteps.shape)} are not per clip ({b},), per frame "
+                f"({b}, {t}) or per token ({b}, {t}, {n})"
+            )
+        emb = get_timestep_embedding(ts.reshape(-1).float(), self.dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        return self.t_embed(emb.to(self.patch.weight.dtype)).view(*ts.shape, self.dim)
+
+    def forward(self, x: Tensor, timesteps: Tensor, context: dict[str, Any] | None = None) -> Tensor:
+        b, t, c, h, w = x.shape
+        p = self.patch_size
+        if c != self.in_channels:
+            raise TcplugError(f"dit expects {self.in_channels} latent channels, got {c}")
+        if h % p or w % p:
+            raise TcplugError(f"latent size {h}x{w} is not a multiple of dit patch_size {p}")
+        tokens = rearrange(x, "b t c (hh p1) (ww p2) -> b t (hh ww) (p1 p2 c)", p1=p, p2=p)
+        hh, ww = h // p, w // p
+        tokens = self.patch(tokens) + sincos_2d(hh, ww, self.dim, x.device).to(tokens.dtype)
+        cond = self.embed_timesteps(timesteps, b, t, hh * ww)
+        residuals = (context or {}).get("residuals")
+        for i, block in enumerate(self.blocks):
+            if self.gradient_checkpointing and self.training:
+                tokens = checkpoint(block, tokens, cond, use_reentrant=False)
+            else:
+                tokens = block(tokens, cond)
+            if residuals is not None:
+                tokens = tokens + residuals[i]
+        shift, scale = self.ada_out(cond).chunk(2, dim=-1)
+        tokens = self.out(modulate(self.norm_out(tokens), shift, scale))
+        return rearrange(tokens, "b t (hh ww) (p1 p2 c) -> b t c (hh p1) (ww p2)", hh=hh, p1=p, p2=p)
+
+
+@hookimpl
+def tcplug_register_components(register):
+    register(DiT, name="dit")
+
+

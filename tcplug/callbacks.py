@@ -1,0 +1,49 @@
+"""Callbacks the CLI adds to every run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_only
+
+
+class MetricsJson(pl.Callback):
+    """Writes ``metrics.json`` (the last value of every logged scalar) into the run folder.
+
+    Written after each validation and at the end of fit/validate/test, on rank zero only,
+    atomically (temporary file + rename), so an interrupted run never leaves half a file.
+    """
+
+    def _write(self, trainer: pl.Trainer, stage: str) -> None:
+        if trainer.sanity_checking or trainer.log_dir is None:
+            return
+        self._dump(trainer, stage)
+
+    @rank_zero_only
+    def _dump(self, trainer: pl.Trainer, stage: str) -> None:
+        metrics = {}
+        for key, value in trainer.callback_metrics.items():
+            v = float(value)
+            metrics[key] = v if math.isfinite(v) else str(v)
+        payload = {"stage": stage, "epoch": trainer.current_epoch, "global_step": trainer.global_step,
+                   "metrics": dict(sorted(metrics.items()))}
+        ckpt = getattr(trainer, "checkpoint_callback", None)
+        if ckpt is not None and getattr(ckpt, "last_model_path", ""):
+            payload["last_checkpoint"] = ckpt.last_model_path
+        path = Path(trainer.log_dir) / "metrics.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        tmp.replace(path)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._write(trainer, "validate" if trainer.state.fn == "validate" else "fit")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._write(trainer, "fit")
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._write(trainer, "test")

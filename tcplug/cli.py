@@ -1,0 +1,203 @@
+"""The ``tcplug`` command: LightningCLI (fit/validate/test/predict) plus extra subcommands.
+
+Recipes name components by registry name (``class_path: per_frame``) or by full import
+path; OmegaConf interpolation (``${...}``) works inside recipes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from tcplug.errors import TcplugError
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+# ----- registry names inside jsonargparse ---------------------------------------------------
+def _kind_for(cls: object) -> str | None:
+    from tcplug.kinds import KINDS
+
+    if not inspect.isclass(cls):
+        return None
+    for kind, base in KINDS.items():
+        if cls is base:
+            return kind
+    return None
+
+
+def install_registry_names() -> None:
+    """Let jsonargparse resolve registry names (``per_frame``) wherever a kind is expected.
+
+    jsonargparse resolves a dot-less ``class_path`` by class name among the imported
+    subclasses of the annotated type. We put the registry in front of that lookup: a
+    registry name of the annotated kind wins; a class name still works; anything else is
+    an error listing the kind's components and the closest name.
+    """
+    from jsonargparse import _typehints
+
+    original = _typehints.resolve_class_path_by_name
+    if getattr(original, "_tcplug", False):
+        return
+
+    def resolve(cls, name):
+        kind = _kind_for(cls) if isinstance(name, str) and "." not in name else None
+        if kind is None:
+            return original(cls, name)
+        from tcplug.registry import get_registry
+
+        registry = get_registry()
+        found = registry.find(kind, name)
+        if found is not None:
+            return f"{found.__module__}.{found.__qualname__}"
+        resolved = original(cls, name)
+        if "." not in resolved:
+            raise ValueError(registry.unknown_message(kind, name))
+        return resolved
+
+    resolve._tcplug = True  # type: ignore[attr-defined]
+    _typehints.resolve_class_path_by_name = resolve
+
+
+# ----- LightningCLI ---------------------------------------------------------------------------
+def _make_cli_class():
+    from lightning.pytorch.cli import LightningCLI
+
+    from tcplug.callbacks import MetricsJson
+
+    class TcplugCLI(LightningCLI):
+        """LightningCLI with tcplug's defaults: a run folder under ``runs/``, ``last.ckpt``,
+        ``metrics.json``, seed 0, OmegaConf interpolation in recipes."""
+
+        def add_arguments_to_parser(self, parser) -> None:
+            from lightning.pytorch.callbacks import ModelCheckpoint
+
+            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+
+        def instantiate_trainer(self, **kwargs):
+            trainer = super().instantiate_trainer(**kwargs)
+            trainer.callbacks.append(MetricsJson())
+            return trainer
+
+    return TcplugCLI
+
+
+TRAINER_DEFAULTS = {
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "runs", "name": "tcplug"},
+    },
+    "log_every_n_steps": 10,
+}
+
+
+def run_lightning(argv: Sequence[str]) -> None:
+    from tcplug.data import VideoDataModule
+    from tcplug.module import TCPlugModule
+    from tcplug.registry import get_registry
+
+    get_registry()  # load plugins so that their classes are importable subclasses
+    install_registry_names()
+    cli_cls = _make_cli_class()
+    # LightningCLI warns when both `args` and sys.argv carry arguments; ours come from argv.
+    saved, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        _run(cli_cls, argv)
+    finally:
+        sys.argv = saved
+
+
+def _run(cli_cls, argv: Sequence[str]) -> None:
+    from tcplug.data import VideoDataModule
+    from tcplug.module import TCPlugModule
+
+    cli_cls(
+        TCPlugModule,
+        VideoDataModule,
+        args=list(argv),
+        seed_everything_default=0,
+        trainer_defaults=TRAINER_DEFAULTS,
+        parser_kwargs={"parser_mode": "omegaconf", "prog": "tcplug"},
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+
+
+# ----- extra subcommands --------------------------------------------------------------------
+def cmd_plugins(argv: Sequence[str]) -> int:
+    import argparse
+
+    from tcplug.plugins import plugin_infos
+    from tcplug.registry import get_registry
+
+    parser = argparse.ArgumentParser(prog="tcplug plugins", description="List plugins and their components.")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(list(argv))
+    registry = get_registry()
+    infos = plugin_infos()
+    if args.json:
+        payload = {
+            "plugins": [{"name": i.name, "version": i.version, "status": i.status, "error": i.error} for i in infos],
+            "components": registry.as_dict(),
+        }
+        print(json.dumps(payload, indent=2))
+        return 0
+    print("plugins:")
+    for i in infos:
+        extra = f"  ({i.error})" if i.error else ""
+        print(f"  {i.name:<28} {i.version or '-':<10} {i.status}{extra}")
+    print("components:")
+    for kind, comps in registry.as_dict().items():
+        names = ", ".join(comps) or "-"
+        print(f"  {kind:<14} {names}")
+    return 0
+
+
+EXTRA_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "plugins": (cmd_plugins, "list plugins, their versions and components per kind"),
+}
+
+USAGE = """usage: tcplug SUBCOMMAND [options]
+
+Training (LightningCLI; `tcplug SUBCOMMAND --help` for every option):
+  fit          train a recipe:  tcplug fit --config recipes/full.yaml
+  validate     run validation of a recipe/checkpoint
+  test         run the test loop
+  predict      run prediction
+Other:
+{extras}
+Recipes take several --config files, dotted overrides (--model.lr=1e-4), --print_config,
+and registry names for components (class_path: per_frame).
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        extras = "\n".join(f"  {name:<12} {help_}" for name, (_, help_) in EXTRA_COMMANDS.items())
+        print(USAGE.format(extras=extras))
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from tcplug import __version__
+
+        print(f"tcplug {__version__}")
+        return 0
+    try:
+        if argv[0] in EXTRA_COMMANDS:
+            return EXTRA_COMMANDS[argv[0]][0](argv[1:])
+        run_lightning(argv)
+        return 0
+    except TcplugError as exc:
+        print(f"tcplug: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tcplug: interrupted", file=sys.stderr)
+        return 130
+
+
+def console_main() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""The one LightningModule: composes the injected components into a training step.
+
+The module never names a concrete technique. It receives components (built by
+jsonargparse from the recipe, registry names resolved) and wires them:
+
+``video -> latent.encode -> add noise -> [router ->] backbone(+ conditioner context)
+-> loss terms -> backward``; validation also samples clips, writes them as mp4 into the
+run folder and as animated images to TensorBoard.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor, nn
+
+from tcplug.errors import TcplugError
+from tcplug.kinds import (
+    Backbone,
+    Discriminator,
+    LatentDesign,
+    LossContext,
+    LossTerm,
+    MotionLocker,
+    Router,
+    WorldConditioner,
+)
+from tcplug.registry import get_registry
+from tcplug.sampling import NoiseSchedule, sample_loop
+from tcplug.video import add_video_gif, to_uint8, write_video
+
+
+class TCPlugModule(pl.LightningModule):
+    """Video diffusion over injected components.
+
+    Args:
+        backbone: the denoiser (kind ``backbone``), carrying its attention variant(s).
+        latent: the latent design (kind ``latent``); default ``pixel``.
+        losses: loss terms (kind ``loss``); default ``[denoise]``.
+        discriminator: judges clips for an adversarial term (kind ``discriminator``).
+        router: noise-level expert routing (kind ``router``); with ``num_experts > 1`` the
+            backbone is cloned once per expert.
+        conditioner: structural conditioning (kind ``conditioner``).
+        motion_lock: static-region locking (kind ``motion_lock``).
+        noise: ``ddpm`` (discrete VP schedule) or ``flow_matching``.
+        prediction_type: ``epsilon``, ``v_prediction`` or ``sample`` for ddpm; ``flow`` for
+            flow matching.
+        sampler: ``ddim`` or ``ddpm`` for ddpm (flow matching always uses Euler).
+        num_train_timesteps: discrete training timesteps.
+        beta_schedule: diffusers beta schedule name for ddpm.
+        shift: flow-matching timestep shift (``1`` = none), used identically in training
+            and sampling.
+        lr: AdamW learning rate; weight_decay, betas: AdamW settings.
+        warmup_steps: linear learning-rate warm-up.
+        sample_steps: sampler steps for validation samples.
+        num_val_samples: clips sampled at each validation (0 = none).
+        sample_fps: frame rate of the written mp4 samples.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        latent: LatentDesign | None = None,
+        losses: list[LossTerm] | None = None,
+        discriminator: Discriminator | None = None,
+        router: Router | None = None,
+        conditioner: WorldConditioner | None = None,
+        motion_lock: MotionLocker | None = None,
+        noise: Literal["ddpm", "flow_matching"] = "ddpm",
+        prediction_type: Literal["epsilon", "v_prediction", "sample", "flow"] = "epsilon",
+        sampler: Literal["ddim", "ddpm", "euler"] = "ddim",
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "squaredcos_cap_v2",
+        shift: float = 1.0,
+        lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.99),
+        warmup_steps: int = 0,
+        sample_steps: int = 20,
+        num_val_samples: int = 2,
+        sample_fps: int = 8,
+    ) -> None:
+        super().__init__()
+        registry = get_registry()
+        self.latent = latent if latent is not None else registry.get("latent", "pixel")()
+        self.losses = nn.ModuleList(losses if losses is not None else [registry.get("loss", "denoise")()])
+        if len(self.losses) == 0:
+            raise TcplugError("model.losses is empty: give at least one loss term (e.g. denoise)")
+        if backbone.in_channels != self.latent.latent_channels:
+            raise TcplugError(
+                f"backbone.in_channels={backbone.in_channels} but the latent design "
+                f"{type(self.latent).__name__} has latent_channels={self.latent.latent_channels}"
+            )
+        for slot, value in (("discriminator", discriminator), ("motion_lock", motion_lock)):
+            if value is not None:
+                raise TcplugError(
+                    f"model.{slot} is given, but this version of the engine does not wire the "
+                    f"{slot} slot into training yet; remove it from the recipe"
+                )
+        self.router = router
+        n_experts = router.num_experts if router is not None else 1
+        self.experts = nn.ModuleList([backbone] + [copy.deepcopy(backbone) for _ in range(n_experts - 1)])
+        self.conditioner = conditioner
+        self.schedule = NoiseSchedule(noise, prediction_type, num_train_timesteps, beta_schedule, sampler, shift)
+        self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
+        self.sample_steps, self.num_val_samples, self.sample_fps = sample_steps, num_val_samples, sample_fps
+        self._loss_names = [self._term_name(t, i) for i, t in enumerate(self.losses)]
+        # the component objects are saved through the CLI's config; keep plain values here
+        self.save_hyperparameters(ignore=["backbone", "latent", "losses", "discriminator", "router",
+                                          "conditioner", "motion_lock"])
+
+    @property
+    def backbone(self) -> Backbone:
+        return self.experts[0]
+
+    @staticmethod
+    def _term_name(term: LossTerm, index: int) -> str:
+        name = get_registry().name_of(type(term)) or type(term).__name__.lower()
+        return name
+
+    # ----- the model ---------------------------------------------------------------------
+    def context(self, batch: dict[str, Any], latent_shape: tuple[int, ...]) -> dict[str, Any] | None:
+        """Conditioning for the backbone (from the conditioner, if any)."""
+        if self.conditioner is None:
+            return None
+        return self.conditioner(batch, latent_shape)
+
+    def denoise(self, xt: Tensor, timesteps: Tensor, context: dict[str, Any] | None = None) -> Tensor:
+        """The (routed) backbone prediction for noisy latents ``(B, T, C, h, w)``."""
+        if self.router is None:
+            return self.experts[0](xt, timesteps, context)
+        t_clip = timesteps if timesteps.dim() == 1 else timesteps.flatten(1).float().mean(1)
+        weights = self.router(t_clip)  # (B, E)
+        out = torch.zeros_like(xt)
+        for e, expert in enumerate(self.experts):
+            w = weights[:, e]
+            rows = (w != 0).nonzero(as_tuple=True)[0]
+            if rows.numel() == 0:
+                continue
+            ctx = None if context is None else {k: v[rows] if torch.is_tensor(v) else v for k, v in context.items()}
+            t_rows = timesteps[rows]
+            out = out.index_add(0, rows, expert(xt[rows], t_rows, ctx) * w[rows].view(-1, 1, 1, 1, 1))
+        return out
+
+    def training_losses(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total loss and each unweighted term for one batch."""
+        video = batch["video"]
+        if video.dim() != 5:
+            raise TcplugError(f"batch['video'] must be (B, T, C, H, W), got shape {tuple(video.shape)}")
+        x0 = self.latent.encode(video)
+        noise = torch.randn_like(x0)
+        t = self.schedule.sample_timesteps(x0.shape[0], x0.device)
+        xt = self.schedule.add_noise(x0, noise, t)
+        pred = self.denoise(xt, t, self.context(batch, tuple(x0.shape)))
+        ctx = LossContext(batch=batch, x0=x0, noise=noise, xt=xt, timesteps=t, pred=pred,
+                          target=self.schedule.target(x0, noise, t), schedule=self.schedule,
+                          latent=self.latent)
+        terms: dict[str, Tensor] = {}
+        total = x0.new_zeros(())
+        for name, term in zip(self._loss_names, self.losses):
+            value = term(ctx)
+            terms[name] = value
+            total = total + term.weight * value
+        return total, terms
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        total, terms = self.training_losses(batch)
+        bs = batch["video"].shape[0]
+        for name, value in terms.items():
+            self.log(f"train/loss_{name}", value.detach(), batch_size=bs)
+        self.log("train/loss", total.detach(), prog_bar=True, batch_size=bs)
+        return total
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        total, _ = self.training_losses(batch)
+        self.log("val/loss", total, prog_bar=True, sync_dist=True, batch_size=batch["video"].shape[0])
+        if batch_idx == 0 and self.num_val_samples > 0 and not self.trainer.sanity_checking:
+            self._write_samples(batch)
+
+    # ----- sampling ----------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, num: int, frames: int, height: int, width: int, steps: int | None = None,
+                 seed: int = 0, batch: dict[str, Any] | None = None, progress: bool = False) -> Tensor:
+        """Sample ``num`` clips; returns video ``(num, frames, 3, height, width)`` in [-1, 1]."""
+        f = self.latent.downsample
+        shape = (num, frames, self.latent.latent_channels, height // f, width // f)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        noise = torch.randn(shape, generator=gen).to(self.device)
+        context = self.context(batch, shape) if batch is not None else None
+        z = sample_loop(lambda x, t: self.denoise(x, t, context), noise, self.schedule,
+                        steps or self.sample_steps, generator=gen, progress=progress)
+        return self.latent.decode(z).clamp(-1, 1)
+
+    @rank_zero_only
+    def _write_samples(self, batch: dict[str, Any]) -> None:
+        b, t, _, h, w = batch["video"].shape
+        n = min(self.num_val_samples, b)
+        sub = {k: v[:n] if torch.is_tensor(v) else v for k, v in batch.items()}
+        video = self.generate(n, t, h, w, batch=sub, seed=0)
+        # clips side by side: (T, 3, H, n*W)
+        strip = torch.cat(list(video), dim=-1)
+        frames = to_uint8(strip)
+        if self.trainer.fast_dev_run or self.trainer.log_dir is None:
+            return  # smoke runs write nothing
+        write_video(frames, Path(self.trainer.log_dir) / "samples" / f"step_{self.global_step:07d}.mp4",
+                    fps=self.sample_fps)
+        experiment = getattr(self.logger, "experiment", None)
+        if hasattr(experiment, "_get_file_writer") and experiment._get_file_writer() is not None:
+            add_video_gif(experiment, "samples/video", frames, self.global_step, self.sample_fps)
+
+    # ----- optimization ------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        if self.warmup_steps <= 0:
+            return opt
+        warm = self.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _Warmup(warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class _Warmup:
+    """Linear warm-up factor (a class, not a lambda: picklable)."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def __call__(self, step: int) -> float:
+        return min(1.0, (step + 1) / self.steps)

@@ -1,0 +1,185 @@
+"""Kind -> base class, and per kind: registry name -> component class.
+
+The registry is filled by calling every plugin's ``tcplug_register_components(register)``
+hook. It is rebuilt when the set of registered plugins changes (e.g. a test registers an
+inline plugin), and otherwise built once per process.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from tcplug import plugins
+from tcplug.errors import RegistryError, UnknownComponentError
+from tcplug.kinds import KINDS
+
+
+def snake_case(name: str) -> str:
+    """``TokenShift`` -> ``token_shift``; ``DiT`` -> ``di_t`` is avoided: ``DiT`` -> ``dit``."""
+    s = re.sub(r"(?<=[a-z0-9])(?=[A-Z][a-z])", "_", name)
+    s = re.sub(r"(?<=[a-z])(?=[A-Z])", "_", s)
+    return s.lower().replace("di_t", "dit")
+
+
+def kind_of(cls: type) -> str:
+    """The kind of a component class, from the one kind base class it subclasses."""
+    if not inspect.isclass(cls):
+        raise RegistryError(f"register() expects a class, got {cls!r}")
+    kinds = [kind for kind, base in KINDS.items() if issubclass(cls, base)]
+    if not kinds:
+        bases = ", ".join(b.__name__ for b in KINDS.values())
+        raise RegistryError(
+            f"{cls.__module__}.{cls.__qualname__} subclasses no tcplug kind; "
+            f"subclass one of: {bases}"
+        )
+    if len(kinds) > 1:
+        raise RegistryError(
+            f"{cls.__module__}.{cls.__qualname__} subclasses several kinds ({', '.join(kinds)}); "
+            "a component has exactly one kind"
+        )
+    return kinds[0]
+
+
+def import_path(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+@dataclass(frozen=True)
+class Entry:
+    kind: str
+    name: str
+    cls: type[nn.Module]
+    plugin: str
+
+
+class Registry:
+    """Components per kind. Use :func:`get_registry` rather than building one."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+
+    def register(self, cls: type, name: str | None = None, *, plugin: str = "<direct>") -> None:
+        kind = kind_of(cls)
+        if "<locals>" in cls.__qualname__:
+            raise RegistryError(
+                f"{cls.__qualname__} is a local class; components must be importable "
+                "(define it at module level) so that DDP can pickle it"
+            )
+        name = name or snake_case(cls.__name__)
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise RegistryError(f"invalid component name {name!r}: use letters, digits and _")
+        existing = self._entries[kind].get(name)
+        if existing is not None and existing.cls is not cls:
+            raise RegistryError(
+                f"duplicate {kind} name {name!r}: {import_path(cls)} (plugin {plugin!r}) "
+                f"clashes with {import_path(existing.cls)} (plugin {existing.plugin!r})"
+            )
+        self._entries[kind][name] = Entry(kind, name, cls, plugin)
+
+    def names(self, kind: str) -> list[str]:
+        self._check_kind(kind)
+        return sorted(self._entries[kind])
+
+    def entries(self, kind: str) -> list[Entry]:
+        self._check_kind(kind)
+        return [self._entries[kind][n] for n in sorted(self._entries[kind])]
+
+    def get(self, kind: str, name: str) -> type[nn.Module]:
+        self._check_kind(kind)
+        entry = self._entries[kind].get(name)
+        if entry is None:
+            raise UnknownComponentError(self.unknown_message(kind, name))
+        return entry.cls
+
+    def find(self, kind: str, name: str) -> type[nn.Module] | None:
+        self._check_kind(kind)
+        entry = self._entries[kind].get(name)
+        return entry.cls if entry else None
+
+    def name_of(self, cls: type) -> str | None:
+        """The registry name of a class, if it is registered."""
+        for kind_entries in self._entries.values():
+            for entry in kind_entries.values():
+                if entry.cls is cls:
+                    return entry.name
+        return None
+
+    def unknown_message(self, kind: str, name: str) -> str:
+        available = self.names(kind)
+        msg = f"unknown {kind} {name!r}. Available {kind} components: {', '.join(available) or '(none)'}"
+        close = difflib.get_close_matches(name, available, n=1, cutoff=0.5)
+        if close:
+            msg += f". Did you mean {close[0]!r}?"
+        failed = [i for i in plugins.plugin_infos() if i.status == "failed"]
+        if failed:
+            msg += ". Note: plugin(s) that failed to load and may provide it: " + "; ".join(
+                f"{i.name} ({i.error})" for i in failed
+            )
+        return msg
+
+    def as_dict(self) -> dict[str, dict[str, str]]:
+        return {
+            kind: {e.name: import_path(e.cls) for e in self.entries(kind)} for kind in KINDS
+        }
+
+    @staticmethod
+    def _check_kind(kind: str) -> None:
+        if kind not in KINDS:
+            close = difflib.get_close_matches(kind, list(KINDS), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise UnknownComponentError(
+                f"unknown kind {kind!r}; kinds are: {', '.join(KINDS)}.{hint}"
+            )
+
+
+class _Register:
+    """The ``register(cls, name=None)`` callback handed to one plugin's hook."""
+
+    def __init__(self, registry: Registry, plugin: str) -> None:
+        self._registry, self._plugin = registry, plugin
+
+    def __call__(self, cls: type, name: str | None = None) -> None:
+        self._registry.register(cls, name, plugin=self._plugin)
+
+
+_cache: tuple[tuple[str, ...], Registry] | None = None
+
+
+def _build(pm) -> Registry:
+    registry = Registry()
+    caller = pm.hook.tcplug_register_components
+    for impl in caller.get_hookimpls():
+        plugin_name = pm.get_name(impl.plugin) or repr(impl.plugin)
+        try:
+            impl.function(register=_Register(registry, plugin_name))
+        except Exception as exc:  # isolate a plugin whose registration breaks
+            plugins.mark_failed(plugin_name, exc)
+    return registry
+
+
+def get_registry() -> Registry:
+    """The registry of every loaded plugin's components (built lazily, cached)."""
+    global _cache
+    pm = plugins.get_plugin_manager()
+    key = tuple(sorted(str(n) for n, _ in pm.list_name_plugin()))
+    if _cache is None or _cache[0] != key:
+        _cache = (key, _build(pm))
+    return _cache[1]
+
+
+def get_component(kind: str, name: str) -> type[nn.Module]:
+    """The class registered as ``name`` for ``kind``; raises with the available names."""
+    return get_registry().get(kind, name)
+
+
+def list_components(kind: str | None = None) -> dict[str, list[str]] | list[str]:
+    """Registered names, for one kind or for all."""
+    registry = get_registry()
+    if kind is not None:
+        return registry.names(kind)
+    return {k: registry.names(k) for k in KINDS}

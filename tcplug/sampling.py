@@ -1,0 +1,179 @@
+"""Noise schedules and the sampler loop, built on diffusers schedulers.
+
+:class:`NoiseSchedule` holds what training and sampling must agree on: how noise is added,
+what the backbone is trained to predict, and how a prediction maps back to clean latents.
+Two families are supported:
+
+- ``ddpm``: the discrete variance-preserving schedule of diffusers' ``DDPMScheduler``
+  (``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps``) with prediction ``epsilon``, ``v_prediction``
+  or ``sample`` (x0); sampled with ``DDIMScheduler`` (default) or ``DDPMScheduler``.
+- ``flow_matching``: rectified flow (``x_t = (1 - s) x_0 + s eps``, ``t = 1000 s``) with
+  velocity prediction ``eps - x_0``; sampled with ``FlowMatchEulerDiscreteScheduler``.
+  ``shift`` warps ``s`` towards high noise exactly as that scheduler does, in training too.
+
+Timesteps may be per clip ``(B,)``, per frame ``(B, T)``, or per latent pixel
+``(B, T, 1, h, w)``; coefficients broadcast over latents ``(B, T, C, h, w)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from torch import Tensor
+
+from tcplug.errors import TcplugError
+
+NoiseKind = Literal["ddpm", "flow_matching"]
+Prediction = Literal["epsilon", "v_prediction", "sample", "flow"]
+SamplerName = Literal["ddim", "ddpm", "euler"]
+
+
+def _expand(coef: Tensor, like: Tensor) -> Tensor:
+    """Broadcast a per-clip/per-frame/per-pixel coefficient over ``(B, T, C, h, w)``."""
+    if coef.dim() == 1:
+        return coef.view(-1, 1, 1, 1, 1).to(like.dtype)
+    if coef.dim() == 2:
+        return coef.view(coef.shape[0], coef.shape[1], 1, 1, 1).to(like.dtype)
+    if coef.dim() == like.dim():
+        return coef.to(like.dtype)
+    raise ValueError(f"timesteps of shape {tuple(coef.shape)} do not broadcast over {tuple(like.shape)}")
+
+
+class NoiseSchedule:
+    """Training/sampling agreement. Plain object (not a module): picklable, no parameters."""
+
+    def __init__(
+        self,
+        kind: NoiseKind = "ddpm",
+        prediction_type: Prediction = "epsilon",
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "squaredcos_cap_v2",
+        sampler: SamplerName = "ddim",
+        shift: float = 1.0,
+    ) -> None:
+        if kind == "flow_matching":
+            if prediction_type not in ("flow", "epsilon"):
+                raise TcplugError(
+                    f"flow_matching predicts the velocity; prediction_type {prediction_type!r} "
+                    "is not supported with it (use 'flow')"
+                )
+            prediction_type, sampler = "flow", "euler"
+        elif prediction_type == "flow":
+            raise TcplugError("prediction_type 'flow' needs kind 'flow_matching'")
+        if sampler == "euler" and kind != "flow_matching":
+            raise TcplugError("sampler 'euler' is the flow-matching sampler; use 'ddim' or 'ddpm'")
+        self.kind, self.prediction_type, self.sampler = kind, prediction_type, sampler
+        self.num_train_timesteps, self.beta_schedule, self.shift = num_train_timesteps, beta_schedule, shift
+        if kind == "ddpm":
+            ref = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
+            self.alphas_cumprod = ref.alphas_cumprod.float()
+
+    # ----- training ---------------------------------------------------------------------
+    def sample_timesteps(self, batch: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+        """Random training timesteps, one per clip ``(B,)``."""
+        if self.kind == "ddpm":
+            return torch.randint(0, self.num_train_timesteps, (batch,), device=device, generator=generator)
+        u = torch.rand(batch, device=device, generator=generator)
+        return self.shift_sigma(u) * self.num_train_timesteps
+
+    def shift_sigma(self, sigma: Tensor) -> Tensor:
+        """The flow-matching shift applied by ``FlowMatchEulerDiscreteScheduler``."""
+        return self.shift * sigma / (1 + (self.shift - 1) * sigma)
+
+    def _coefs(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """``(a, b)`` with ``x_t = a * x_0 + b * eps``."""
+        if self.kind == "ddpm":
+            ac = self.alphas_cumprod.to(t.device)[t.long()]
+            return _expand(ac.sqrt(), like), _expand((1 - ac).sqrt(), like)
+        sigma = t.float() / self.num_train_timesteps
+        return _expand(1 - sigma, like), _expand(sigma, like)
+
+    def snr(self, t: Tensor) -> Tensor:
+        """Signal-to-noise ratio ``a^2 / b^2`` at timesteps ``t`` (same shape as ``t``)."""
+        if self.kind == "ddpm":
+            ac = self.alphas_cumprod.to(t.device)[t.long()]
+            return ac / (1 - ac).clamp_min(1e-12)
+        sigma = (t.float() / self.num_train_timesteps).clamp(1e-6, 1 - 1e-6)
+        return ((1 - sigma) / sigma) ** 2
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        a, b = self._coefs(t, x0)
+        return a * x0 + b * noise
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """What the backbone is trained to output."""
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "sample":
+            return x0
+        if self.prediction_type == "flow":
+            return noise - x0
+        a, b = self._coefs(t, x0)  # v_prediction
+        return a * noise - b * x0
+
+    def pred_x0(self, xt: Tensor, pred: Tensor, t: Tensor) -> Tensor:
+        """Clean latents implied by a prediction (differentiable)."""
+        if self.prediction_type == "sample":
+            return pred
+        a, b = self._coefs(t, xt)
+        if self.prediction_type == "epsilon":
+            return (xt - b * pred) / a.clamp_min(1e-4)
+        if self.prediction_type == "flow":
+            return xt - b * pred
+        return a * xt - b * pred  # v_prediction
+
+    # ----- sampling ---------------------------------------------------------------------
+    def make_sampler(self, steps: int):
+        """A fresh diffusers scheduler set to ``steps`` inference steps."""
+        n = self.num_train_timesteps
+        if self.kind == "flow_matching":
+            sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=n, shift=self.shift)
+        elif self.sampler == "ddim":
+            sched = DDIMScheduler(
+                num_train_timesteps=n, beta_schedule=self.beta_schedule, prediction_type=self.prediction_type,
+                clip_sample=False, timestep_spacing="trailing", set_alpha_to_one=False,
+            )
+        else:
+            sched = DDPMScheduler(
+                num_train_timesteps=n, beta_schedule=self.beta_schedule, prediction_type=self.prediction_type,
+                clip_sample=False, timestep_spacing="trailing",
+            )
+        sched.set_timesteps(steps)
+        return sched
+
+
+@torch.no_grad()
+def sample_loop(
+    model_fn: Callable[[Tensor, Tensor], Tensor],
+    noise: Tensor,
+    schedule: NoiseSchedule,
+    steps: int,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Denoise ``noise`` (latents ``(B, T, C, h, w)``) in ``steps`` sampler steps.
+
+    ``model_fn(x_t, timesteps (B,)) -> prediction`` in the schedule's parameterization.
+    Returns clean latents of the same shape.
+    """
+    sched = schedule.make_sampler(steps)
+    x = noise * getattr(sched, "init_noise_sigma", 1.0)
+    scale = getattr(sched, "scale_model_input", None)
+    timesteps = sched.timesteps
+    if progress:
+        from tqdm.auto import tqdm
+
+        timesteps = tqdm(timesteps, desc="sampling", leave=False)
+    for t in timesteps:
+        t_batch = torch.full((x.shape[0],), float(t), device=x.device)
+        if schedule.kind == "ddpm":
+            t_batch = t_batch.long()
+        pred = model_fn(scale(x, t) if scale is not None else x, t_batch)
+        if schedule.kind == "ddpm" and schedule.sampler == "ddpm":
+            x = sched.step(pred, t, x, generator=generator).prev_sample
+        else:
+            x = sched.step(pred, t, x).prev_sample
+    return x

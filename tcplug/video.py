@@ -1,0 +1,82 @@
+"""Video I/O with PyAV, and a TensorBoard animated-GIF summary.
+
+Frames are ``uint8`` arrays ``(T, H, W, 3)``; tensors are ``(T, 3, H, W)`` in ``[-1, 1]``.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from tcplug.errors import TcplugError
+
+
+def to_uint8(video: Tensor) -> np.ndarray:
+    """``(T, 3, H, W)`` in ``[-1, 1]`` -> ``(T, H, W, 3)`` uint8."""
+    x = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def write_video(frames: np.ndarray, path: str | Path, fps: int = 8, crf: int = 18) -> Path:
+    """Encode ``(T, H, W, 3)`` uint8 frames as H.264 mp4 (odd sizes are padded to even)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t, h, w, _ = frames.shape
+    ph, pw = h + h % 2, w + w % 2
+    if (ph, pw) != (h, w):
+        frames = np.pad(frames, ((0, 0), (0, ph - h), (0, pw - w), (0, 0)), mode="edge")
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = pw, ph, "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def read_video(path: str | Path, max_frames: int | None = None) -> np.ndarray:
+    """Decode a video file (mp4, webm, gif, ...) to ``(T, H, W, 3)`` uint8."""
+    path = Path(path)
+    if not path.is_file():
+        raise TcplugError(f"{path}: no such file")
+    frames = []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise TcplugError(f"{path}: no video stream")
+            for frame in container.decode(video=0):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+    except av.error.FFmpegError as exc:
+        raise TcplugError(f"{path}: cannot decode video ({exc})") from None
+    if not frames:
+        raise TcplugError(f"{path}: no decodable frames")
+    return np.stack(frames)
+
+
+def gif_bytes(frames: np.ndarray, fps: int = 8) -> bytes:
+    """Animated GIF of ``(T, H, W, 3)`` uint8 frames."""
+    images = [Image.fromarray(f) for f in frames]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    return buf.getvalue()
+
+
+def add_video_gif(experiment, tag: str, frames: np.ndarray, step: int, fps: int = 8) -> None:
+    """Log frames to a TensorBoard ``SummaryWriter`` as an animated image (no moviepy needed)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    t, h, w, c = frames.shape
+    image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=gif_bytes(frames, fps))
+    summary = Summary(value=[Summary.Value(tag=tag, image=image)])
+    experiment._get_file_writer().add_summary(summary, global_step=step)
