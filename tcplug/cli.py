@@ -91,6 +91,7 @@ TRAINER_DEFAULTS = {
         "init_args": {"save_dir": "runs", "name": "tcplug"},
     },
     "log_every_n_steps": 10,
+    "default_root_dir": "runs",
 }
 
 

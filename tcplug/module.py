@@ -182,6 +182,15 @@ class TCPlugModule(pl.LightningModule):
         if batch_idx == 0 and self.num_val_samples > 0 and not self.trainer.sanity_checking:
             self._write_samples(batch)
 
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        total, _ = self.training_losses(batch)
+        self.log("test/loss", total, sync_dist=True, batch_size=batch["video"].shape[0])
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        """Sample one clip per batch element, shaped like the batch's video ``(B, T, 3, H, W)``."""
+        b, t, _, h, w = batch["video"].shape
+        return self.generate(b, t, h, w, batch=batch, seed=batch_idx)
+
     # ----- sampling ----------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, num: int, frames: int, height: int, width: int, steps: int | None = None,

@@ -1,0 +1,43 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+
+# Keep CPU tests quiet and small.
+os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+
+# Overrides that turn any recipe into a seconds-long CPU smoke run.
+TINY = [
+    "--trainer.max_steps=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.val_check_interval=2",
+    "--trainer.enable_model_summary=false",
+    "--trainer.enable_progress_bar=false",
+    "--data.frames=4",
+    "--data.size=16",
+    "--data.batch_size=2",
+    "--data.train_clips=4",
+    "--data.val_clips=2",
+    "--model.sample_steps=2",
+    "--model.num_val_samples=1",
+]
+
+
+def run_tcplug(*args, env=None, cwd=None, timeout=300):
+    """Run the real `tcplug` console command in a subprocess."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    exe = Path(sys.executable).with_name("tcplug")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "tcplug"]
+    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True,
+                          env=full_env, cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture
+def tiny():
+    return list(TINY)
