@@ -157,8 +157,42 @@ def cmd_plugins(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_score(argv: Sequence[str]) -> int:
+    import argparse
+
+    from tcplug.metrics.score import load_frames, score_frames
+
+    parser = argparse.ArgumentParser(
+        prog="tcplug score",
+        description="Temporal metrics of videos (TVS in %, warping error, flicker), with optical flow "
+        "estimated by OpenCV DIS. Exit status 1 if any file failed.")
+    parser.add_argument("videos", nargs="+", metavar="VIDEO", help="mp4/gif/webm/... files or .npy (T, H, W, 3) arrays")
+    parser.add_argument("--json", action="store_true", help="one JSON object per file")
+    parser.add_argument("--size", type=int, default=None, help="resize frames to SIZE x SIZE first")
+    parser.add_argument("--max-frames", type=int, default=None, help="score only the first N frames")
+    parser.add_argument("--flow", default="medium", choices=["ultrafast", "fast", "medium"], help="DIS preset")
+    args = parser.parse_intermixed_args(list(argv))
+    failed = 0
+    for path in args.videos:
+        try:
+            frames = load_frames(path, args.size, args.max_frames)
+            result = {"path": str(path), "frames": int(len(frames)),
+                      **score_frames(frames, args.flow, progress=sys.stderr.isatty() or len(frames) > 64)}
+        except TcplugError as exc:
+            failed += 1
+            print(f"tcplug score: error: {exc}", file=sys.stderr)
+            continue
+        if args.json:
+            print(json.dumps(result), flush=True)
+        else:
+            print(f"{path}: frames={result['frames']} tvs={result['tvs']:.3f}% "
+                  f"warp_error={result['warp_error']:.5f} flicker={result['flicker']:.4f}", flush=True)
+    return 1 if failed else 0
+
+
 EXTRA_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "plugins": (cmd_plugins, "list plugins, their versions and components per kind"),
+    "score": (cmd_score, "temporal metrics of video files: TVS, warping error, flicker"),
 }
 
 USAGE = """usage: tcplug SUBCOMMAND [options]

@@ -30,6 +30,7 @@ from tcplug.kinds import (
     Router,
     WorldConditioner,
 )
+from tcplug.metrics import Flicker, TemporalVarianceScore, WarpingError, to_unit
 from tcplug.registry import get_registry
 from tcplug.sampling import NoiseSchedule, sample_loop
 from tcplug.video import add_video_gif, to_uint8, write_video
@@ -109,6 +110,8 @@ class TCPlugModule(pl.LightningModule):
         self.schedule = NoiseSchedule(noise, prediction_type, num_train_timesteps, beta_schedule, sampler, shift)
         self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
         self.sample_steps, self.num_val_samples, self.sample_fps = sample_steps, num_val_samples, sample_fps
+        self.val_tvs, self.val_tvs_data = TemporalVarianceScore(), TemporalVarianceScore()
+        self.val_warp_error, self.val_flicker, self.val_bg_flicker = WarpingError(), Flicker(), Flicker()
         self._loss_names = [self._term_name(t, i) for i, t in enumerate(self.losses)]
         # the component objects are saved through the CLI's config; keep plain values here
         self.save_hyperparameters(ignore=["backbone", "latent", "losses", "discriminator", "router",
@@ -180,7 +183,38 @@ class TCPlugModule(pl.LightningModule):
         total, _ = self.training_losses(batch)
         self.log("val/loss", total, prog_bar=True, sync_dist=True, batch_size=batch["video"].shape[0])
         if batch_idx == 0 and self.num_val_samples > 0 and not self.trainer.sanity_checking:
-            self._write_samples(batch)
+            video, sub = self._sample_like(batch)
+            self._log_temporal_metrics(video, sub)
+            self._write_samples(video)
+
+    def _sample_like(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+        b, t, _, h, w = batch["video"].shape
+        n = min(self.num_val_samples, b)
+        sub = {k: v[:n] if torch.is_tensor(v) else v for k, v in batch.items()}
+        seed = self.global_rank * 1000  # each rank samples different clips
+        return self.generate(n, t, h, w, batch=sub, seed=seed), sub
+
+    def _log_temporal_metrics(self, video: Tensor, sub: dict[str, Any]) -> None:
+        """TVS / warping error / flicker of generated clips, and TVS of the data ("data floor").
+
+        Flow is estimated (OpenCV DIS) for generated clips; for data clips the ground truth
+        ``flow``/``flow_bwd`` is used when the batch carries it. Metrics are torchmetrics
+        objects, reduced across DDP ranks at epoch end.
+        """
+        gen = to_unit(video)
+        data = to_unit(sub["video"])
+        static = sub.get("static")
+        self.val_tvs.update(gen)
+        self.val_warp_error.update(gen)
+        self.val_flicker.update(gen)
+        if static is not None:
+            self.val_bg_flicker.update(gen, mask=static)
+            self.log("val/bg_flicker", self.val_bg_flicker, on_epoch=True)
+        self.val_tvs_data.update(data, sub.get("flow"), sub.get("flow_bwd"))
+        self.log("val/tvs", self.val_tvs, on_epoch=True, prog_bar=True)
+        self.log("val/warp_error", self.val_warp_error, on_epoch=True)
+        self.log("val/flicker", self.val_flicker, on_epoch=True)
+        self.log("val/tvs_data", self.val_tvs_data, on_epoch=True)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         total, _ = self.training_losses(batch)
@@ -206,11 +240,7 @@ class TCPlugModule(pl.LightningModule):
         return self.latent.decode(z).clamp(-1, 1)
 
     @rank_zero_only
-    def _write_samples(self, batch: dict[str, Any]) -> None:
-        b, t, _, h, w = batch["video"].shape
-        n = min(self.num_val_samples, b)
-        sub = {k: v[:n] if torch.is_tensor(v) else v for k, v in batch.items()}
-        video = self.generate(n, t, h, w, batch=sub, seed=0)
+    def _write_samples(self, video: Tensor) -> None:
         # clips side by side: (T, 3, H, n*W)
         strip = torch.cat(list(video), dim=-1)
         frames = to_uint8(strip)

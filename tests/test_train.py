@@ -21,6 +21,8 @@ def test_fit_leaves_run_folder(tmp_path, tiny):
     assert len(samples) == 2  # one per validation
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["global_step"] == 4 and "val/loss" in metrics["metrics"]
+    for key in ("val/tvs", "val/tvs_data", "val/warp_error", "val/flicker", "val/bg_flicker"):
+        assert key in metrics["metrics"], key
     assert metrics["last_checkpoint"].endswith("last.ckpt")
     from tcplug.video import read_video
 
