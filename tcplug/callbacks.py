@@ -18,12 +18,14 @@ class MetricsJson(pl.Callback):
     """
 
     def _write(self, trainer: pl.Trainer, stage: str) -> None:
-        if trainer.sanity_checking or trainer.log_dir is None:
+        if trainer.sanity_checking:
             return
-        self._dump(trainer, stage)
+        log_dir = trainer.log_dir  # a collective under DDP: every rank reads it
+        if log_dir is not None:
+            self._dump(trainer, stage, log_dir)
 
     @rank_zero_only
-    def _dump(self, trainer: pl.Trainer, stage: str) -> None:
+    def _dump(self, trainer: pl.Trainer, stage: str, log_dir: str) -> None:
         metrics = {}
         for key, value in trainer.callback_metrics.items():
             v = float(value)
@@ -33,7 +35,7 @@ class MetricsJson(pl.Callback):
         ckpt = getattr(trainer, "checkpoint_callback", None)
         if ckpt is not None and getattr(ckpt, "last_model_path", ""):
             payload["last_checkpoint"] = ckpt.last_model_path
-        path = Path(trainer.log_dir) / "metrics.json"
+        path = Path(log_dir) / "metrics.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(payload, indent=2) + "\n")

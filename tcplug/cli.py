@@ -103,8 +103,9 @@ def run_lightning(argv: Sequence[str]) -> None:
     get_registry()  # load plugins so that their classes are importable subclasses
     install_registry_names()
     cli_cls = _make_cli_class()
-    # LightningCLI warns when both `args` and sys.argv carry arguments; ours come from argv.
-    saved, sys.argv = sys.argv, sys.argv[:1]
+    # LightningCLI reads sys.argv; DDP children are launched by re-running sys.argv, so it
+    # must hold this very command (also when main() is called from Python with argv).
+    saved, sys.argv = sys.argv, sys.argv[:1] + list(argv)
     try:
         _run(cli_cls, argv)
     finally:
@@ -118,7 +119,6 @@ def _run(cli_cls, argv: Sequence[str]) -> None:
     cli_cls(
         TCPlugModule,
         VideoDataModule,
-        args=list(argv),
         seed_everything_default=0,
         trainer_defaults=TRAINER_DEFAULTS,
         parser_kwargs={"parser_mode": "omegaconf", "prog": "tcplug"},
@@ -190,8 +190,75 @@ def cmd_score(argv: Sequence[str]) -> int:
     return 1 if failed else 0
 
 
+def cmd_data(argv: Sequence[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="tcplug data", description="Make, ingest and inspect webdataset shards.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    synth = sub.add_parser("synth", help="write the synthetic world (exact flow, depth, keypoints, state) as shards")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--clips", type=int, default=256)
+    synth.add_argument("--frames", type=int, default=8)
+    synth.add_argument("--size", type=int, default=32)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--shapes", type=int, default=2)
+    synth.add_argument("--gravity", type=float, default=0.0, help="pixels/frame^2 (rounded)")
+    synth.add_argument("--format", choices=["npy", "mp4"], default="npy", help="frames as exact npy or mp4")
+    synth.add_argument("--shard-size", type=int, default=64, help="clips per shard")
+    ing = sub.add_parser("ingest", help="real videos -> clips with estimated flow and occlusion")
+    ing.add_argument("videos", nargs="+", metavar="VIDEO")
+    ing.add_argument("--out", required=True)
+    ing.add_argument("--frames", type=int, default=8)
+    ing.add_argument("--size", type=int, default=64)
+    ing.add_argument("--stride", type=int, default=1, help="take every STRIDE-th source frame")
+    ing.add_argument("--format", choices=["npy", "mp4"], default="npy")
+    ing.add_argument("--shard-size", type=int, default=64)
+    ins = sub.add_parser("inspect", help="clip count, keys, shapes, unreadable samples")
+    ins.add_argument("dir")
+    ins.add_argument("--json", action="store_true")
+    args = parser.parse_args(list(argv))
+
+    if args.action == "synth":
+        from tcplug.data.shards import encode_sample, write_shards
+        from tcplug.data.synthetic import make_clip
+        from tqdm.auto import tqdm
+
+        if args.clips < 1 or args.frames < 2 or args.size < 8:
+            raise TcplugError("need --clips >= 1, --frames >= 2, --size >= 8")
+        samples = (encode_sample(f"clip{i:07d}", make_clip(args.seed, i, args.frames, args.size, args.shapes,
+                                                           args.gravity), args.format,
+                                 {"source": "synthetic", "seed": args.seed, "index": i})
+                   for i in tqdm(range(args.clips), desc="synth", unit="clip"))
+        shards = write_shards(args.out, samples, maxcount=args.shard_size)
+        print(f"wrote {args.clips} clips in {len(shards)} shard(s) to {args.out}")
+        return 0
+    if args.action == "ingest":
+        from tcplug.data.ingest import ingest
+
+        count, errors = ingest(args.videos, args.out, args.frames, args.size, args.stride, args.shard_size,
+                               args.format)
+        print(f"wrote {count} clips to {args.out}; {len(errors)} file(s) failed")
+        return 1 if count == 0 else 0
+    from tcplug.data.shards import inspect_shards
+
+    report = inspect_shards(args.dir)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{args.dir}: {report['shards']} shard(s), {report['clips']} readable clip(s)")
+        for k, n in sorted(report["keys"].items()):
+            shape = report["shapes"].get(k.split(".")[0] if k != "frames.npy" else "video")
+            print(f"  {k:<14} {n:>6} sample(s)  {shape if shape else ''}")
+        if report["shapes"].get("video"):
+            print(f"  video (decoded) {report['shapes']['video']}")
+        for bad in report["bad"]:
+            print(f"  BAD {bad['shard']} key={bad['key']}: {bad['error']}")
+    return 1 if report["bad"] else 0
+
+
 EXTRA_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "plugins": (cmd_plugins, "list plugins, their versions and components per kind"),
+    "data": (cmd_data, "synth | ingest | inspect webdataset shards"),
     "score": (cmd_score, "temporal metrics of video files: TVS, warping error, flicker"),
 }
 

@@ -112,6 +112,7 @@ class TCPlugModule(pl.LightningModule):
         self.sample_steps, self.num_val_samples, self.sample_fps = sample_steps, num_val_samples, sample_fps
         self.val_tvs, self.val_tvs_data = TemporalVarianceScore(), TemporalVarianceScore()
         self.val_warp_error, self.val_flicker, self.val_bg_flicker = WarpingError(), Flicker(), Flicker()
+        self._skipped: dict[int, int] = {}
         self._loss_names = [self._term_name(t, i) for i, t in enumerate(self.losses)]
         # the component objects are saved through the CLI's config; keep plain values here
         self.save_hyperparameters(ignore=["backbone", "latent", "losses", "discriminator", "router",
@@ -177,6 +178,9 @@ class TCPlugModule(pl.LightningModule):
         for name, value in terms.items():
             self.log(f"train/loss_{name}", value.detach(), batch_size=bs)
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=bs)
+        if "skipped" in batch:  # running count of unreadable samples in the worker that made this batch
+            self._skipped[int(batch.get("worker", 0))] = int(batch["skipped"])
+            self.log("data/skipped", float(sum(self._skipped.values())), batch_size=bs, reduce_fx="max")
         return total
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -185,7 +189,9 @@ class TCPlugModule(pl.LightningModule):
         if batch_idx == 0 and self.num_val_samples > 0 and not self.trainer.sanity_checking:
             video, sub = self._sample_like(batch)
             self._log_temporal_metrics(video, sub)
-            self._write_samples(video)
+            # trainer.log_dir is a collective under DDP: read it on every rank
+            log_dir = None if self.trainer.fast_dev_run else self.trainer.log_dir
+            self._write_samples(video, log_dir)
 
     def _sample_like(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         b, t, _, h, w = batch["video"].shape
@@ -240,14 +246,12 @@ class TCPlugModule(pl.LightningModule):
         return self.latent.decode(z).clamp(-1, 1)
 
     @rank_zero_only
-    def _write_samples(self, video: Tensor) -> None:
-        # clips side by side: (T, 3, H, n*W)
-        strip = torch.cat(list(video), dim=-1)
-        frames = to_uint8(strip)
-        if self.trainer.fast_dev_run or self.trainer.log_dir is None:
+    def _write_samples(self, video: Tensor, log_dir: str | None) -> None:
+        """Write clips side by side ``(T, 3, H, n*W)`` as mp4 and to TensorBoard (rank 0)."""
+        if log_dir is None:
             return  # smoke runs write nothing
-        write_video(frames, Path(self.trainer.log_dir) / "samples" / f"step_{self.global_step:07d}.mp4",
-                    fps=self.sample_fps)
+        frames = to_uint8(torch.cat(list(video), dim=-1))
+        write_video(frames, Path(log_dir) / "samples" / f"step_{self.global_step:07d}.mp4", fps=self.sample_fps)
         experiment = getattr(self.logger, "experiment", None)
         if hasattr(experiment, "_get_file_writer") and experiment._get_file_writer() is not None:
             add_video_gif(experiment, "samples/video", frames, self.global_step, self.sample_fps)

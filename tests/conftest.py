@@ -1,4 +1,5 @@
 import os
+import tempfile
 import subprocess
 import sys
 from pathlib import Path
@@ -8,8 +9,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 
-# Keep CPU tests quiet and small.
+# Keep CPU tests quiet and small, and the synthetic-world cache out of the user's home.
 os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+os.environ.setdefault("TCPLUG_CACHE", tempfile.mkdtemp(prefix="tcplug-test-cache-"))
 
 # Overrides that turn any recipe into a seconds-long CPU smoke run.
 TINY = [
@@ -21,7 +23,8 @@ TINY = [
     "--data.frames=4",
     "--data.size=16",
     "--data.batch_size=2",
-    "--data.train_clips=4",
+    "--data.train_clips=8",
+    "--data.epoch_batches=2",
     "--data.val_clips=2",
     "--model.sample_steps=2",
     "--model.num_val_samples=1",

@@ -1,6 +1,6 @@
-"""Data: the built-in synthetic world and the DataModule."""
+"""Data: the synthetic world, webdataset shards, real-video ingest, and the DataModule."""
 
 from tcplug.data.datamodule import VideoDataModule
-from tcplug.data.synthetic import SyntheticClips, make_clip
+from tcplug.data.synthetic import make_clip
 
-__all__ = ["SyntheticClips", "VideoDataModule", "make_clip"]
+__all__ = ["VideoDataModule", "make_clip"]

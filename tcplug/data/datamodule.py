@@ -1,60 +1,240 @@
-"""The LightningDataModule. With no shards configured it serves the built-in synthetic world."""
+"""The LightningDataModule over webdataset shards (the synthetic world by default)."""
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
-from torch.utils.data import DataLoader
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
 
-from tcplug.data.synthetic import SyntheticClips
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from tcplug.data.shards import ALL_KEYS, SampleDecoder, TarSamples, collate, iter_tar, list_shards
 from tcplug.errors import TcplugError
+
+SYNTH_VERSION = 1  # bump when the synthetic world changes, to invalidate caches
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TCPLUG_CACHE", Path.home() / ".cache" / "tcplug"))
+
+
+def synth_params(frames: int, size: int, clips: int, val_clips: int, num_shapes: int, gravity: float,
+                 seed: int, video_format: str, shard_size: int) -> dict:
+    return {"version": SYNTH_VERSION, "frames": frames, "size": size, "clips": clips, "val_clips": val_clips,
+            "num_shapes": num_shapes, "gravity": gravity, "seed": seed, "video_format": video_format,
+            "shard_size": shard_size}
+
+
+def synth_cache_path(cache_dir: Path, params: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_dir / f"synthetic-{digest}"
+
+
+def generate_synthetic(out: Path, params: dict, progress: bool = True) -> Path:
+    """Write the synthetic world's train/val shards into ``out`` (atomically; reused if done)."""
+    from tqdm.auto import tqdm
+
+    from tcplug.data.shards import encode_sample, write_shards
+    from tcplug.data.synthetic import make_clip
+
+    if (out / "params.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    p = params
+    try:
+        for split, n, seed in (("train", p["clips"], p["seed"]), ("val", p["val_clips"], p["seed"] + 1_000_003)):
+            bar = tqdm(range(n), desc=f"synthetic world ({split})", disable=not progress, leave=False)
+            samples = (encode_sample(f"{split}{i:07d}", make_clip(seed, i, p["frames"], p["size"], p["num_shapes"],
+                                                                  p["gravity"]), p["video_format"],
+                                     {"source": "synthetic", "seed": seed, "index": i}) for i in bar)
+            write_shards(tmp / split, samples, prefix=split, maxcount=p["shard_size"])
+        (tmp / "params.json").write_text(json.dumps(p, indent=2))
+        try:
+            tmp.rename(out)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def detect_keys(shard: str) -> list[str]:
+    """Ground-truth keys carried by the first readable sample of a shard."""
+    for raw, _ in iter_tar(shard):
+        if raw is None:
+            break
+        return [k for k in ALL_KEYS if f"{k}.npy" in raw or f"{k}.json" in raw or k in raw]
+    return []
+
+
+class ClipList(Dataset):
+    """A small in-memory list of decoded clips (validation)."""
+
+    def __init__(self, clips: list[dict]) -> None:
+        self.clips = clips
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.clips[i]
 
 
 class VideoDataModule(pl.LightningDataModule):
-    """Clips ``(B, T, 3, H, W)`` in ``[-1, 1]`` for training and validation.
+    """Clips ``(B, T, 3, H, W)`` in ``[-1, 1]`` plus ground truth, from webdataset shards.
+
+    With ``shards`` unset, the built-in synthetic world is generated once into
+    ``cache_dir/synthetic-<hash of its parameters>`` and reused (the embedded default).
+
+    Training reads shards split by node (rank ``r`` of ``W`` reads shards ``r, r+W, ...``:
+    disjoint), resampled with replacement inside that subset, shuffled, and cut to a fixed
+    ``epoch_batches`` per rank, so every DDP rank runs the same number of steps; the order
+    is deterministic for ``seed``. Bad samples are skipped with a warning and counted
+    (``data/skipped``).
 
     Args:
-        frames: frames per clip ``T``.
-        size: frame height and width in pixels.
-        batch_size: clips per batch (per process under DDP).
-        train_clips: clips in one training epoch.
-        val_clips: clips in the validation set (disjoint from the training clips).
-        num_shapes: moving shapes per synthetic clip.
-        num_workers: DataLoader worker processes.
-        seed: seed of the synthetic world.
+        shards: folder of ``.tar`` shards, a tar, or a brace pattern; None = synthetic world.
+        val_shards: validation shards; None = the synthetic validation split, or the first
+            ``val_clips`` clips of ``shards``.
+        frames: frames per clip ``T`` (longer clips are cut).
+        size: expected frame size (checked).
+        batch_size: clips per batch per process.
+        epoch_batches: batches per epoch per process.
+        val_clips: validation clips.
+        keys: ground-truth keys to load (``flow``, ``flow_bwd``, ``occ``, ``depth``, ``skeleton``,
+            ``static``, ``state``, ``txt``); None = every key the shards carry. A sample that
+            lacks a requested key is skipped.
+        num_workers: DataLoader workers per process.
+        shuffle_buffer: samples in the shuffle buffer.
+        seed: data order seed, and the synthetic world's seed.
+        train_clips, num_shapes, gravity, video_format, shard_size: synthetic world settings.
+        cache_dir: where the synthetic world is cached (default ``$TCPLUG_CACHE`` or
+            ``~/.cache/tcplug``).
     """
 
     def __init__(
         self,
+        shards: str | None = None,
+        val_shards: str | None = None,
         frames: int = 8,
         size: int = 32,
         batch_size: int = 8,
-        train_clips: int = 512,
+        epoch_batches: int = 250,
         val_clips: int = 8,
-        num_shapes: int = 2,
+        keys: list[str] | None = None,
         num_workers: int = 0,
+        shuffle_buffer: int = 64,
         seed: int = 0,
+        train_clips: int = 1024,
+        num_shapes: int = 2,
+        gravity: float = 0.0,
+        video_format: str = "npy",
+        shard_size: int = 64,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if frames < 2:
             raise TcplugError(f"data.frames must be >= 2 for temporal training, got {frames}")
         if size < 8 or size % 2:
             raise TcplugError(f"data.size must be an even number >= 8, got {size}")
-        if batch_size < 1 or train_clips < 1 or val_clips < 1:
-            raise TcplugError("data.batch_size, data.train_clips and data.val_clips must be >= 1")
+        if min(batch_size, epoch_batches, val_clips, train_clips, shard_size) < 1:
+            raise TcplugError("data.batch_size, epoch_batches, val_clips, train_clips and shard_size must be >= 1")
+        if keys is not None:
+            unknown = sorted(set(keys) - set(ALL_KEYS))
+            if unknown:
+                raise TcplugError(f"unknown data.keys {unknown}; known keys: {', '.join(ALL_KEYS)}")
         self.save_hyperparameters()
-        self.frames, self.size, self.batch_size = frames, size, batch_size
-        self.train_clips, self.val_clips, self.num_shapes = train_clips, val_clips, num_shapes
-        self.num_workers, self.seed = num_workers, seed
+        self.shards, self.val_shards, self.frames, self.size = shards, val_shards, frames, size
+        self.batch_size, self.epoch_batches, self.val_clips = batch_size, epoch_batches, val_clips
+        self.keys, self.num_workers, self.shuffle_buffer, self.seed = keys, num_workers, shuffle_buffer, seed
+        self.synth = synth_params(frames, size, train_clips, val_clips, num_shapes, gravity, seed, video_format,
+                                  shard_size)
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self._val: ClipList | None = None
+
+    # ----- where the shards are -------------------------------------------------------
+    def synthetic_dir(self) -> Path:
+        return synth_cache_path(self.cache_dir or default_cache_dir(), self.synth)
+
+    def train_shard_list(self) -> list[str]:
+        return list_shards(self.shards) if self.shards else list_shards(self.synthetic_dir() / "train")
+
+    def val_shard_list(self) -> list[str]:
+        if self.val_shards:
+            return list_shards(self.val_shards)
+        return list_shards(self.shards) if self.shards else list_shards(self.synthetic_dir() / "val")
+
+    def prepare_data(self) -> None:
+        if self.shards is None:
+            generate_synthetic(self.synthetic_dir(), self.synth)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.keys is None:
+            self.keys = detect_keys(self.train_shard_list()[0])
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    # ----- loaders --------------------------------------------------------------------
+    def train_dataset(self, rank: int = 0, world: int = 1):
+        """The webdataset pipeline of one rank (see the class docstring)."""
+        import webdataset as wds
+
+        shards = self.train_shard_list()
+        if len(shards) < world:
+            raise TcplugError(
+                f"{len(shards)} training shard(s) for {world} processes: every process needs its own "
+                "shards (write more, smaller shards: `tcplug data synth/ingest --shard-size`)"
+            )
+        mine = shards[rank::world]
+        decoder = SampleDecoder(self.keys or (), self.frames, self.size)
+        per_worker = math.ceil(self.epoch_batches / max(1, self.num_workers))
+        pipeline = wds.DataPipeline(
+            wds.ResampledShards(mine, seed=self.seed, deterministic=True),
+            TarSamples(decoder),
+            decoder,
+            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=self.seed + rank),
+            wds.batched(self.batch_size, collation_fn=collate, partial=False),
+        )
+        pipeline = pipeline.with_epoch(nbatches=per_worker)
+        with warnings.catch_warnings():  # the length is exact here: with_epoch fixes it
+            warnings.simplefilter("ignore", UserWarning)
+            return pipeline.with_length(per_worker * max(1, self.num_workers))
 
     def train_dataloader(self) -> DataLoader:
-        ds = SyntheticClips(self.train_clips, self.frames, self.size, self.num_shapes, self.seed)
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        rank, world = self._rank()
+        return DataLoader(self.train_dataset(rank, world), batch_size=None, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def _val_set(self) -> ClipList:
+        if self._val is None:
+            decoder = SampleDecoder(self.keys or (), self.frames, self.size)
+            clips: list[dict] = []
+            for shard in self.val_shard_list():
+                clips += list(decoder(raw for raw, err in iter_tar(shard) if raw is not None))
+                if len(clips) >= self.val_clips:
+                    break
+            if not clips:
+                raise TcplugError("no readable validation clips")
+            for c in clips:
+                c.pop("__skipped__", None)
+            self._val = ClipList(clips[: self.val_clips])
+        return self._val
 
     def val_dataloader(self) -> DataLoader:
-        # a different seed stream: validation clips never appear in training
-        ds = SyntheticClips(self.val_clips, self.frames, self.size, self.num_shapes, self.seed + 1_000_003)
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        return DataLoader(self._val_set(), batch_size=self.batch_size, shuffle=False, num_workers=0, collate_fn=collate)
 
     test_dataloader = val_dataloader
     predict_dataloader = val_dataloader

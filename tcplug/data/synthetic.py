@@ -1,85 +1,165 @@
-"""A small synthetic world: moving shapes over a textured static background.
+"""The synthetic world: moving, occluding shapes over a textured static background.
 
-Each clip is generated from ``(seed, index)`` alone, so it is reproducible anywhere (every
-DDP rank, every worker) without files. Shapes move at constant velocity and bounce off the
-walls; they are drawn back to front, so nearer shapes occlude farther ones.
+Each clip is generated from ``(seed, index)`` alone, reproducible anywhere. Shapes
+(circle, square, triangle, diamond) have random colours, sizes, depths and an object-local
+stripe texture; they move at constant velocity (plus optional gravity), bounce off the
+walls, and occlude each other by depth. Motion is in whole pixels per frame, so the stored
+flow is exact: warping frame ``n+1`` back with it reproduces frame ``n`` bit for bit on
+non-occluded pixels, bounces included.
 
-Output of :func:`make_clip`: ``frames`` uint8 ``(T, H, W, 3)`` and ``static`` uint8
-``(H, W)`` (1 where no shape ever covers the pixel during the clip).
+:func:`make_clip` returns (``T`` frames, size ``S``, ``K`` objects):
+
+=============  ======================  =====================================================
+key            shape / type            meaning
+=============  ======================  =====================================================
+frames         (T, S, S, 3) uint8      RGB frames
+flow           (T-1, S, S, 2) float32  forward flow n -> n+1 in pixels (x, y)
+flow_bwd       (T-1, S, S, 2) float32  backward flow n+1 -> n
+occ            (T-1, S, S) uint8       1 where pixel of frame n is not visible in n+1
+depth          (T, S, S) float16       depth of the visible surface (background = 1)
+skeleton       (T, 2, S, S) float16    keypoint heatmaps: object centres, bounding-box corners
+static         (S, S) uint8            1 where no object covers the pixel in any frame
+state          dict                    per-frame object state (position, velocity, size, class, colour)
+txt            str                     a caption
+=============  ======================  =====================================================
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
-PALETTE = np.array(
-    [[230, 60, 50], [40, 160, 80], [50, 90, 220], [240, 200, 40], [200, 70, 200], [40, 200, 210]],
-    dtype=np.float32,
-)
+CLASSES = ("circle", "square", "triangle", "diamond")
+COLOURS = {
+    "red": (220, 50, 45), "green": (40, 170, 70), "blue": (45, 90, 225), "yellow": (240, 205, 40),
+    "magenta": (205, 65, 200), "cyan": (40, 205, 215), "orange": (245, 140, 30), "white": (235, 235, 235),
+}
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Smooth static texture ``(H, W, 3)`` in [0, 255] from a few random sinusoids."""
+    """Static texture ``(S, S, 3)`` float in [0, 255]: a few random sinusoids and a checker."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     base = rng.uniform(60, 140, size=3).astype(np.float32)
     tex = np.zeros((size, size, 3), np.float32)
     for _ in range(3):
-        fx, fy = rng.uniform(1, 4, size=2)
+        fx, fy = rng.uniform(1, 5, size=2)
         phase = rng.uniform(0, 2 * np.pi)
-        amp = rng.uniform(10, 25, size=3)
-        tex += amp * np.sin(2 * np.pi * (fx * xx + fy * yy) + phase)[..., None]
-    return np.clip(base + tex, 0, 255)
+        tex += rng.uniform(8, 22, size=3) * np.sin(2 * np.pi * (fx * xx + fy * yy) + phase)[..., None]
+    cells = max(2, size // 8)
+    checker = ((np.floor(xx * cells) + np.floor(yy * cells)) % 2)[..., None] * rng.uniform(-12, 12)
+    return np.clip(base + tex + checker, 0, 255)
 
 
-def make_clip(seed: int, index: int, frames: int = 8, size: int = 32, num_shapes: int = 2) -> dict[str, np.ndarray]:
-    """Generate clip ``index`` of the world seeded by ``seed``."""
+def _shape_mask(kind: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+    if kind == "circle":
+        return dx * dx + dy * dy <= r * r
+    if kind == "square":
+        return (np.abs(dx) <= r) & (np.abs(dy) <= r)
+    if kind == "diamond":
+        return np.abs(dx) + np.abs(dy) <= r * 1.3
+    # triangle pointing up, inscribed in the box of half-size r
+    return (dy <= r) & (dy >= -r) & (np.abs(dx) <= (dy + r) / 2)
+
+
+def _gauss(size: int, points: list[tuple[float, float]], sigma: float = 1.0) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    out = np.zeros((size, size), np.float32)
+    for x, y in points:
+        out = np.maximum(out, np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2)))
+    return out
+
+
+def make_clip(seed: int, index: int, frames: int = 8, size: int = 32, num_shapes: int = 2,
+              gravity: float = 0.0, max_speed: int | None = None) -> dict:
+    """Generate clip ``index`` of the world seeded by ``seed`` (see the module docstring)."""
     rng = np.random.default_rng([seed, index])
-    canvas_bg = _background(rng, size)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    radius = rng.uniform(0.12, 0.22, num_shapes) * size
-    pos = rng.uniform(radius[:, None], size - radius[:, None], (num_shapes, 2)).astype(np.float32)
-    vel = rng.uniform(-0.06, 0.06, (num_shapes, 2)).astype(np.float32) * size
-    kind = rng.integers(0, 2, num_shapes)  # 0 circle, 1 square
-    colour = PALETTE[rng.integers(0, len(PALETTE), num_shapes)]
-    order = np.argsort(rng.uniform(size=num_shapes))  # far to near
-    out = np.empty((frames, size, size, 3), np.uint8)
-    covered = np.zeros((size, size), bool)
+    max_speed = max_speed or max(1, size // 16)
+    bg = _background(rng, size)
+    names = list(COLOURS)
+    objs = []
+    for i in range(num_shapes):
+        r = int(rng.integers(max(2, size // 10), max(3, size // 5) + 1))
+        objs.append({
+            "class": CLASSES[int(rng.integers(len(CLASSES)))],
+            "colour_name": names[int(rng.integers(len(names)))],
+            "size": r,
+            "depth": float(rng.uniform(0.2, 0.9)),
+            "pos": rng.integers(r, size - r, 2).astype(np.int64),
+            "vel": rng.integers(-max_speed, max_speed + 1, 2).astype(np.int64),
+            "stripe": float(rng.uniform(0.5, 1.5)),
+        })
+        if not objs[-1]["vel"].any():
+            objs[-1]["vel"][int(rng.integers(2))] = 1
+    g = int(round(gravity))
+    order = sorted(range(num_shapes), key=lambda i: -objs[i]["depth"])  # far to near
+    yy, xx = np.mgrid[0:size, 0:size]
+
+    # positions per frame (integer), with bounces and gravity
+    positions = np.zeros((frames, num_shapes, 2), np.int64)
+    velocities = np.zeros((frames, num_shapes, 2), np.int64)
     for t in range(frames):
-        img = canvas_bg.copy()
+        for i, o in enumerate(objs):
+            positions[t, i], velocities[t, i] = o["pos"], o["vel"]
+            o["vel"] = o["vel"] + np.array([0, g])
+            nxt = o["pos"] + o["vel"]
+            lo, hi = o["size"], size - 1 - o["size"]
+            for d in range(2):
+                if nxt[d] < lo:
+                    nxt[d], o["vel"][d] = 2 * lo - nxt[d], -o["vel"][d]
+                elif nxt[d] > hi:
+                    nxt[d], o["vel"][d] = 2 * hi - nxt[d], -o["vel"][d]
+            o["pos"] = nxt
+
+    out = {k: [] for k in ("frames", "ids", "depth", "skeleton")}
+    for t in range(frames):
+        img = bg.copy()
+        ids = np.full((size, size), -1, np.int64)
+        depth = np.ones((size, size), np.float32)
+        centres, corners = [], []
         for i in order:
-            dx, dy = xx - pos[i, 0], yy - pos[i, 1]
-            if kind[i] == 0:
-                m = dx * dx + dy * dy <= radius[i] ** 2
-            else:
-                m = (np.abs(dx) <= radius[i]) & (np.abs(dy) <= radius[i])
-            img[m] = colour[i]
-            covered |= m
-        out[t] = img.round().astype(np.uint8)
-        pos += vel
-        for d in range(2):  # bounce off the walls
-            lo, hi = radius, size - radius
-            under, over = pos[:, d] < lo, pos[:, d] > hi
-            pos[under, d] = 2 * lo[under] - pos[under, d]
-            pos[over, d] = 2 * hi[over] - pos[over, d]
-            vel[under | over, d] *= -1
-    return {"frames": out, "static": (~covered).astype(np.uint8)}
+            o = objs[i]
+            cx, cy = positions[t, i]
+            dx, dy = xx - cx, yy - cy
+            m = _shape_mask(o["class"], dx, dy, o["size"])
+            colour = np.array(COLOURS[o["colour_name"]], np.float32)
+            shade = 0.8 + 0.2 * np.sin((dx + dy) * o["stripe"])  # object-local texture
+            img[m] = colour * shade[m][:, None]
+            ids[m], depth[m] = i, o["depth"]
+            r = o["size"]
+            centres.append((cx, cy))
+            corners += [(cx - r, cy - r), (cx + r, cy - r), (cx - r, cy + r), (cx + r, cy + r)]
+        out["frames"].append(np.clip(img, 0, 255).round().astype(np.uint8))
+        out["ids"].append(ids)
+        out["depth"].append(depth)
+        out["skeleton"].append(np.stack([_gauss(size, centres), _gauss(size, corners)]))
 
+    ids = np.stack(out["ids"])
+    disp = positions[1:] - positions[:-1]  # (T-1, K, 2) true displacement, bounces included
+    flow = np.zeros((frames - 1, size, size, 2), np.float32)
+    flow_bwd = np.zeros_like(flow)
+    occ = np.zeros((frames - 1, size, size), np.uint8)
+    for t in range(frames - 1):
+        for i in range(num_shapes):
+            flow[t][ids[t] == i] = disp[t, i]
+            flow_bwd[t][ids[t + 1] == i] = -disp[t, i]
+        tx = xx + flow[t, ..., 0].astype(np.int64)
+        ty = yy + flow[t, ..., 1].astype(np.int64)
+        inside = (tx >= 0) & (tx < size) & (ty >= 0) & (ty < size)
+        same = np.zeros_like(inside)
+        same[inside] = ids[t + 1][ty[inside], tx[inside]] == ids[t][inside]
+        occ[t] = (~same).astype(np.uint8)
 
-class SyntheticClips(Dataset):
-    """``num_clips`` clips of the synthetic world, as training samples.
-
-    A sample is ``{"video": (T, 3, H, W) float in [-1, 1], "static": (1, H, W) float}``.
-    """
-
-    def __init__(self, num_clips: int, frames: int = 8, size: int = 32, num_shapes: int = 2, seed: int = 0) -> None:
-        self.num_clips, self.frames, self.size, self.num_shapes, self.seed = num_clips, frames, size, num_shapes, seed
-
-    def __len__(self) -> int:
-        return self.num_clips
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        clip = make_clip(self.seed, index, self.frames, self.size, self.num_shapes)
-        video = torch.from_numpy(clip["frames"]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        return {"video": video, "static": torch.from_numpy(clip["static"]).float()[None]}
+    state = {
+        "size": size, "frames": frames, "gravity": g,
+        "objects": [{"class": o["class"], "colour": list(COLOURS[o["colour_name"]]), "colour_name": o["colour_name"],
+                     "size": o["size"], "depth": round(o["depth"], 4)} for o in objs],
+        "position": positions.tolist(), "velocity": velocities.tolist(),
+    }
+    desc = [f"a {o['colour_name']} {o['class']}" for o in objs]
+    motion = "bounce and fall" if g else "move"
+    caption = (", ".join(desc[:-1]) + " and " + desc[-1] if len(desc) > 1 else desc[0]) + \
+        f" {motion} over a textured background"
+    return {
+        "frames": np.stack(out["frames"]), "flow": flow, "flow_bwd": flow_bwd, "occ": occ,
+        "depth": np.stack(out["depth"]).astype(np.float16), "skeleton": np.stack(out["skeleton"]).astype(np.float16),
+        "static": (ids.max(0) < 0).astype(np.uint8), "state": state, "txt": caption,
+    }

@@ -1,0 +1,303 @@
+"""webdataset shards: writing clips, decoding samples robustly, inspecting folders.
+
+A sample is one clip. Keys (ARCHITECTURE.md, Data): ``frames.npy`` or ``frames.mp4``
+(uint8 ``T x H x W x 3``), ``flow.npy`` (forward), ``flow_bwd.npy``, ``occ.npy``,
+``depth.npy``, ``skeleton.npy``, ``static.npy``, ``state.json``, ``txt``, ``json``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tcplug.errors import TcplugError
+
+ARRAY_KEYS = ("flow", "flow_bwd", "occ", "depth", "skeleton", "static")
+ALL_KEYS = ARRAY_KEYS + ("state", "txt")
+
+
+class DataSkipWarning(UserWarning):
+    """A sample or shard was skipped because it could not be read."""
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _mp4_bytes(frames: np.ndarray, fps: int = 8) -> bytes:
+    import tempfile
+
+    from tcplug.video import write_video
+
+    with tempfile.TemporaryDirectory() as d:
+        path = write_video(frames, Path(d) / "clip.mp4", fps=fps, crf=10)
+        return path.read_bytes()
+
+
+def encode_sample(key: str, clip: dict, video_format: str = "npy", meta: dict | None = None) -> dict:
+    """A webdataset sample dict (bytes per extension) from a clip dict of arrays."""
+    sample = {"__key__": key}
+    if video_format == "npy":
+        sample["frames.npy"] = _npy_bytes(clip["frames"])
+    elif video_format == "mp4":
+        sample["frames.mp4"] = _mp4_bytes(clip["frames"])
+    else:
+        raise TcplugError(f"unknown video format {video_format!r}: use npy or mp4")
+    for k in ARRAY_KEYS:
+        if k in clip:
+            sample[f"{k}.npy"] = _npy_bytes(np.asarray(clip[k]))
+    if "state" in clip:
+        sample["state.json"] = json.dumps(clip["state"]).encode()
+    if "txt" in clip:
+        sample["txt"] = clip["txt"].encode()
+    sample["json"] = json.dumps(meta or {}).encode()
+    return sample
+
+
+def write_shards(out: str | Path, samples: Iterable[dict], prefix: str = "clips", maxcount: int = 128) -> list[Path]:
+    """Write samples into ``out/{prefix}-%06d.tar`` with webdataset's ``ShardWriter``."""
+    import webdataset as wds
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pattern = str(out / f"{prefix}-%06d.tar")
+    with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0) as sink:
+        for sample in samples:
+            sink.write(sample)
+    return sorted(out.glob(f"{prefix}-*.tar"))
+
+
+# ----- reading -------------------------------------------------------------------------------
+def _load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _load_mp4(data: bytes) -> np.ndarray:
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    if not frames:
+        raise ValueError("no decodable frames")
+    return np.stack(frames)
+
+
+def decode_clip(sample: dict, keys: Iterable[str] = (), frames: int | None = None,
+                size: int | None = None) -> dict:
+    """Decode one raw sample into tensors; raises ``ValueError`` naming the bad key.
+
+    Returns ``{"video": (T, 3, H, W) float in [-1, 1], "flow": (T-1, 2, H, W), "flow_bwd": ...,
+    "occ": (T-1, 1, H, W), "depth": (T, 1, H, W), "skeleton": (T, 2, H, W), "static": (1, H, W),
+    "state": dict, "txt": str, "__key__": str}`` for the requested ``keys``, each cut to the
+    first ``frames`` frames. ``size`` checks the frame size.
+    """
+    name = "frames.npy" if "frames.npy" in sample else "frames.mp4" if "frames.mp4" in sample else None
+    if name is None:
+        raise ValueError("missing key frames.npy/frames.mp4")
+    try:
+        raw = _load_npy(sample[name]) if name.endswith("npy") else _load_mp4(sample[name])
+    except Exception as exc:
+        raise ValueError(f"{name}: cannot decode ({type(exc).__name__}: {exc})") from None
+    if raw.ndim != 4 or raw.shape[-1] != 3 or raw.dtype != np.uint8:
+        raise ValueError(f"{name}: expected uint8 (T, H, W, 3), got {raw.dtype} {raw.shape}")
+    t = frames or raw.shape[0]
+    if raw.shape[0] < t:
+        raise ValueError(f"{name}: {raw.shape[0]} frames, need {t}")
+    h, w = raw.shape[1:3]
+    if size is not None and (h, w) != (size, size):
+        raise ValueError(f"{name}: frames are {h}x{w}, expected {size}x{size}")
+    out: dict = {"__key__": sample.get("__key__", "?"), "__url__": sample.get("__url__", "?")}
+    out["video"] = torch.from_numpy(raw[:t].copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
+    expect = {"flow": (t - 1, h, w, 2), "flow_bwd": (t - 1, h, w, 2), "occ": (t - 1, h, w),
+              "depth": (t, h, w), "skeleton": (t, None, h, w), "static": (h, w)}
+    for k in keys:
+        if k in ARRAY_KEYS:
+            if f"{k}.npy" not in sample:
+                raise ValueError(f"missing key {k}.npy")
+            try:
+                arr = _load_npy(sample[f"{k}.npy"])
+            except Exception as exc:
+                raise ValueError(f"{k}.npy: cannot decode ({type(exc).__name__}: {exc})") from None
+            if k != "static":
+                arr = arr[: expect[k][0]]
+            want = expect[k]
+            if arr.ndim != len(want) or any(a != b for a, b in zip(arr.shape, want) if b is not None):
+                raise ValueError(f"{k}.npy: shape {arr.shape}, expected {tuple(x if x else 'K' for x in want)}")
+            ten = torch.from_numpy(np.ascontiguousarray(arr)).float()
+            if k in ("flow", "flow_bwd"):
+                ten = ten.permute(0, 3, 1, 2)
+            elif k in ("occ", "depth"):
+                ten = ten[:, None]
+            elif k == "static":
+                ten = ten[None]
+            out[k] = ten
+        elif k == "state":
+            if "state.json" not in sample:
+                raise ValueError("missing key state.json")
+            try:
+                out["state"] = json.loads(sample["state.json"])
+            except Exception as exc:
+                raise ValueError(f"state.json: cannot decode ({exc})") from None
+        elif k == "txt":
+            if "txt" not in sample:
+                raise ValueError("missing key txt")
+            out["txt"] = sample["txt"].decode() if isinstance(sample["txt"], bytes) else str(sample["txt"])
+        else:
+            raise TcplugError(f"unknown data key {k!r}; known keys: {', '.join(ALL_KEYS)}")
+    return out
+
+
+def iter_tar(path: str | Path) -> Iterator[tuple[dict | None, str | None]]:
+    """Raw samples of one tar, grouped by key; yields ``(None, error)`` once if the tar breaks
+    (truncated, corrupt), after the samples that were complete before the break."""
+    import tarfile
+
+    current: dict | None = None
+    try:
+        with tarfile.open(path, "r") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = Path(member.name).name
+                key, _, ext = base.partition(".")
+                data = tar.extractfile(member).read()
+                if current is not None and current["__key__"] != key:
+                    yield current, None
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": str(path)}
+                current[ext] = data
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        # the sample being read when the tar broke is incomplete: it is not yielded
+        where = f" while reading sample {current['__key__']!r}" if current is not None else ""
+        yield None, f"{type(exc).__name__}: {exc}{where}"
+        return
+    if current is not None:
+        yield current, None
+
+
+def list_shards(spec: str | Path) -> list[str]:
+    """Shard paths from a folder, a single tar, or a brace pattern (``data-{000..009}.tar``)."""
+    from braceexpand import braceexpand
+
+    p = Path(str(spec))
+    if p.is_dir():
+        shards = sorted(str(s) for s in p.glob("*.tar"))
+    else:
+        shards = [s for s in braceexpand(str(spec))]
+    if not shards:
+        raise TcplugError(f"no shards found at {spec}")
+    return shards
+
+
+def inspect_shards(spec: str | Path, keys: Iterable[str] = ALL_KEYS) -> dict:
+    """Clip count, keys, shapes and every unreadable sample of a shard folder.
+
+    A sample is bad if a key does not decode or has the wrong shape, if the tar breaks, if
+    it lacks a key that most samples carry, or if its frame size differs from most samples'.
+    """
+    from collections import Counter
+
+    shards = list_shards(spec)
+    report = {"shards": len(shards), "clips": 0, "keys": {}, "shapes": {}, "bad": []}
+    good: list[tuple[str, str, frozenset, tuple]] = []
+    for shard in shards:
+        for raw, err in iter_tar(shard):
+            if raw is None:
+                report["bad"].append({"shard": shard, "key": None, "error": err})
+                continue
+            present = frozenset(k for k in raw if not k.startswith("__"))
+            wanted = [k for k in keys if (f"{k}.npy" in raw or f"{k}.json" in raw or k in raw)]
+            try:
+                clip = decode_clip(raw, wanted)
+            except ValueError as exc:
+                report["bad"].append({"shard": shard, "key": raw["__key__"], "error": str(exc)})
+                continue
+            good.append((shard, raw["__key__"], present, tuple(clip["video"].shape[-2:])))
+            for k, v in clip.items():
+                if torch.is_tensor(v):
+                    report["shapes"].setdefault(k, list(v.shape))
+    if good:
+        common_keys = Counter(g[2] for g in good).most_common(1)[0][0]
+        common_size = Counter(g[3] for g in good).most_common(1)[0][0]
+        for shard, key, present, hw in good:
+            if present != common_keys and common_keys - present:
+                report["bad"].append({"shard": shard, "key": key,
+                                      "error": f"missing key(s) {', '.join(sorted(common_keys - present))}"})
+            elif hw != common_size:
+                report["bad"].append({"shard": shard, "key": key,
+                                      "error": f"frames are {hw[0]}x{hw[1]}, most clips are {common_size[0]}x{common_size[1]}"})
+            else:
+                report["clips"] += 1
+                for k in present:
+                    report["keys"][k] = report["keys"].get(k, 0) + 1
+    return report
+
+
+class SampleDecoder:
+    """Picklable webdataset stage: decode raw samples, skip bad ones with one warning line.
+
+    Skips are counted per worker; every decoded sample carries the worker's running count in
+    ``__skipped__`` so the training loop can log ``data/skipped``.
+    """
+
+    def __init__(self, keys: Iterable[str], frames: int, size: int | None) -> None:
+        self.keys, self.frames, self.size = tuple(keys), frames, size
+        self.skipped = 0
+
+    def skip(self, shard: str, key: str | None, error: str) -> None:
+        self.skipped += 1
+        warnings.warn(f"skipping sample {key!r} of shard {shard}: {error}", DataSkipWarning, stacklevel=2)
+
+    def __call__(self, source: Iterable[dict]) -> Iterator[dict]:
+        for raw in source:
+            try:
+                clip = decode_clip(raw, self.keys, self.frames, self.size)
+            except ValueError as exc:
+                self.skip(raw.get("__url__", "?"), raw.get("__key__"), str(exc))
+                continue
+            clip["__skipped__"] = self.skipped
+            info = torch.utils.data.get_worker_info()
+            clip["__worker__"] = info.id if info is not None else 0
+            yield clip
+
+
+class TarSamples:
+    """Picklable webdataset stage: shard dicts ``{"url": ...}`` -> raw samples, tolerant of
+    truncated or unreadable tars (one warning line each, counted by the decoder)."""
+
+    def __init__(self, decoder: SampleDecoder) -> None:
+        self.decoder = decoder
+
+    def __call__(self, shards: Iterable[dict]) -> Iterator[dict]:
+        for shard in shards:
+            url = shard["url"]
+            for raw, err in iter_tar(url):
+                if raw is None:
+                    self.decoder.skip(url, None, f"unreadable shard ({err})")
+                    break
+                yield raw
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack tensors; keep dicts/strings as lists; ``skipped`` = max running count."""
+    out: dict = {}
+    for k in samples[0]:
+        vals = [s[k] for s in samples]
+        if k == "__skipped__":
+            out["skipped"] = torch.tensor(max(vals))
+        elif k == "__worker__":
+            out["worker"] = vals[0]
+        elif torch.is_tensor(vals[0]):
+            out[k] = torch.stack(vals)
+        else:
+            out[k] = vals
+    return out

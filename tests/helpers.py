@@ -1,0 +1,25 @@
+"""Importable helpers for subprocess tests (callbacks must be importable by DDP children)."""
+
+import json
+import os
+
+import lightning.pytorch as pl
+
+
+class RecordBatches(pl.Callback):
+    """Writes, per rank, the shards its training batches came from and how many batches it ran."""
+
+    def __init__(self, out_dir: str = "."):
+        self.out_dir = out_dir
+        self.urls: set[str] = set()
+        self.batches = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches += 1
+        self.urls.update(batch.get("__url__", []))
+
+    def on_train_end(self, trainer, pl_module):
+        path = os.path.join(self.out_dir, f"rank{trainer.global_rank}.json")
+        with open(path, "w") as f:
+            json.dump({"rank": trainer.global_rank, "world": trainer.world_size, "batches": self.batches,
+                       "urls": sorted(self.urls)}, f)
