@@ -116,7 +116,11 @@ class VideoDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers per process.
         shuffle_buffer: samples in the shuffle buffer.
         seed: data order seed, and the synthetic world's seed.
-        train_clips, num_shapes, gravity, video_format, shard_size: synthetic world settings.
+        train_clips: synthetic world: training clips.
+        num_shapes: synthetic world: moving shapes per clip.
+        gravity: synthetic world: downward acceleration in pixels/frame^2.
+        video_format: synthetic world: frames stored as ``npy`` (exact) or ``mp4``.
+        shard_size: synthetic world: clips per shard.
         cache_dir: where the synthetic world is cached (default ``$TCPLUG_CACHE`` or
             ``~/.cache/tcplug``).
     """
