@@ -30,6 +30,7 @@ from tcplug.kinds import (
 )
 from tcplug.plugins import load_plugins, plugin_infos, register_plugin, unregister_plugin
 from tcplug.registry import get_component, get_registry, list_components
+from tcplug.sampling import FrameStream
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,7 @@ __all__ = [
     "AttentionVariant",
     "Backbone",
     "Discriminator",
+    "FrameStream",
     "LatentDesign",
     "LossContext",
     "LossTerm",

@@ -77,6 +77,12 @@ def _make_cli_class():
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
             parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
 
+        def instantiate_classes(self) -> None:
+            super().instantiate_classes()
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            # keep the resolved recipe with the model: it is saved inside every checkpoint
+            self.model.tcplug_config = self._parser(self.subcommand).dump(cfg, skip_none=False, skip_validation=True)
+
         def instantiate_trainer(self, **kwargs):
             trainer = super().instantiate_trainer(**kwargs)
             trainer.callbacks.append(MetricsJson())
@@ -256,9 +262,83 @@ def cmd_data(argv: Sequence[str]) -> int:
     return 1 if report["bad"] else 0
 
 
+def load_checkpoint(path: str):
+    """Read a checkpoint without unpickling arbitrary objects (``weights_only=True``)."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TcplugError(f"{path}: no such checkpoint") from None
+    except pickle.UnpicklingError as exc:
+        raise TcplugError(
+            f"{path}: refused to load: the checkpoint carries pickled objects beyond tensors and plain "
+            f"data, which could run code ({str(exc).splitlines()[0][:200]})"
+        ) from None
+    except Exception as exc:
+        raise TcplugError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def model_from_checkpoint(path: str):
+    """Rebuild the ``TCPlugModule`` of a checkpoint from the recipe stored inside it."""
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    from tcplug.module import TCPlugModule
+    from tcplug.registry import get_registry
+
+    ckpt = load_checkpoint(path)
+    text = ckpt.get("tcplug_config")
+    if not text:
+        raise TcplugError(f"{path}: no recipe inside (not written by `tcplug fit`)")
+    cfg = yaml.safe_load(text)
+    get_registry()
+    install_registry_names()
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(TCPlugModule, "model", fail_untyped=False, sub_configs=True)
+    model = parser.instantiate_classes(parser.parse_object({"model": cfg["model"]})).model
+    model.load_state_dict(ckpt["state_dict"])
+    model.tcplug_config = text
+    return model.eval(), cfg
+
+
+def cmd_sample(argv: Sequence[str]) -> int:
+    import argparse
+
+    from tcplug.video import VideoWriter, to_uint8
+
+    parser = argparse.ArgumentParser(
+        prog="tcplug sample",
+        description="Sample a video of any length chunk by chunk with the streaming K/V frame buffer "
+        "(memory bounded by the attention window, not by the length).")
+    parser.add_argument("--ckpt", required=True, help="a checkpoint written by tcplug fit (its recipe is inside)")
+    parser.add_argument("--frames", type=int, required=True, help="frames to generate")
+    parser.add_argument("--out", required=True, help="output .mp4")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chunk", type=int, default=None, help="frames per chunk (default: the training clip length)")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the recipe's)")
+    parser.add_argument("--size", type=int, default=None, help="frame size (default: the recipe's)")
+    parser.add_argument("--fps", type=int, default=8)
+    args = parser.parse_args(list(argv))
+    if args.frames < 1:
+        raise TcplugError("--frames must be >= 1")
+    model, cfg = model_from_checkpoint(args.ckpt)
+    data = cfg.get("data") or {}
+    chunk = args.chunk or int(data.get("frames", 8))
+    size = args.size or int(data.get("size", 32))
+    with VideoWriter(args.out, fps=args.fps) as writer:
+        for video in model.stream(args.frames, size, size, chunk, steps=args.steps, seed=args.seed, progress=True):
+            writer.write(to_uint8(video[0]))
+    print(f"wrote {writer.frames} frames to {args.out}")
+    return 0
+
+
 EXTRA_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "plugins": (cmd_plugins, "list plugins, their versions and components per kind"),
     "data": (cmd_data, "synth | ingest | inspect webdataset shards"),
+    "sample": (cmd_sample, "sample a long video from a checkpoint, chunk by chunk (streaming K/V buffer)"),
     "score": (cmd_score, "temporal metrics of video files: TVS, warping error, flicker"),
 }
 

@@ -54,18 +54,33 @@ class Backbone(nn.Module):
 class AttentionVariant(nn.Module):
     """Which frames' keys/values each frame's queries see.
 
-    ``forward(q, k, v) -> Tensor`` with ``q, k, v`` of shape ``(B, T, H, N, D)``: batch,
-    frames, heads, tokens per frame, head dim. Returns ``(B, T, H, N, D)``.
+    ``forward(q, k, v, kv_index=None) -> Tensor``
+
+    - ``q``: ``(B, Tq, H, N, D)``: batch, query frames, heads, tokens per frame, head dim.
+    - ``k``, ``v``: ``(B, Tk, H, N, D)`` with ``Tk >= Tq``; the queries are the *last* ``Tq`` key
+      frames. In training ``Tk == Tq``.
+    - ``kv_index``: absolute frame index of each key frame ``(Tk,)`` (long). ``None`` means
+      ``arange(Tk)``. While streaming long videos, ``k``/``v`` hold the frames kept from
+      earlier chunks (see :meth:`memory`) followed by the current chunk's frames.
+    - returns ``(B, Tq, H, N, D)``.
 
     Implementations use :func:`torch.nn.functional.scaled_dot_product_attention` and never
-    materialize the ``(N x N)`` score matrix themselves. ``causal`` is true when frame ``n``'s
-    output never depends on frames after ``n``.
+    materialize the score matrix themselves. ``causal`` is true when frame ``n``'s output never
+    depends on frames after ``n``.
     """
 
     causal: ClassVar[bool] = False
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor | None = None) -> Tensor:
         raise NotImplementedError
+
+    def memory(self) -> tuple[int, bool]:
+        """Frames to keep from earlier chunks when streaming: ``(window, first_frame)``.
+
+        ``window`` previous frames, plus the video's first frame if ``first_frame``. A variant
+        that cannot stream (it looks at future frames) raises :class:`NotImplementedError`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not support streaming")
 
 
 class LatentDesign(nn.Module):

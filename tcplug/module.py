@@ -32,7 +32,7 @@ from tcplug.kinds import (
 )
 from tcplug.metrics import Flicker, TemporalVarianceScore, WarpingError, to_unit
 from tcplug.registry import get_registry
-from tcplug.sampling import NoiseSchedule, sample_loop
+from tcplug.sampling import NoiseSchedule, frame_noise, sample_loop, stream_sample
 from tcplug.video import add_video_gif, to_uint8, write_video
 
 
@@ -239,11 +239,34 @@ class TCPlugModule(pl.LightningModule):
         f = self.latent.downsample
         shape = (num, frames, self.latent.latent_channels, height // f, width // f)
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        noise = torch.randn(shape, generator=gen).to(self.device)
+        noise = torch.stack([frame_noise(seed, c, range(frames), shape[2:]) for c in range(num)]).to(self.device)
         context = self.context(batch, shape) if batch is not None else None
         z = sample_loop(lambda x, t: self.denoise(x, t, context), noise, self.schedule,
                         steps or self.sample_steps, generator=gen, progress=progress)
         return self.latent.decode(z).clamp(-1, 1)
+
+    @torch.no_grad()
+    def stream(self, frames: int, height: int, width: int, chunk: int, steps: int | None = None, seed: int = 0,
+               num: int = 1, progress: bool = False):
+        """Sample a long video chunk by chunk with the K/V frame buffer.
+
+        Yields decoded video chunks ``(num, <= chunk, 3, height, width)`` in [-1, 1]; memory
+        is bounded by the attention variants' windows, not by ``frames``. The same seed gives
+        the same frames as :meth:`generate` for causal variants.
+        """
+        if self.router is not None or self.conditioner is not None:
+            raise TcplugError("streaming is not supported with a router or a conditioner in this version")
+        if not getattr(self.backbone, "supports_streaming", False):
+            raise TcplugError(f"backbone {type(self.backbone).__name__} does not support streaming")
+        f = self.latent.downsample
+        frame_shape = (self.latent.latent_channels, height // f, width // f)
+
+        def model_fn(x, t, stream):
+            return self.backbone(x, t, {"stream": stream})
+
+        for z in stream_sample(model_fn, frame_shape, frames, chunk, self.schedule, steps or self.sample_steps,
+                               seed=seed, num_clips=num, device=self.device, progress=progress):
+            yield self.latent.decode(z).clamp(-1, 1)
 
     @rank_zero_only
     def _write_samples(self, video: Tensor, log_dir: str | None) -> None:
@@ -255,6 +278,17 @@ class TCPlugModule(pl.LightningModule):
         experiment = getattr(self.logger, "experiment", None)
         if hasattr(experiment, "_get_file_writer") and experiment._get_file_writer() is not None:
             add_video_gif(experiment, "samples/video", frames, self.global_step, self.sample_fps)
+
+    # ----- checkpoints -----------------------------------------------------------------
+    tcplug_config: str | None = None  # the resolved recipe (YAML), set by the CLI
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The recipe travels inside the checkpoint, so ``tcplug sample --ckpt`` needs nothing else."""
+        if self.tcplug_config:
+            checkpoint["tcplug_config"] = self.tcplug_config
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tcplug_config = checkpoint.get("tcplug_config", self.tcplug_config)
 
     # ----- optimization ------------------------------------------------------------------
     def configure_optimizers(self):

@@ -177,3 +177,97 @@ def sample_loop(
         else:
             x = sched.step(pred, t, x).prev_sample
     return x
+
+
+# ----- per-frame noise and streaming ----------------------------------------------------------
+def frame_noise(seed: int, clip: int, frames: range, frame_shape: tuple[int, ...]) -> Tensor:
+    """Initial noise ``(len(frames), *frame_shape)``, each frame from its own generator.
+
+    Frame ``f`` of clip ``clip`` always gets the same noise for a seed, whether the video is
+    sampled all at once or chunk by chunk.
+    """
+    out = []
+    for f in frames:
+        g = torch.Generator().manual_seed((seed * 1_000_003 + clip) * 100_003 + f)
+        out.append(torch.randn(frame_shape, generator=g))
+    return torch.stack(out)
+
+
+class FrameStream:
+    """The streaming K/V frame buffer.
+
+    While a long video is sampled chunk by chunk, every attention block keeps, for every
+    sampler step, the keys/values of the frames its variant still needs (its
+    :meth:`~tcplug.AttentionVariant.memory`: the last ``window`` frames and, optionally, the
+    first frame). Memory is bounded by the window, never by the video length. For a causal
+    variant, streamed sampling therefore equals all-at-once sampling.
+    """
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.frame_start = 0
+        self._kv: dict[tuple[int, int], tuple[Tensor, Tensor, Tensor]] = {}
+
+    def attend(self, attn, block: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Attention of the current chunk ``q, k, v (B, T, H, N, D)`` over buffer + chunk."""
+        t = q.shape[1]
+        idx = torch.arange(self.frame_start, self.frame_start + t, device=q.device)
+        past = self._kv.get((block, self.step))
+        if past is not None:
+            k, v, idx = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1), torch.cat([past[2], idx])
+        out = attn(q, k, v, kv_index=idx)
+        window, first = attn.memory()
+        keep = idx >= self.frame_start + t - window
+        if first:
+            keep = keep | (idx == 0)
+        self._kv[(block, self.step)] = (k[:, keep], v[:, keep], idx[keep])
+        return out
+
+    def buffered_frames(self) -> int:
+        """Frames currently held (summed over blocks and steps)."""
+        return sum(int(e[2].numel()) for e in self._kv.values())
+
+
+@torch.no_grad()
+def stream_sample(
+    model_fn: Callable[[Tensor, Tensor, FrameStream], Tensor],
+    frame_shape: tuple[int, ...],
+    num_frames: int,
+    chunk: int,
+    schedule: NoiseSchedule,
+    steps: int,
+    seed: int = 0,
+    num_clips: int = 1,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+):
+    """Sample ``num_frames`` frames in chunks of ``chunk``, carrying the K/V buffer.
+
+    ``model_fn(x (B, C, c, h, w), timesteps (B,), stream) -> prediction``. Yields clean latents
+    chunk by chunk, each ``(num_clips, <= chunk, c, h, w)``; nothing accumulates.
+    """
+    if schedule.kind == "ddpm" and schedule.sampler == "ddpm":
+        raise TcplugError("streaming needs a deterministic sampler: use sampler 'ddim' (or flow matching)")
+    stream = FrameStream()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_frames, desc="streaming", unit="frame")
+    for start in range(0, num_frames, chunk):
+        frames = range(start, min(start + chunk, num_frames))
+        x = torch.stack([frame_noise(seed, c, frames, frame_shape) for c in range(num_clips)]).to(device)
+        sched = schedule.make_sampler(steps)
+        x = x * getattr(sched, "init_noise_sigma", 1.0)
+        stream.frame_start = start
+        for j, t in enumerate(sched.timesteps):
+            stream.step = j
+            t_batch = torch.full((x.shape[0],), float(t), device=x.device)
+            if schedule.kind == "ddpm":
+                t_batch = t_batch.long()
+            x = sched.step(model_fn(x, t_batch, stream), t, x).prev_sample
+        if bar is not None:
+            bar.update(len(frames))
+        yield x
+    if bar is not None:
+        bar.close()

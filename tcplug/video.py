@@ -23,24 +23,54 @@ def to_uint8(video: Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
+class VideoWriter:
+    """Incremental H.264 mp4 writer: ``write(frames (t, H, W, 3) uint8)`` any number of times.
+
+    Odd frame sizes are padded to even (yuv420p). Use as a context manager.
+    """
+
+    def __init__(self, path: str | Path, fps: int = 8, crf: int = 18) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fps, self.crf = fps, crf
+        self._container = None
+        self._stream = None
+        self.frames = 0
+
+    def write(self, frames: np.ndarray) -> None:
+        _, h, w, _ = frames.shape
+        ph, pw = h + h % 2, w + w % 2
+        if (ph, pw) != (h, w):
+            frames = np.pad(frames, ((0, 0), (0, ph - h), (0, pw - w), (0, 0)), mode="edge")
+        if self._container is None:
+            self._container = av.open(str(self.path), mode="w")
+            self._stream = self._container.add_stream("libx264", rate=self.fps)
+            self._stream.width, self._stream.height, self._stream.pix_fmt = pw, ph, "yuv420p"
+            self._stream.options = {"crf": str(self.crf)}
+        for frame in frames:
+            for packet in self._stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                self._container.mux(packet)
+            self.frames += 1
+
+    def close(self) -> None:
+        if self._container is not None:
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+            self._container.close()
+            self._container = None
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def write_video(frames: np.ndarray, path: str | Path, fps: int = 8, crf: int = 18) -> Path:
     """Encode ``(T, H, W, 3)`` uint8 frames as H.264 mp4 (odd sizes are padded to even)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    t, h, w, _ = frames.shape
-    ph, pw = h + h % 2, w + w % 2
-    if (ph, pw) != (h, w):
-        frames = np.pad(frames, ((0, 0), (0, ph - h), (0, pw - w), (0, 0)), mode="edge")
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = pw, ph, "yuv420p"
-        stream.options = {"crf": str(crf)}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    with VideoWriter(path, fps, crf) as writer:
+        writer.write(frames)
+    return Path(path)
 
 
 def read_video(path: str | Path, max_frames: int | None = None) -> np.ndarray:

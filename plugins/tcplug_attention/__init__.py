@@ -1,30 +1,276 @@
-"""Built-in attention variants: ``per_frame`` (no temporal mixing, the baseline)."""
+"""Built-in attention variants: which frames each frame's queries see.
+
+=================  =========================================================  ==========
+name               keys/values seen by the queries of frame ``n``             causal
+=================  =========================================================  ==========
+``per_frame``      frame ``n`` only (no temporal mixing; the baseline)        yes
+``first_frame``    frame ``0`` only (Text2Video-Zero)                         yes
+``sparse_causal``  frames ``0`` and ``n-1`` (Tune-A-Video)                    yes
+``cross_frame``    frames ``n-window .. n``, optionally plus frame ``0``      yes
+``temporal``       the same token position in every frame (per-location;     option
+                   rotary frame-position encoding), optionally causal/window
+``full3d``         every token of every frame                                 no
+=================  =========================================================  ==========
+
+Shapes: ``q, k, v`` are ``(B, T, H, N, D)`` (see :class:`tcplug.AttentionVariant`). All
+variants call :func:`torch.nn.functional.scaled_dot_product_attention`. In training (no
+``kv_index``) the fast paths gather keys/values as strided *views* where the frames are
+contiguous (``first_frame``, ``cross_frame`` without anchor, ``full3d``, ``per_frame``);
+``sparse_causal`` and an anchored ``cross_frame`` gather non-contiguous frames, which copies.
+With ``kv_index`` (streaming), one general masked path serves every variant.
+"""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tcplug import AttentionVariant, hookimpl
+from tcplug import AttentionVariant, TcplugError, hookimpl
 
 __version__ = "0.1.0"
 
 
-class PerFrame(AttentionVariant):
-    """Each frame attends to its own tokens only: plain spatial self-attention.
+def to_bh(x: Tensor) -> Tensor:
+    """``(B, T, H, N, D)`` -> ``(B*H, T, N, D)``: a view when the heads-first layout is contiguous."""
+    y = x.transpose(1, 2)
+    if not y.is_contiguous():
+        y = y.contiguous()
+    b, h, t, n, d = y.shape
+    return y.view(b * h, t, n, d)
 
-    ``q, k, v``: ``(B, T, H, N, D)`` -> ``(B, T, H, N, D)``. Frames never meet, so it is
-    trivially causal; it is the baseline every temporal variant is compared with.
+
+def from_bh(y: Tensor, b: int, h: int) -> Tensor:
+    """``(B*H, T, N, D)`` -> ``(B, T, H, N, D)`` (a view)."""
+    bh, t, n, d = y.shape
+    return y.view(b, h, t, n, d).transpose(1, 2)
+
+
+class FrameRule(AttentionVariant):
+    """Base for variants defined by a frame-visibility rule ``allowed(q_index, k_index)``.
+
+    Subclasses implement :meth:`allowed` (a boolean ``(Tq, Tk)`` matrix from absolute frame
+    indices) and may add a fast path for training. The general path (used when streaming)
+    attends, for each query frame, to every token of the allowed key frames through a
+    boolean mask given to SDPA.
+    """
+
+    def allowed(self, q_index: Tensor, k_index: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def general(self, q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor) -> Tensor:
+        b, tq, h, n, d = q.shape
+        tk = k.shape[1]
+        q_index = kv_index[tk - tq:]
+        mask = self.allowed(q_index[:, None], kv_index[None, :])  # (Tq, Tk)
+        if not mask.any(1).all():
+            raise TcplugError(f"{type(self).__name__}: a query frame has no key frame to attend to")
+        qb = to_bh(q)  # (BH, Tq, N, D)
+        kb = to_bh(k).reshape(b * h, 1, tk * n, d).expand(b * h, tq, tk * n, d)
+        vb = to_bh(v).reshape(b * h, 1, tk * n, d).expand(b * h, tq, tk * n, d)
+        token_mask = mask.repeat_interleave(n, dim=1)[None, :, None, :]  # (1, Tq, 1, Tk*N)
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=token_mask)
+        return from_bh(out, b, h)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor | None = None) -> Tensor:
+        if kv_index is None and q.shape[1] == k.shape[1]:
+            return self.fast(q, k, v)
+        if kv_index is None:
+            kv_index = torch.arange(k.shape[1], device=k.device)
+        return self.general(q, k, v, kv_index)
+
+    def fast(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return self.general(q, k, v, torch.arange(k.shape[1], device=k.device))
+
+
+class PerFrame(FrameRule):
+    """Each frame attends to its own tokens only: plain spatial self-attention (the baseline)."""
+
+    causal = True
+
+    def allowed(self, qi, ki):
+        return ki == qi
+
+    def fast(self, q, k, v):
+        b, _, h, _, _ = q.shape
+        return from_bh(F.scaled_dot_product_attention(to_bh(q), to_bh(k), to_bh(v)), b, h)
+
+    def memory(self):
+        return 0, False
+
+
+class FirstFrame(FrameRule):
+    """Every frame's queries see the first frame's keys/values (Text2Video-Zero).
+
+    The fast path runs one SDPA call with all frames' queries against frame 0's keys: no
+    key/value copy at all.
     """
 
     causal = True
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def allowed(self, qi, ki):
+        return (ki == 0).expand(qi.shape[0], ki.shape[1])
+
+    def fast(self, q, k, v):
         b, t, h, n, d = q.shape
-        out = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1))
-        return out.view(b, t, h, n, d)
+        qb = to_bh(q).reshape(b * h, t * n, d)
+        out = F.scaled_dot_product_attention(qb, to_bh(k)[:, 0], to_bh(v)[:, 0])
+        return from_bh(out.view(b * h, t, n, d), b, h)
+
+    def memory(self):
+        return 0, True
+
+
+class SparseCausal(FrameRule):
+    """Queries of frame ``n`` see frames ``0`` and ``max(n-1, 0)`` (Tune-A-Video)."""
+
+    causal = True
+
+    def allowed(self, qi, ki):
+        return (ki == 0) | (ki == (qi - 1).clamp_min(0))
+
+    def fast(self, q, k, v):
+        b, t, h, n, d = q.shape
+        former = (torch.arange(t, device=q.device) - 1).clamp_min(0)
+        idx = torch.stack([torch.zeros_like(former), former], 1).flatten()  # [0, n-1] per frame
+        kb = to_bh(k)[:, idx].reshape(b * h, t, 2 * n, d)
+        vb = to_bh(v)[:, idx].reshape(b * h, t, 2 * n, d)
+        return from_bh(F.scaled_dot_product_attention(to_bh(q), kb, vb), b, h)
+
+    def memory(self):
+        return 1, True
+
+
+class CrossFrame(FrameRule):
+    """Queries of frame ``n`` see a buffer of the ``window`` previous frames and frame ``n``.
+
+    Args:
+        window: previous frames in the buffer (0 = per-frame attention).
+        anchor: also attend to the first frame (a fixed reference across the whole video).
+
+    Without anchor, the training fast path takes each frame's window as a strided view of
+    the keys/values (frames are contiguous in the heads-first layout): no copy.
+    """
+
+    causal = True
+
+    def __init__(self, window: int = 2, anchor: bool = False) -> None:
+        super().__init__()
+        if window < 0:
+            raise TcplugError(f"cross_frame window must be >= 0, got {window}")
+        self.window, self.anchor = window, anchor
+
+    def allowed(self, qi, ki):
+        ok = (ki <= qi) & (ki >= qi - self.window)
+        return ok | (ki == 0) if self.anchor else ok
+
+    def fast(self, q, k, v):
+        if self.anchor:
+            return super().fast(q, k, v)
+        b, t, h, n, d = q.shape
+        w = self.window
+        qb, kb, vb = to_bh(q), to_bh(k), to_bh(v)
+        out = torch.empty_like(qb)
+        for f in range(min(w, t)):  # the first frames have a shorter window
+            ks = kb[:, : f + 1].reshape(b * h, (f + 1) * n, d)
+            vs = vb[:, : f + 1].reshape(b * h, (f + 1) * n, d)
+            out[:, f] = F.scaled_dot_product_attention(qb[:, f], ks, vs)
+        if t > w:
+            size, stride = (b * h, t - w, (w + 1) * n, d), (t * n * d, n * d, d, 1)
+            kw = kb.as_strided(size, stride, kb.storage_offset())  # window of frame f: f-w..f
+            vw = vb.as_strided(size, stride, vb.storage_offset())
+            out[:, w:] = F.scaled_dot_product_attention(qb[:, w:], kw, vw)
+        return from_bh(out, b, h)
+
+    def memory(self):
+        return self.window, self.anchor
+
+
+def rope(x: Tensor, pos: Tensor) -> Tensor:
+    """Rotary position encoding over the last dim of ``x (..., T, D)`` with positions ``(T,)``."""
+    d = x.shape[-1]
+    half = d // 2
+    if half == 0:
+        return x
+    freqs = 1.0 / (10000 ** (torch.arange(half, device=x.device, dtype=torch.float32) / half))
+    ang = pos.float()[:, None] * freqs[None]  # (T, half)
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half: 2 * half]
+    rot = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return torch.cat([rot, x[..., 2 * half:]], dim=-1) if d % 2 else rot
+
+
+class Temporal(FrameRule):
+    """Per-location attention across frames (AnimateDiff-style motion module).
+
+    Each token attends to the same token position in the other frames; a rotary encoding of
+    the absolute frame index tells frames apart (relative, so it extends past the training
+    length). Pair it with spatial blocks (e.g. ``per_frame``) in a per-block list.
+
+    Args:
+        causal: frame ``n`` sees frames ``<= n`` only (needed for streaming).
+        window: if set, only frames within ``window`` of ``n`` (before ``n`` when causal).
+    """
+
+    def __init__(self, causal: bool = False, window: int | None = None) -> None:
+        super().__init__()
+        if window is not None and window < 0:
+            raise TcplugError(f"temporal window must be >= 0, got {window}")
+        self.is_causal, self.window = causal, window
+
+    @property
+    def causal(self) -> bool:  # type: ignore[override]
+        return self.is_causal
+
+    def allowed(self, qi, ki):
+        ok = torch.ones(qi.shape[0], ki.shape[1], dtype=torch.bool, device=ki.device)
+        if self.is_causal:
+            ok = ok & (ki <= qi)
+        if self.window is not None:
+            ok = ok & ((qi - ki).abs() <= self.window)
+        return ok
+
+    def general(self, q, k, v, kv_index):
+        b, tq, h, n, d = q.shape
+        tk = k.shape[1]
+        q_index = kv_index[tk - tq:]
+        mask = self.allowed(q_index[:, None], kv_index[None, :])  # (Tq, Tk)
+        # per location: (B*H, N, T, D)
+        qb = rope(to_bh(q).transpose(1, 2), q_index)
+        kb = rope(to_bh(k).transpose(1, 2), kv_index)
+        vb = to_bh(v).transpose(1, 2)
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)
+        return from_bh(out.transpose(1, 2), b, h)
+
+    def memory(self):
+        if not self.is_causal or self.window is None:
+            raise NotImplementedError("temporal streams only with causal: true and a finite window")
+        return self.window, False
+
+
+class Full3D(FrameRule):
+    """Every token attends to every token of every frame (CogVideoX/HunyuanVideo/Wan style).
+
+    Quadratic in ``T * N``; not causal, so it cannot stream.
+    """
+
+    causal = False
+
+    def allowed(self, qi, ki):
+        return torch.ones(qi.shape[0], ki.shape[1], dtype=torch.bool, device=ki.device)
+
+    def fast(self, q, k, v):
+        b, t, h, n, d = q.shape
+        flat = lambda x: to_bh(x).reshape(b * h, t * n, d)  # noqa: E731
+        out = F.scaled_dot_product_attention(flat(q), flat(k), flat(v))
+        return from_bh(out.view(b * h, t, n, d), b, h)
 
 
 @hookimpl
 def tcplug_register_components(register):
     register(PerFrame, name="per_frame")
+    register(FirstFrame, name="first_frame")
+    register(SparseCausal, name="sparse_causal")
+    register(CrossFrame, name="cross_frame")
+    register(Temporal, name="temporal")
+    register(Full3D, name="full3d")

@@ -57,12 +57,14 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.ada[1].weight)
         nn.init.zeros_(self.ada[1].bias)
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, stream: Any = None, index: int = 0) -> Tensor:
         b, t, n, d = x.shape
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)
         h = modulate(self.norm1(x), shift1, scale1)
-        qkv = self.qkv(h).view(b, t, n, 3, self.heads, d // self.heads).permute(3, 0, 1, 4, 2, 5)
-        out = self.attn(qkv[0], qkv[1], qkv[2])  # (B, T, H, N, Dh)
+        # heads-first contiguous layout (3, B, H, T, N, Dh): variants can take frame windows as views
+        qkv = self.qkv(h).view(b, t, n, 3, self.heads, d // self.heads).permute(3, 0, 4, 1, 2, 5).contiguous()
+        q, k, v = (y.transpose(1, 2) for y in qkv)  # (B, T, H, N, Dh) views
+        out = stream.attend(self.attn, index, q, k, v) if stream is not None else self.attn(q, k, v)
         out = out.permute(0, 1, 3, 2, 4).reshape(b, t, n, d)
         x = x + gate1 * self.proj(out)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
@@ -89,7 +91,11 @@ class DiT(Backbone):
     Timesteps may be per clip ``(B,)``, per frame ``(B, T)`` or per token ``(B, T, N)``.
     ``context["residuals"]``, if present, is a list (one per block) of tensors broadcastable
     to ``(B, T, N, dim)`` added after each block (ControlNet-style adapters use it).
+    ``context["stream"]``, if present, is a :class:`tcplug.FrameStream`: the K/V frame buffer
+    that carries earlier chunks' keys/values while sampling long videos chunk by chunk.
     """
+
+    supports_streaming = True
 
     def __init__(
         self,
@@ -153,11 +159,12 @@ class DiT(Backbone):
         tokens = self.patch(tokens) + sincos_2d(hh, ww, self.dim, x.device).to(tokens.dtype)
         cond = self.embed_timesteps(timesteps, b, t, hh * ww)
         residuals = (context or {}).get("residuals")
+        stream = (context or {}).get("stream")
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training:
                 tokens = checkpoint(block, tokens, cond, use_reentrant=False)
             else:
-                tokens = block(tokens, cond)
+                tokens = block(tokens, cond, stream, i)
             if residuals is not None:
                 tokens = tokens + residuals[i]
         shift, scale = self.ada_out(cond).chunk(2, dim=-1)
