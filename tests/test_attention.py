@@ -1,0 +1,211 @@
+"""Attention variants, the streaming K/V buffer, and diffusers interop."""
+
+import pickle
+
+import pytest
+import torch
+
+import tcplug
+from tcplug.module import TCPlugModule
+from tests.conftest import RECIPES, run_tcplug
+
+B, T, H, N, D = 2, 6, 2, 5, 8
+CAUSAL = [("per_frame", {}), ("first_frame", {}), ("sparse_causal", {}), ("cross_frame", {"window": 2}),
+          ("cross_frame", {"window": 1, "anchor": True}), ("temporal", {"causal": True}),
+          ("temporal", {"causal": True, "window": 2})]
+ALL = CAUSAL + [("temporal", {}), ("full3d", {}), ("cross_frame", {"window": 0})]
+
+
+def variant(name, **kw):
+    return tcplug.get_component("attention", name)(**kw)
+
+
+def qkv(seed=0, t=T):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, t, H, N, D, generator=g) for _ in range(3)]
+
+
+def ident(args):
+    name, kw = args
+    return name + "".join(f"-{k}={v}" for k, v in kw.items())
+
+
+@pytest.mark.parametrize("spec", ALL, ids=[ident(a) for a in ALL])
+def test_shapes_and_fast_path_equals_rule(spec):
+    name, kw = spec
+    a = variant(name, **kw)
+    q, k, v = qkv()
+    out = a(q, k, v)
+    assert out.shape == q.shape
+    ref = a.general(q, k, v, torch.arange(T))
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", CAUSAL, ids=[ident(a) for a in CAUSAL])
+def test_causal_variants_are_causal(spec):
+    name, kw = spec
+    a = variant(name, **kw)
+    assert a.causal
+    q, k, v = qkv()
+    out = a(q, k, v)
+    for n in range(T - 1):
+        q2, k2, v2 = (x.clone() for x in (q, k, v))
+        for x in (q2, k2, v2):
+            x[:, n + 1:] = torch.randn_like(x[:, n + 1:])
+        assert torch.allclose(a(q2, k2, v2)[:, : n + 1], out[:, : n + 1], atol=1e-5), n
+
+
+@pytest.mark.parametrize("spec", [("temporal", {}), ("full3d", {})], ids=["temporal", "full3d"])
+def test_bidirectional_variants_see_the_future(spec):
+    a = variant(spec[0], **spec[1])
+    assert not a.causal
+    q, k, v = qkv()
+    k2 = k.clone()
+    k2[:, -1] += 1
+    assert not torch.allclose(a(q, k, v)[:, 0], a(q, k2, v)[:, 0])
+
+
+def test_cross_frame_window_zero_equals_per_frame():
+    q, k, v = qkv()
+    assert torch.allclose(variant("cross_frame", window=0)(q, k, v), variant("per_frame")(q, k, v), atol=1e-6)
+
+
+def test_full3d_with_one_frame_equals_per_frame():
+    q, k, v = qkv(t=1)
+    assert torch.allclose(variant("full3d")(q, k, v), variant("per_frame")(q, k, v), atol=1e-6)
+
+
+def test_first_frame_and_cross_frame_see_other_frames():
+    q, k, v = qkv()
+    v2 = v.clone()
+    v2[:, 0] += 1
+    for a in (variant("first_frame"), variant("cross_frame", window=T), variant("sparse_causal")):
+        assert not torch.allclose(a(q, k, v)[:, 3], a(q, k, v2)[:, 3])
+
+
+def test_invalid_arguments():
+    with pytest.raises(tcplug.TcplugError):
+        variant("cross_frame", window=-1)
+    with pytest.raises(NotImplementedError):
+        variant("full3d").memory()
+    with pytest.raises(NotImplementedError):
+        variant("temporal").memory()
+
+
+def model(attention, depth=2, seed=0):
+    torch.manual_seed(seed)
+    net = tcplug.get_component("backbone", "dit")(in_channels=3, patch_size=2, dim=32, depth=depth, heads=2,
+                                                  attention=attention)
+    for p in net.parameters():  # non-trivial weights (adaLN-Zero starts at zero)
+        torch.nn.init.normal_(p, std=0.05)
+    return TCPlugModule(backbone=net, sample_steps=4).eval()
+
+
+STREAMABLE = [("per_frame", {}), ("first_frame", {}), ("sparse_causal", {}), ("cross_frame", {"window": 2}),
+              ("cross_frame", {"window": 1, "anchor": True}), ("temporal", {"causal": True, "window": 3})]
+
+
+@pytest.mark.parametrize("spec", STREAMABLE, ids=[ident(a) for a in STREAMABLE])
+def test_streamed_sampling_equals_all_at_once(spec):
+    m = model(variant(spec[0], **spec[1]))
+    frames, chunk = 10, 4
+    whole = m.generate(1, frames, 8, 8, seed=3)
+    streamed = torch.cat(list(m.stream(frames, 8, 8, chunk, seed=3)), dim=1)
+    assert streamed.shape == whole.shape == (1, frames, 3, 8, 8)
+    assert torch.allclose(streamed, whole, atol=1e-4), (streamed - whole).abs().max()
+
+
+def test_per_block_attention_list_streams_too():
+    m = model([variant("cross_frame", window=1), variant("temporal", causal=True, window=2)])
+    whole = m.generate(1, 7, 8, 8, seed=1)
+    streamed = torch.cat(list(m.stream(7, 8, 8, 3, seed=1)), dim=1)
+    assert torch.allclose(streamed, whole, atol=1e-4)
+
+
+def test_stream_buffer_is_bounded_by_the_window():
+    from tcplug.sampling import FrameStream, stream_sample
+
+    m = model(variant("cross_frame", window=2, anchor=True))
+    counts = []
+
+    def fn(x, t, stream: FrameStream):
+        out = m.backbone(x, t, {"stream": stream})
+        counts.append(stream.buffered_frames())
+        return out
+
+    for _ in stream_sample(fn, (3, 8, 8), 24, 4, m.schedule, steps=2):
+        pass
+    # per block and step: first frame + 2 window frames at most; never grows with the length
+    assert max(counts) <= 2 * 2 * 3 and counts[-1] == counts[len(counts) // 2]
+
+
+def test_non_causal_variant_refuses_streaming():
+    m = model(variant("full3d"))
+    with pytest.raises(NotImplementedError, match="streaming"):
+        list(m.stream(8, 8, 8, 4))
+
+
+# ----- diffusers ----------------------------------------------------------------------------
+def test_first_frame_matches_diffusers_cross_frame_processor():
+    from diffusers.models.attention_processor import Attention
+    from diffusers.pipelines.deprecated.text_to_video_synthesis.pipeline_text_to_video_zero import (
+        CrossFrameAttnProcessor2_0,
+    )
+
+    from tcplug.diffusers import attn_processor
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, heads=4, dim_head=8)
+    frames = 5
+    hidden = torch.randn(2 * frames, 16, 32)
+    attn.set_processor(CrossFrameAttnProcessor2_0(batch_size=2))
+    ref = attn(hidden)
+    attn.set_processor(attn_processor("first_frame", num_frames=frames, batch_size=2))
+    assert torch.allclose(attn(hidden), ref, atol=1e-5)
+
+
+def test_cross_attention_is_untouched_and_cfg_mismatch_is_loud():
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from tcplug.diffusers import attn_processor
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, cross_attention_dim=24, heads=4, dim_head=8)
+    hidden, text = torch.randn(6, 16, 32), torch.randn(6, 7, 24)
+    attn.set_processor(AttnProcessor2_0())
+    ref = attn(hidden, encoder_hidden_states=text)
+    attn.set_processor(attn_processor("cross_frame", num_frames=3, batch_size=2, window=1))
+    assert torch.allclose(attn(hidden, encoder_hidden_states=text), ref, atol=1e-5)
+    self_attn = Attention(query_dim=32, heads=4, dim_head=8)
+    self_attn.set_processor(attn_processor("first_frame", num_frames=3, batch_size=1))
+    with pytest.raises(tcplug.TcplugError, match="classifier-free guidance"):
+        self_attn(hidden)  # 6 rows = 2 videos of 3 frames, but batch_size=1
+
+
+# ----- the sample command -------------------------------------------------------------------
+@pytest.mark.slow
+def test_sample_command_long_video(tmp_path, tiny):
+    proc = run_tcplug("fit", "--config", RECIPES / "full.yaml", *tiny, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
+    out = tmp_path / "long.mp4"
+    proc = run_tcplug("sample", "--ckpt", ckpt, "--frames", 24, "--out", out, "--seed", 1, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from tcplug.video import read_video
+
+    assert read_video(out).shape == (24, 16, 16, 3)
+
+
+def test_sample_refuses_pickled_payload(tmp_path):
+    ckpt = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "tcplug_config": "model: {}", "payload": pickle.loads(pickle.dumps(Payload()))},
+               ckpt)
+    proc = run_tcplug("sample", "--ckpt", ckpt, "--frames", 4, "--out", tmp_path / "x.mp4")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "refused to load" in proc.stderr and not (tmp_path / "x.mp4").exists()
+    proc = run_tcplug("sample", "--ckpt", tmp_path / "none.ckpt", "--frames", 4, "--out", tmp_path / "x.mp4")
+    assert proc.returncode == 2 and "no such checkpoint" in proc.stderr
+
+
+class Payload:
+    """Stands for an arbitrary pickled object inside a stranger's checkpoint."""
