@@ -1,0 +1,89 @@
+"""Streaming long videos: peak memory at 1x vs 16x the training length, and seam quality.
+
+Samples with the streaming K/V frame buffer (`TCPlugModule.stream`), chunk = training clip
+length. Memory is measured in fresh processes (see _mem.py). Seam quality: TVS (estimated
+flow) of the frame pairs that straddle a chunk boundary vs the pairs inside chunks.
+
+Prints one JSON line. Usage:
+  python benchmarks/streaming.py --ckpt runs/full/version_0/checkpoints/last.ckpt [--steps 20]
+  python benchmarks/streaming.py --smoke      # random weights, tiny; no claims
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _mem import peak_mib  # noqa: E402
+
+
+def load(ckpt: str | None, smoke: bool):
+    if ckpt:
+        from tcplug.cli import model_from_checkpoint
+
+        model, cfg = model_from_checkpoint(ckpt)
+        return model, int(cfg["data"]["frames"]), int(cfg["data"]["size"])
+    import tcplug
+    from tcplug.module import TCPlugModule
+
+    torch.manual_seed(0)
+    att = tcplug.get_component("attention", "cross_frame")(window=2, anchor=True)
+    net = tcplug.get_component("backbone", "dit")(in_channels=3, patch_size=4, dim=32, depth=2, heads=2, attention=att)
+    return TCPlugModule(backbone=net).eval(), 4, 16
+
+
+def run_stream(ckpt, smoke, mult, steps, warmup: bool = False):
+    """Stream ``mult`` x the training length; keep only the previous frame (for seam pairs)."""
+    model, chunk, size = load(ckpt, smoke)
+    frames = chunk * (1 if warmup else mult)
+    for _ in model.stream(frames, size, size, chunk, steps=steps):
+        pass
+
+
+def seams(ckpt, smoke, mult, steps) -> dict:
+    from tcplug.metrics import pair_errors, to_unit
+
+    model, chunk, size = load(ckpt, smoke)
+    boundary, inside = [], []
+    prev = None
+    for video in model.stream(chunk * mult, size, size, chunk, steps=steps):
+        v = to_unit(video)
+        clip = v if prev is None else torch.cat([prev, v], dim=1)
+        l1 = pair_errors(clip)[0][0] * 100  # TVS per pair (%)
+        if prev is None:
+            inside += l1.tolist()
+        else:
+            boundary.append(float(l1[0]))
+            inside += l1[1:].tolist()
+        prev = v[:, -1:]
+    return {"tvs_boundary_pairs": sum(boundary) / len(boundary), "tvs_inside_pairs": sum(inside) / len(inside),
+            "boundary_pairs": len(boundary), "inside_pairs": len(inside)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--ckpt")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--mult", type=int, default=16)
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args()
+    if args.smoke:
+        args.mult, args.steps = 3, 2
+    if not args.ckpt and not args.smoke:
+        p.error("--ckpt is required (or --smoke)")
+    one = peak_mib(run_stream, args.ckpt, args.smoke, 1, args.steps)
+    many = peak_mib(run_stream, args.ckpt, args.smoke, args.mult, args.steps)
+    out = {"bench": "streaming", "machine": platform.machine(), "ckpt": bool(args.ckpt), "mult": args.mult,
+           "peak_mib_1x": one, f"peak_mib_{args.mult}x": many,
+           "ratio": round(many / one, 3) if one > 0 else None, **seams(args.ckpt, args.smoke, args.mult, args.steps)}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
