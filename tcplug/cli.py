@@ -106,6 +106,12 @@ def run_lightning(argv: Sequence[str]) -> None:
     from tcplug.module import TCPlugModule
     from tcplug.registry import get_registry
 
+    import warnings
+
+    # noise that is not the user's business: the iterable loader's length is exact by
+    # construction (fixed epoch), and the pytree notice is Lightning's own deprecation.
+    warnings.filterwarnings("ignore", message=r".*IterableDataset.*__len__.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     get_registry()  # load plugins so that their classes are importable subclasses
     install_registry_names()
     cli_cls = _make_cli_class()

@@ -165,21 +165,24 @@ class CrossFrame(FrameRule):
         return ok | (ki == 0) if self.anchor else ok
 
     def fast(self, q, k, v):
-        if self.anchor:
-            return super().fast(q, k, v)
         b, t, h, n, d = q.shape
         w = self.window
         qb, kb, vb = to_bh(q), to_bh(k), to_bh(v)
         out = torch.empty_like(qb)
-        for f in range(min(w, t)):  # the first frames have a shorter window
-            ks = kb[:, : f + 1].reshape(b * h, (f + 1) * n, d)
-            vs = vb[:, : f + 1].reshape(b * h, (f + 1) * n, d)
+        start = w + 1 if self.anchor else w  # frames from `start` on have a full window (+ anchor)
+        for f in range(min(start, t)):  # the first frames: window [0 .. f], which holds frame 0
+            ks = kb[:, max(0, f - w): f + 1].reshape(b * h, -1, d)
+            vs = vb[:, max(0, f - w): f + 1].reshape(b * h, -1, d)
             out[:, f] = F.scaled_dot_product_attention(qb[:, f], ks, vs)
-        if t > w:
-            size, stride = (b * h, t - w, (w + 1) * n, d), (t * n * d, n * d, d, 1)
-            kw = kb.as_strided(size, stride, kb.storage_offset())  # window of frame f: f-w..f
-            vw = vb.as_strided(size, stride, vb.storage_offset())
-            out[:, w:] = F.scaled_dot_product_attention(qb[:, w:], kw, vw)
+        if t > start:
+            size, stride = (b * h, t - start, (w + 1) * n, d), (t * n * d, n * d, d, 1)
+            offset = (start - w) * n * d  # window of frame f: frames f-w .. f, a strided view
+            kw = kb.as_strided(size, stride, kb.storage_offset() + offset)
+            vw = vb.as_strided(size, stride, vb.storage_offset() + offset)
+            if self.anchor:  # frame 0 is not adjacent to the window: this gathers (copies)
+                kw = torch.cat([kb[:, :1].expand(b * h, t - start, n, d), kw], dim=2)
+                vw = torch.cat([vb[:, :1].expand(b * h, t - start, n, d), vw], dim=2)
+            out[:, start:] = F.scaled_dot_product_attention(qb[:, start:], kw, vw)
         return from_bh(out, b, h)
 
     def memory(self):
