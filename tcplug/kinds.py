@@ -118,6 +118,8 @@ class LossContext:
         target: what ``pred`` should equal under the schedule's parameterization.
         schedule: the :class:`~tcplug.sampling.NoiseSchedule` (e.g. ``schedule.pred_x0``).
         latent: the :class:`LatentDesign` (to decode predictions to pixels).
+        discriminator: the module's :class:`Discriminator`, if any.
+        step: the global training step (for warm-ups).
         extras: scratch space shared between terms within one step (e.g. a decoded clip).
     """
 
@@ -130,6 +132,8 @@ class LossContext:
     target: Tensor
     schedule: NoiseSchedule
     latent: LatentDesign
+    discriminator: Discriminator | None = None
+    step: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
 
     def pred_x0(self) -> Tensor:
@@ -138,12 +142,29 @@ class LossContext:
             self.extras["pred_x0"] = self.schedule.pred_x0(self.xt, self.pred, self.timesteps)
         return self.extras["pred_x0"]
 
+    def pred_video(self) -> Tensor:
+        """The predicted clean clip decoded to pixels ``(B, T, 3, H, W)`` (cached, differentiable)."""
+        if "pred_video" not in self.extras:
+            self.extras["pred_video"] = self.latent.decode(self.pred_x0())
+        return self.extras["pred_video"]
+
+    def snr_weight(self) -> Tensor:
+        """Per-clip weight ``SNR / (1 + SNR)`` in (0, 1): near 1 at low noise, near 0 at high
+        noise, where the predicted clean clip is still a blur. Shape ``(B,)``."""
+        t = self.timesteps if self.timesteps.dim() == 1 else self.timesteps.flatten(1).float().mean(1)
+        snr = self.schedule.snr(t if self.schedule.kind != "ddpm" else t.long()).float()
+        return snr / (1 + snr)
+
 
 class LossTerm(nn.Module):
     """A weighted term of the training objective.
 
     ``forward(ctx: LossContext) -> Tensor`` returns the *unweighted* scalar term; the module
     multiplies by ``self.weight`` and logs each term as ``train/loss_<name>``.
+
+    A term that also trains the discriminator (an adversarial term) implements
+    ``discriminator_loss(ctx, discriminator) -> Tensor``; the module then switches to manual
+    optimization and alternates a discriminator step with its own optimizer.
     """
 
     def __init__(self, weight: float = 1.0) -> None:

@@ -58,6 +58,8 @@ class TCPlugModule(pl.LightningModule):
             and sampling.
         lr: AdamW learning rate; weight_decay, betas: AdamW settings.
         warmup_steps: linear learning-rate warm-up.
+        gradient_clip: max gradient norm (None = no clipping), for every optimizer.
+        disc_lr: the discriminator's learning rate (its own AdamW); disc_betas: its betas.
         sample_steps: sampler steps for validation samples.
         num_val_samples: clips sampled at each validation (0 = none).
         sample_fps: frame rate of the written mp4 samples.
@@ -82,6 +84,9 @@ class TCPlugModule(pl.LightningModule):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.99),
         warmup_steps: int = 0,
+        gradient_clip: float | None = 1.0,
+        disc_lr: float = 2e-4,
+        disc_betas: tuple[float, float] = (0.5, 0.9),
         sample_steps: int = 20,
         num_val_samples: int = 2,
         sample_fps: int = 8,
@@ -97,18 +102,24 @@ class TCPlugModule(pl.LightningModule):
                 f"backbone.in_channels={backbone.in_channels} but the latent design "
                 f"{type(self.latent).__name__} has latent_channels={self.latent.latent_channels}"
             )
-        for slot, value in (("discriminator", discriminator), ("motion_lock", motion_lock)):
-            if value is not None:
-                raise TcplugError(
-                    f"model.{slot} is given, but this version of the engine does not wire the "
-                    f"{slot} slot into training yet; remove it from the recipe"
-                )
+        if motion_lock is not None:
+            raise TcplugError(
+                "model.motion_lock is given, but this version of the engine does not wire the "
+                "motion_lock slot into training yet; remove it from the recipe"
+            )
+        self.discriminator = discriminator
+        adversarial = [t for t in self.losses if hasattr(t, "discriminator_loss")]
+        if adversarial and discriminator is None:
+            raise TcplugError("an adversarial loss term needs model.discriminator (e.g. class_path: conv3d)")
+        # a discriminator that some term trains: alternate G and D steps with their own optimizers
+        self.automatic_optimization = not adversarial
         self.router = router
         n_experts = router.num_experts if router is not None else 1
         self.experts = nn.ModuleList([backbone] + [copy.deepcopy(backbone) for _ in range(n_experts - 1)])
         self.conditioner = conditioner
         self.schedule = NoiseSchedule(noise, prediction_type, num_train_timesteps, beta_schedule, sampler, shift)
         self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
+        self.gradient_clip, self.disc_lr, self.disc_betas = gradient_clip, disc_lr, tuple(disc_betas)
         self.sample_steps, self.num_val_samples, self.sample_fps = sample_steps, num_val_samples, sample_fps
         self.val_tvs, self.val_tvs_data = TemporalVarianceScore(), TemporalVarianceScore()
         self.val_warp_error, self.val_flicker, self.val_bg_flicker = WarpingError(), Flicker(), Flicker()
@@ -151,29 +162,33 @@ class TCPlugModule(pl.LightningModule):
             out = out.index_add(0, rows, expert(xt[rows], t_rows, ctx) * w[rows].view(-1, 1, 1, 1, 1))
         return out
 
-    def training_losses(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Total loss and each unweighted term for one batch."""
+    def training_losses(self, batch: dict[str, Any], return_context: bool = False):
+        """Total loss and each unweighted term for one batch (and the LossContext if asked)."""
         video = batch["video"]
         if video.dim() != 5:
             raise TcplugError(f"batch['video'] must be (B, T, C, H, W), got shape {tuple(video.shape)}")
-        x0 = self.latent.encode(video)
+        with torch.no_grad():  # diffusion never moves the latent space; its own terms train it
+            x0 = self.latent.encode(video)
         noise = torch.randn_like(x0)
         t = self.schedule.sample_timesteps(x0.shape[0], x0.device)
         xt = self.schedule.add_noise(x0, noise, t)
         pred = self.denoise(xt, t, self.context(batch, tuple(x0.shape)))
         ctx = LossContext(batch=batch, x0=x0, noise=noise, xt=xt, timesteps=t, pred=pred,
                           target=self.schedule.target(x0, noise, t), schedule=self.schedule,
-                          latent=self.latent)
+                          latent=self.latent, discriminator=self.discriminator, step=self.global_step)
         terms: dict[str, Tensor] = {}
         total = x0.new_zeros(())
         for name, term in zip(self._loss_names, self.losses):
             value = term(ctx)
             terms[name] = value
             total = total + term.weight * value
-        return total, terms
+        return (total, terms, ctx) if return_context else (total, terms)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        total, terms = self.training_losses(batch)
+        if self.automatic_optimization:
+            total, terms = self.training_losses(batch)
+        else:
+            total, terms = self._adversarial_step(batch)
         bs = batch["video"].shape[0]
         for name, value in terms.items():
             self.log(f"train/loss_{name}", value.detach(), batch_size=bs)
@@ -182,6 +197,40 @@ class TCPlugModule(pl.LightningModule):
             self._skipped[int(batch.get("worker", 0))] = int(batch["skipped"])
             self.log("data/skipped", float(sum(self._skipped.values())), batch_size=bs, reduce_fx="max")
         return total
+
+    def _adversarial_step(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Manual optimization: a generator step, then a discriminator step (own optimizer)."""
+        opt_g, opt_d = self.optimizers()
+        total, terms, ctx = self.training_losses(batch, return_context=True)
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(total)
+        self._clip(opt_g)
+        opt_g.step()
+        d_losses = [t.discriminator_loss(ctx, self.discriminator) for t in self.losses if hasattr(t, "discriminator_loss")]
+        d_losses = [d for d in d_losses if d is not None]
+        if d_losses:
+            d_loss = torch.stack(d_losses).sum()
+            opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(d_loss)
+            self._clip(opt_d)
+            opt_d.step()
+            terms["discriminator"] = d_loss.detach()
+        sched = self.lr_schedulers()
+        if sched is not None:
+            for s in sched if isinstance(sched, list) else [sched]:
+                s.step()
+        return total, terms
+
+    def _clip(self, optimizer) -> None:
+        if self.gradient_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # trainer.gradient_clip_val wins if set; otherwise model.gradient_clip
+        if gradient_clip_val is not None:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        else:
+            self._clip(optimizer)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         total, _ = self.training_losses(batch)
@@ -292,13 +341,16 @@ class TCPlugModule(pl.LightningModule):
 
     # ----- optimization ------------------------------------------------------------------
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
+        disc = set(id(p) for p in self.discriminator.parameters()) if self.discriminator is not None else set()
+        params = [p for p in self.parameters() if p.requires_grad and id(p) not in disc]
         opt = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
-        if self.warmup_steps <= 0:
-            return opt
-        warm = self.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _Warmup(warm))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _Warmup(self.warmup_steps)) if self.warmup_steps > 0 else None
+        if self.automatic_optimization:
+            if sched is None:
+                return opt
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=self.disc_lr, betas=self.disc_betas)
+        return ([opt, opt_d], [sched]) if sched is not None else [opt, opt_d]
 
 
 class _Warmup:

@@ -1,10 +1,11 @@
-"""Built-in latent designs: ``pixel`` (diffusion directly on pixels)."""
+"""Built-in latent designs: ``pixel``, ``vae``, ``video_ldm``, ``two_tier``."""
 
 from __future__ import annotations
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
-from tcplug import LatentDesign, hookimpl
+from tcplug import LatentDesign, TcplugError, hookimpl
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,196 @@ class Pixel(LatentDesign):
         return latents
 
 
+def _load_local(cls, path: str):
+    """``cls.from_pretrained`` from a local folder only: nothing is fetched from a hub."""
+    from pathlib import Path
+
+    if not Path(path).is_dir():
+        raise TcplugError(f"pretrained latent model {path!r} is not a local folder (nothing is downloaded)")
+    try:
+        return cls.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise TcplugError(f"cannot load {cls.__name__} from {path}: {exc}") from None
+
+
+def _freeze(module: nn.Module) -> None:
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+class VAE(LatentDesign):
+    """diffusers ``AutoencoderKL`` applied to every frame independently.
+
+    ``encode (B, T, 3, H, W) -> (B, T, c, H/f, W/f)`` (the posterior mean times
+    ``scaling_factor``); ``decode`` inverts it.
+
+    Args:
+        pretrained: a local folder written by ``save_pretrained`` (never a hub id); None =
+            random init with the small config below.
+        trainable: train the autoencoder (with a ``reconstruction`` term); frozen otherwise.
+        scaling_factor: latent scale; None = the model config's.
+        block_out_channels, latent_channels, layers_per_block, norm_num_groups: the random-init config.
+    """
+
+    def __init__(self, pretrained: str | None = None, trainable: bool = False, scaling_factor: float | None = None,
+                 block_out_channels: list[int] | None = None, latent_channels: int = 4, layers_per_block: int = 1,
+                 norm_num_groups: int = 16) -> None:
+        super().__init__()
+        from diffusers import AutoencoderKL
+
+        if pretrained:
+            self.vae = _load_local(AutoencoderKL, pretrained)
+        else:
+            blocks = list(block_out_channels or [32, 64])
+            self.vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
+                                     block_out_channels=blocks, layers_per_block=layers_per_block,
+                                     down_block_types=["DownEncoderBlock2D"] * len(blocks),
+                                     up_block_types=["UpDecoderBlock2D"] * len(blocks),
+                                     norm_num_groups=norm_num_groups)
+        cfg = self.vae.config
+        self.latent_channels = cfg.latent_channels
+        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
+        self.scaling_factor = float(scaling_factor if scaling_factor is not None else cfg.scaling_factor)
+        self.trainable = trainable
+        if not trainable:
+            _freeze(self.vae)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not self.trainable:
+            self.vae.eval()
+        return self
+
+    def encode(self, video: Tensor) -> Tensor:
+        b, t = video.shape[:2]
+        z = self.vae.encode(video.flatten(0, 1)).latent_dist.mode() * self.scaling_factor
+        return z.view(b, t, *z.shape[1:])
+
+    def decode(self, latents: Tensor) -> Tensor:
+        b, t = latents.shape[:2]
+        x = self.vae.decode(latents.flatten(0, 1) / self.scaling_factor).sample
+        return x.view(b, t, *x.shape[1:])
+
+
+class VideoLDM(LatentDesign):
+    """Video-LDM latent: per-frame encoder, decoder with temporal layers.
+
+    diffusers ``AutoencoderKLTemporalDecoder`` (Stable Video Diffusion): a 2D encoder applied
+    to every frame alone, and a ``TemporalDecoder`` whose spatio-temporal res-blocks mix
+    neighbouring frames. The encoder is always frozen; ``train_decoder: true`` makes the
+    decoder trainable, so pixel-space temporal objectives (``flow_warp``,
+    ``perceptual_temporal``, ``adversarial``, ``reconstruction``) fine-tune it.
+
+    Args:
+        pretrained: a local folder written by ``save_pretrained``; None = small random init.
+        train_decoder: fine-tune the temporal decoder.
+        scaling_factor: latent scale; None = the model config's.
+        block_out_channels, latent_channels, layers_per_block: the random-init config.
+    """
+
+    def __init__(self, pretrained: str | None = None, train_decoder: bool = False,
+                 scaling_factor: float | None = None, block_out_channels: list[int] | None = None,
+                 latent_channels: int = 4, layers_per_block: int = 1) -> None:
+        super().__init__()
+        from diffusers import AutoencoderKLTemporalDecoder
+
+        if pretrained:
+            self.vae = _load_local(AutoencoderKLTemporalDecoder, pretrained)
+        else:
+            blocks = list(block_out_channels or [32, 64])
+            self.vae = AutoencoderKLTemporalDecoder(in_channels=3, out_channels=3, latent_channels=latent_channels,
+                                                    block_out_channels=blocks, layers_per_block=layers_per_block,
+                                                    down_block_types=["DownEncoderBlock2D"] * len(blocks))
+        cfg = self.vae.config
+        self.latent_channels = cfg.latent_channels
+        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
+        self.scaling_factor = float(scaling_factor if scaling_factor is not None else cfg.scaling_factor)
+        self.train_decoder = train_decoder
+        for part in (self.vae.encoder, self.vae.quant_conv):
+            _freeze(part)
+        if not train_decoder:
+            _freeze(self.vae)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vae.encoder.eval()
+        if not self.train_decoder:
+            self.vae.eval()
+        return self
+
+    def encode(self, video: Tensor) -> Tensor:
+        b, t = video.shape[:2]
+        z = self.vae.encode(video.flatten(0, 1)).latent_dist.mode() * self.scaling_factor
+        return z.view(b, t, *z.shape[1:])
+
+    def decode(self, latents: Tensor) -> Tensor:
+        b, t = latents.shape[:2]
+        x = self.vae.decode(latents.flatten(0, 1) / self.scaling_factor, num_frames=t).sample
+        return x.view(b, t, *x.shape[1:])
+
+
+def _conv_stack(cin: int, cout: int, width: int, down: int, up: bool = False) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    c = cin
+    for _ in range(down):
+        conv = nn.ConvTranspose2d(c, width, 4, 2, 1) if up else nn.Conv2d(c, width, 4, 2, 1)
+        layers += [conv, nn.GroupNorm(min(8, width), width), nn.SiLU()]
+        c = width
+    layers.append(nn.Conv2d(c, cout, 3, padding=1))
+    return nn.Sequential(*layers)
+
+
+class TwoTier(LatentDesign):
+    """Two-tier latent: one global code per clip shared by every frame + per-frame codes.
+
+    ``encode (B, T, 3, H, W) -> (B, T, g + p, h, w)``: channels ``[:g]`` hold the global code
+    (the frame-average of a global encoder, identical in every frame: lighting, palette,
+    layout, identity), channels ``[g:]`` the per-frame code (positions, pose). The backbone
+    sees both. ``decode`` first averages the global channels over frames, so every frame is
+    decoded with the *same* global code, then decodes each frame from ``[global, its own
+    per-frame code]``.
+
+    Args:
+        global_channels: ``g``.
+        frame_channels: ``p``.
+        width: conv width.
+        downsample_layers: stride-2 layers (``f = 2 ** downsample_layers``).
+        trainable: train the autoencoder (use the ``reconstruction`` loss term).
+    """
+
+    def __init__(self, global_channels: int = 2, frame_channels: int = 2, width: int = 32,
+                 downsample_layers: int = 1, trainable: bool = True) -> None:
+        super().__init__()
+        self.global_channels, self.frame_channels = global_channels, frame_channels
+        self.latent_channels = global_channels + frame_channels
+        self.downsample = 2 ** downsample_layers
+        self.enc_global = _conv_stack(3, global_channels, width, downsample_layers)
+        self.enc_frame = _conv_stack(3, frame_channels, width, downsample_layers)
+        self.dec = _conv_stack(self.latent_channels, 3, width, downsample_layers, up=True)
+        if not trainable:
+            _freeze(self)
+
+    def encode(self, video: Tensor) -> Tensor:
+        b, t = video.shape[:2]
+        frames = video.flatten(0, 1)
+        g = self.enc_global(frames)
+        g = g.view(b, t, *g.shape[1:]).mean(1, keepdim=True).expand(b, t, *g.shape[1:])
+        p = self.enc_frame(frames)
+        p = p.view(b, t, *p.shape[1:])
+        return torch.cat([g, p], dim=2)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        b, t = latents.shape[:2]
+        g = latents[:, :, : self.global_channels].mean(1, keepdim=True).expand(-1, t, -1, -1, -1)
+        z = torch.cat([g, latents[:, :, self.global_channels:]], dim=2)
+        x = torch.tanh(self.dec(z.flatten(0, 1)))
+        return x.view(b, t, *x.shape[1:])
+
+
 @hookimpl
 def tcplug_register_components(register):
     register(Pixel, name="pixel")
+    register(VAE, name="vae")
+    register(VideoLDM, name="video_ldm")
+    register(TwoTier, name="two_tier")
