@@ -58,7 +58,10 @@ class VAE(LatentDesign):
             random init with the small config below.
         trainable: train the autoencoder (with a ``reconstruction`` term); frozen otherwise.
         scaling_factor: latent scale; None = the model config's.
-        block_out_channels, latent_channels, layers_per_block, norm_num_groups: the random-init config.
+        block_out_channels: random init: channels per encoder level.
+        latent_channels: random init: latent channels.
+        layers_per_block: random init: res-blocks per level.
+        norm_num_groups: random init: GroupNorm groups.
     """
 
     def __init__(self, pretrained: str | None = None, trainable: bool = False, scaling_factor: float | None = None,
@@ -114,7 +117,9 @@ class VideoLDM(LatentDesign):
         pretrained: a local folder written by ``save_pretrained``; None = small random init.
         train_decoder: fine-tune the temporal decoder.
         scaling_factor: latent scale; None = the model config's.
-        block_out_channels, latent_channels, layers_per_block: the random-init config.
+        block_out_channels: random init: channels per encoder level.
+        latent_channels: random init: latent channels.
+        layers_per_block: random init: res-blocks per level.
     """
 
     def __init__(self, pretrained: str | None = None, train_decoder: bool = False,
