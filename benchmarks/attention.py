@@ -60,10 +60,6 @@ def prepare_variant(key: str, shape: tuple):
     return run
 
 
-def variant_step(key: str, shape: tuple, warmup: bool = False) -> None:
-    prepare_variant(key, shape)()
-
-
 def prepare_layer(kind: str, shape: tuple):
     """A closure running forward+backward of a diffusers Attention layer with a processor."""
     from diffusers.models.attention_processor import Attention
@@ -81,10 +77,6 @@ def prepare_layer(kind: str, shape: tuple):
     return run
 
 
-def processor_layer(kind: str, shape: tuple, warmup: bool = False) -> None:
-    prepare_layer(kind, shape)()
-
-
 def make_processor(kind: str, b: int, t: int):
     if kind == "tcplug_first_frame":
         from tcplug.diffusers import attn_processor
@@ -96,7 +88,8 @@ def make_processor(kind: str, b: int, t: int):
         else z.CrossFrameAttnProcessor(batch_size=b)
 
 
-def dit_step(key: str, cfg: dict, warmup: bool = False) -> None:
+def prepare_dit(key: str, cfg: dict):
+    """A closure running one whole `dit` training step (forward + backward) of a variant."""
     import tcplug
     from tcplug.module import TCPlugModule
 
@@ -106,8 +99,12 @@ def dit_step(key: str, cfg: dict, warmup: bool = False) -> None:
                                                   depth=cfg["depth"], heads=cfg["heads"], attention=att)
     m = TCPlugModule(backbone=net).to(dev)
     batch = {"video": torch.rand(cfg["batch"], cfg["frames"], 3, cfg["size"], cfg["size"], device=dev) * 2 - 1}
-    total, _ = m.training_losses(batch)
-    total.backward()
+
+    def run():
+        total, _ = m.training_losses(batch)
+        total.backward()
+
+    return run
 
 
 def main() -> None:
@@ -125,13 +122,13 @@ def main() -> None:
            "shape_BTHND": list(shape), "variants": {}, "diffusers_layer": {}, "dit_step": {}}
     for key in VARIANTS:
         out["variants"][key] = {"fwd_bwd_ms": round(timed(prepare_variant(key, shape), args.reps), 3),
-                                "peak_mib": peak_mib(variant_step, key, shape)}
+                                "peak_mib": peak_mib(prepare_variant(key, shape))}
     for kind in ("tcplug_first_frame", "diffusers_CrossFrameAttnProcessor2_0", "diffusers_CrossFrameAttnProcessor"):
         out["diffusers_layer"][kind] = {"fwd_bwd_ms": round(timed(prepare_layer(kind, shape), args.reps), 3),
-                                        "peak_mib": peak_mib(processor_layer, kind, shape)}
+                                        "peak_mib": peak_mib(prepare_layer(kind, shape))}
     out["dit_step"]["config"] = dit_cfg
     for key in ("per_frame", "first_frame", "cross_frame_w1", "cross_frame_w2_anchor", "full3d"):
-        out["dit_step"][key] = {"peak_mib": peak_mib(dit_step, key, dit_cfg)}
+        out["dit_step"][key] = {"peak_mib": peak_mib(prepare_dit(key, dit_cfg))}
     base = out["dit_step"]["per_frame"]["peak_mib"]
     for key in ("first_frame", "cross_frame_w1", "cross_frame_w2_anchor", "full3d"):
         out["dit_step"][key]["ratio_to_per_frame"] = round(out["dit_step"][key]["peak_mib"] / base, 3) if base else None

@@ -190,3 +190,22 @@ def test_discriminator_and_generator_alternate_with_own_optimizers(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(d0, seen[0]))
     assert any(not torch.equal(a, b) for a, b in zip(seen[0], seen[-1]))
     assert "train/loss_discriminator" in trainer.callback_metrics and "train/loss_adversarial" in trainer.callback_metrics
+
+
+@pytest.mark.slow
+def test_pretrained_vae_by_path_in_a_recipe(tmp_path, tiny):
+    """A VAE saved with save_pretrained loads by path in a recipe; the hub is never asked."""
+    from diffusers import AutoencoderKL
+
+    from tests.conftest import RECIPES, run_tcplug
+
+    AutoencoderKL(block_out_channels=[16, 32], latent_channels=4, norm_num_groups=8,
+                  down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2
+                  ).save_pretrained(tmp_path / "my-vae")
+    proc = run_tcplug("fit", "--config", RECIPES / "baseline.yaml", *tiny, "--model.latent=vae",
+                      f"--model.latent.init_args.pretrained={tmp_path / 'my-vae'}",
+                      "--model.backbone.init_args.in_channels=4", "--model.backbone.init_args.patch_size=2",
+                      cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = next((tmp_path / "runs").rglob("config.yaml")).read_text()
+    assert "tcplug_latents.VAE" in cfg and "my-vae" in cfg

@@ -102,8 +102,8 @@ class PerFrame(FrameRule):
 class FirstFrame(FrameRule):
     """Every frame's queries see the first frame's keys/values (Text2Video-Zero).
 
-    The fast path runs one SDPA call with all frames' queries against frame 0's keys: no
-    key/value copy at all.
+    The fast path runs one SDPA call with all frames' queries against frame 0's keys; only
+    frame 0's keys/values (``1/T`` of them) are copied, to keep SDPA on its fused kernel.
     """
 
     causal = True
@@ -113,8 +113,10 @@ class FirstFrame(FrameRule):
 
     def fast(self, q, k, v):
         b, t, h, n, d = q.shape
-        qb = to_bh(q).reshape(b * h, t * n, d)
-        out = F.scaled_dot_product_attention(qb, to_bh(k)[:, 0], to_bh(v)[:, 0])
+        qb = to_bh(q).reshape(b * h, 1, t * n, d)
+        # 4D inputs with a contiguous (tiny) first frame keep SDPA on its fused kernel
+        k0, v0 = to_bh(k)[:, :1].contiguous(), to_bh(v)[:, :1].contiguous()
+        out = F.scaled_dot_product_attention(qb, k0, v0)
         return from_bh(out.view(b * h, t, n, d), b, h)
 
     def memory(self):
