@@ -47,7 +47,33 @@ def _freeze(module: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-class VAE(LatentDesign):
+class _DiffusersAutoencoder(LatentDesign):
+    """Shared per-frame encode/decode of a diffusers autoencoder held as ``self.vae``."""
+
+    vae: nn.Module
+    scaling_factor: float
+
+    def encode(self, video: Tensor) -> Tensor:
+        b, t = video.shape[:2]
+        z = self.vae.encode(video.flatten(0, 1)).latent_dist.mode() * self.scaling_factor
+        return z.view(b, t, *z.shape[1:])
+
+    def decode(self, latents: Tensor) -> Tensor:
+        b, t = latents.shape[:2]
+        x = self._decode_frames(latents.flatten(0, 1) / self.scaling_factor, t)
+        return x.view(b, t, *x.shape[1:])
+
+    def _decode_frames(self, z: Tensor, num_frames: int) -> Tensor:
+        return self.vae.decode(z).sample
+
+    def _configure(self, scaling_factor: float | None) -> None:
+        cfg = self.vae.config
+        self.latent_channels = cfg.latent_channels
+        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
+        self.scaling_factor = float(scaling_factor if scaling_factor is not None else cfg.scaling_factor)
+
+
+class VAE(_DiffusersAutoencoder):
     """diffusers ``AutoencoderKL`` applied to every frame independently.
 
     ``encode (B, T, 3, H, W) -> (B, T, c, H/f, W/f)`` (the posterior mean times
@@ -79,10 +105,7 @@ class VAE(LatentDesign):
                                      down_block_types=["DownEncoderBlock2D"] * len(blocks),
                                      up_block_types=["UpDecoderBlock2D"] * len(blocks),
                                      norm_num_groups=norm_num_groups)
-        cfg = self.vae.config
-        self.latent_channels = cfg.latent_channels
-        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
-        self.scaling_factor = float(scaling_factor if scaling_factor is not None else cfg.scaling_factor)
+        self._configure(scaling_factor)
         self.trainable = trainable
         if not trainable:
             _freeze(self.vae)
@@ -93,18 +116,8 @@ class VAE(LatentDesign):
             self.vae.eval()
         return self
 
-    def encode(self, video: Tensor) -> Tensor:
-        b, t = video.shape[:2]
-        z = self.vae.encode(video.flatten(0, 1)).latent_dist.mode() * self.scaling_factor
-        return z.view(b, t, *z.shape[1:])
 
-    def decode(self, latents: Tensor) -> Tensor:
-        b, t = latents.shape[:2]
-        x = self.vae.decode(latents.flatten(0, 1) / self.scaling_factor).sample
-        return x.view(b, t, *x.shape[1:])
-
-
-class VideoLDM(LatentDesign):
+class VideoLDM(_DiffusersAutoencoder):
     """Video-LDM latent: per-frame encoder, decoder with temporal layers.
 
     diffusers ``AutoencoderKLTemporalDecoder`` (Stable Video Diffusion): a 2D encoder applied
@@ -135,10 +148,7 @@ class VideoLDM(LatentDesign):
             self.vae = AutoencoderKLTemporalDecoder(in_channels=3, out_channels=3, latent_channels=latent_channels,
                                                     block_out_channels=blocks, layers_per_block=layers_per_block,
                                                     down_block_types=["DownEncoderBlock2D"] * len(blocks))
-        cfg = self.vae.config
-        self.latent_channels = cfg.latent_channels
-        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
-        self.scaling_factor = float(scaling_factor if scaling_factor is not None else cfg.scaling_factor)
+        self._configure(scaling_factor)
         self.train_decoder = train_decoder
         for part in (self.vae.encoder, self.vae.quant_conv):
             _freeze(part)
@@ -152,15 +162,8 @@ class VideoLDM(LatentDesign):
             self.vae.eval()
         return self
 
-    def encode(self, video: Tensor) -> Tensor:
-        b, t = video.shape[:2]
-        z = self.vae.encode(video.flatten(0, 1)).latent_dist.mode() * self.scaling_factor
-        return z.view(b, t, *z.shape[1:])
-
-    def decode(self, latents: Tensor) -> Tensor:
-        b, t = latents.shape[:2]
-        x = self.vae.decode(latents.flatten(0, 1) / self.scaling_factor, num_frames=t).sample
-        return x.view(b, t, *x.shape[1:])
+    def _decode_frames(self, z: Tensor, num_frames: int) -> Tensor:
+        return self.vae.decode(z, num_frames=num_frames).sample  # frames of one video contiguous
 
 
 def _conv_stack(cin: int, cout: int, width: int, down: int, up: bool = False) -> nn.Sequential:
