@@ -20,10 +20,9 @@ from tcplug.kinds import KINDS
 
 
 def snake_case(name: str) -> str:
-    """``TokenShift`` -> ``token_shift``; ``DiT`` -> ``di_t`` is avoided: ``DiT`` -> ``dit``."""
-    s = re.sub(r"(?<=[a-z0-9])(?=[A-Z][a-z])", "_", name)
-    s = re.sub(r"(?<=[a-z])(?=[A-Z])", "_", s)
-    return s.lower().replace("di_t", "dit")
+    """The default registry name of a class: ``TokenShift`` -> ``token_shift``,
+    ``Conv3DNet`` -> ``conv3_d_net`` (give ``name=`` when that reads badly)."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
 
 
 def kind_of(cls: type) -> str:

@@ -73,7 +73,7 @@ def test_local_class_is_refused():
 
 def test_default_name_is_snake_case():
     assert snake_case("TokenShift") == "token_shift"
-    assert snake_case("DiT") == "dit"
+    assert snake_case("MyLoss") == "my_loss" and snake_case("HTTPCache") == "http_cache"
     reg = Registry()
     reg.register(MyAttention)
     assert reg.names("attention") == ["my_attention"]
