@@ -38,7 +38,7 @@ def test_listed_by_plugins(site):
 def test_used_by_name_in_yaml(site, tmp_path, tiny):
     recipe = tmp_path / "ts.yaml"
     recipe.write_text(
-        (RECIPES / "full.yaml").read_text().replace(
+        (RECIPES / "baseline.yaml").read_text().replace(
             "        class_path: per_frame", "        class_path: token_shift\n        init_args:\n          fraction: 0.5"
         )
     )
