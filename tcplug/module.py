@@ -31,7 +31,7 @@ from tcplug.kinds import (
     WorldConditioner,
 )
 from tcplug.metrics import Flicker, TemporalVarianceScore, WarpingError, to_unit
-from tcplug.registry import get_registry
+from tcplug.registry import get_registry, snake_case
 from tcplug.sampling import NoiseSchedule, frame_noise, sample_loop, stream_sample
 from tcplug.video import add_video_gif, to_uint8, write_video
 
@@ -124,7 +124,10 @@ class TCPlugModule(pl.LightningModule):
         self.val_tvs, self.val_tvs_data = TemporalVarianceScore(), TemporalVarianceScore()
         self.val_warp_error, self.val_flicker, self.val_bg_flicker = WarpingError(), Flicker(), Flicker()
         self._skipped: dict[int, int] = {}
-        self._loss_names = [self._term_name(t, i) for i, t in enumerate(self.losses)]
+        self._loss_names: list[str] = []
+        for i, term in enumerate(self.losses):  # two terms of one kind log as name, name_2
+            name = self._term_name(term, i)
+            self._loss_names.append(name if name not in self._loss_names else f"{name}_{i + 1}")
         # the component objects are saved through the CLI's config; keep plain values here
         self.save_hyperparameters(ignore=["backbone", "latent", "losses", "discriminator", "router",
                                           "conditioner", "motion_lock"])
@@ -135,8 +138,7 @@ class TCPlugModule(pl.LightningModule):
 
     @staticmethod
     def _term_name(term: LossTerm, index: int) -> str:
-        name = get_registry().name_of(type(term)) or type(term).__name__.lower()
-        return name
+        return get_registry().name_of(type(term)) or snake_case(type(term).__name__)
 
     # ----- the model ---------------------------------------------------------------------
     def context(self, batch: dict[str, Any], latent_shape: tuple[int, ...]) -> dict[str, Any] | None:
@@ -187,6 +189,7 @@ class TCPlugModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         if self.automatic_optimization:
             total, terms = self.training_losses(batch)
+            self._check_finite(terms)
         else:
             total, terms = self._adversarial_step(batch)
         bs = batch["video"].shape[0]
@@ -198,10 +201,25 @@ class TCPlugModule(pl.LightningModule):
             self.log("data/skipped", float(sum(self._skipped.values())), batch_size=bs, reduce_fx="max")
         return total
 
+    def _check_finite(self, terms: dict[str, Tensor]) -> None:
+        """Stop the run, naming the term and the step, before a NaN/Inf reaches the weights.
+
+        Raised before the optimizer step, so the weights and every checkpoint written so far
+        (``last.ckpt`` included) stay as they were.
+        """
+        for name, value in terms.items():
+            if not torch.isfinite(value).all():
+                raise TcplugError(
+                    f"loss term {name!r} is {float(value.detach().float().flatten()[0])} at step "
+                    f"{self.global_step}: stopping before the weights are touched; the last good "
+                    "checkpoint is kept (resume with --ckpt_path)"
+                )
+
     def _adversarial_step(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         """Manual optimization: a generator step, then a discriminator step (own optimizer)."""
         opt_g, opt_d = self.optimizers()
         total, terms, ctx = self.training_losses(batch, return_context=True)
+        self._check_finite(terms)
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(total)
         self._clip(opt_g)
@@ -210,6 +228,7 @@ class TCPlugModule(pl.LightningModule):
         d_losses = [d for d in d_losses if d is not None]
         if d_losses:
             d_loss = torch.stack(d_losses).sum()
+            self._check_finite({"discriminator": d_loss})
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(d_loss)
             self._clip(opt_d)

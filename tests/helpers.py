@@ -23,3 +23,18 @@ class RecordBatches(pl.Callback):
         with open(path, "w") as f:
             json.dump({"rank": trainer.global_rank, "world": trainer.world_size, "batches": self.batches,
                        "urls": sorted(self.urls)}, f)
+
+
+from tcplug import LossTerm  # noqa: E402
+
+
+class NanAfter(LossTerm):
+    """A loss term that turns NaN from a given training step on (for the fault tests)."""
+
+    def __init__(self, weight: float = 1.0, step: int = 3):
+        super().__init__(weight)
+        self.step = step
+
+    def forward(self, ctx):
+        value = (ctx.pred * 0).mean()
+        return value + float("nan") if ctx.step >= self.step else value
