@@ -82,7 +82,9 @@ def make_processor(kind: str, b: int, t: int):
         from tcplug.diffusers import attn_processor
 
         return attn_processor("first_frame", num_frames=t, batch_size=b)
-    from diffusers.pipelines.deprecated.text_to_video_synthesis import pipeline_text_to_video_zero as z
+    from diffusers.pipelines.deprecated.text_to_video_synthesis import (
+        pipeline_text_to_video_zero as z,
+    )
 
     return z.CrossFrameAttnProcessor2_0(batch_size=b) if kind == "diffusers_CrossFrameAttnProcessor2_0" \
         else z.CrossFrameAttnProcessor(batch_size=b)

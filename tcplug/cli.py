@@ -102,11 +102,9 @@ TRAINER_DEFAULTS = {
 
 
 def run_lightning(argv: Sequence[str]) -> None:
-    from tcplug.data import VideoDataModule
-    from tcplug.module import TCPlugModule
-    from tcplug.registry import get_registry
-
     import warnings
+
+    from tcplug.registry import get_registry
 
     # noise that is not the user's business: the iterable loader's length is exact by
     # construction (fixed epoch), and the pytree notice is Lightning's own deprecation.
@@ -231,9 +229,10 @@ def cmd_data(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
 
     if args.action == "synth":
+        from tqdm.auto import tqdm
+
         from tcplug.data.shards import encode_sample, write_shards
         from tcplug.data.synthetic import make_clip
-        from tqdm.auto import tqdm
 
         if args.clips < 1 or args.frames < 2 or args.size < 8:
             raise TcplugError("need --clips >= 1, --frames >= 2, --size >= 8")

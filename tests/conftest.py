@@ -1,7 +1,7 @@
 import os
-import tempfile
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest

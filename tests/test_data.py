@@ -1,8 +1,6 @@
 """The synthetic world, shards, ingest, inspect, bad data, and DDP splitting."""
 
-import io
 import json
-import tarfile
 import warnings
 from pathlib import Path
 
@@ -11,7 +9,14 @@ import pytest
 import torch
 
 from tcplug.data import VideoDataModule, make_clip
-from tcplug.data.shards import DataSkipWarning, SampleDecoder, TarSamples, encode_sample, inspect_shards, write_shards
+from tcplug.data.shards import (
+    DataSkipWarning,
+    SampleDecoder,
+    TarSamples,
+    encode_sample,
+    inspect_shards,
+    write_shards,
+)
 from tcplug.metrics import warp
 from tests.conftest import RECIPES, ROOT, run_tcplug
 

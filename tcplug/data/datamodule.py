@@ -12,7 +12,6 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tcplug.data.shards import ALL_KEYS, SampleDecoder, TarSamples, collate, iter_tar, list_shards

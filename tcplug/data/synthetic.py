@@ -76,7 +76,7 @@ def make_clip(seed: int, index: int, frames: int = 8, size: int = 32, num_shapes
     bg = _background(rng, size)
     names = list(COLOURS)
     objs = []
-    for i in range(num_shapes):
+    for _ in range(num_shapes):
         r = int(rng.integers(max(2, size // 10), max(3, size // 5) + 1))
         objs.append({
             "class": CLASSES[int(rng.integers(len(CLASSES)))],
