@@ -13,7 +13,8 @@ SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("_"
 
 
 def test_every_benchmark_is_listed():
-    assert set(SCRIPTS) >= {"attention.py", "flow_warp.py", "loader.py", "overhead.py", "score.py", "streaming.py"}
+    assert set(SCRIPTS) >= {"attention.py", "flow_warp.py", "loader.py", "overhead.py", "sampling.py", "score.py",
+                            "streaming.py"}
 
 
 @pytest.mark.slow
