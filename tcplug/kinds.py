@@ -102,6 +102,15 @@ class LatentDesign(nn.Module):
     def decode(self, latents: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def decode_stream(self, latents: Tensor, state: dict[str, Any]) -> Tensor:
+        """Decode one chunk of a streamed video; ``state`` persists across the chunks.
+
+        The default decodes each chunk alone. A design with a per-clip code (``two_tier``)
+        stores the first chunk's code in ``state`` and decodes every later chunk with it, so
+        a long video keeps one global code.
+        """
+        return self.decode(latents)
+
 
 @dataclass
 class LossContext:

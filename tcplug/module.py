@@ -316,7 +316,8 @@ class TCPlugModule(pl.LightningModule):
     @torch.no_grad()
     def stream(self, frames: int, height: int, width: int, chunk: int, steps: int | None = None, seed: int = 0,
                num: int = 1, progress: bool = False):
-        """Sample a long video chunk by chunk with the K/V frame buffer.
+        """Sample a long video chunk by chunk with the K/V frame buffer (and whatever the
+        latent design carries across chunks, e.g. the two-tier global code).
 
         Yields decoded video chunks ``(num, <= chunk, 3, height, width)`` in [-1, 1]; memory
         is bounded by the attention variants' windows, not by ``frames``. The same seed gives
@@ -332,9 +333,10 @@ class TCPlugModule(pl.LightningModule):
         def model_fn(x, t, stream):
             return self.backbone(x, t, {"stream": stream})
 
+        carried: dict[str, Any] = {}  # what the latent design carries across chunks (a global code)
         for z in stream_sample(model_fn, frame_shape, frames, chunk, self.schedule, steps or self.sample_steps,
                                seed=seed, num_clips=num, device=self.device, progress=progress):
-            yield self.latent.decode(z).clamp(-1, 1)
+            yield self.latent.decode_stream(z, carried).clamp(-1, 1)
 
     @rank_zero_only
     def _write_samples(self, video: Tensor, log_dir: str | None) -> None:

@@ -209,3 +209,21 @@ def test_pretrained_vae_by_path_in_a_recipe(tmp_path, tiny):
     assert proc.returncode == 0, proc.stderr[-3000:]
     cfg = next((tmp_path / "runs").rglob("config.yaml")).read_text()
     assert "tcplug_latents.VAE" in cfg and "my-vae" in cfg
+
+
+def test_two_tier_global_code_is_carried_across_streamed_chunks():
+    torch.manual_seed(0)
+    lat = comp("latent", "two_tier", global_channels=2, frame_channels=2)
+    a, b = torch.randn(1, 4, 4, 8, 8), torch.randn(1, 4, 4, 8, 8)
+    state = {}
+    first = lat.decode_stream(a, state)
+    second = lat.decode_stream(b, state)
+    assert torch.allclose(first, lat.decode(a))
+    b_with_a_code = b.clone()
+    b_with_a_code[:, :, :2] = a[:, :, :2].mean(1, keepdim=True)
+    assert torch.allclose(second, lat.decode(b_with_a_code), atol=1e-6)  # chunk 2 decoded with chunk 1's code
+    assert not torch.allclose(second, lat.decode(b))
+    # and the module's streaming path uses it
+    m = TCPlugModule(backbone=dit(channels=4), latent=lat, sample_steps=2).eval()
+    chunks = list(m.stream(8, 16, 16, 4, seed=0))
+    assert len(chunks) == 2 and chunks[1].shape == (1, 4, 3, 16, 16)

@@ -185,7 +185,8 @@ class TwoTier(LatentDesign):
     layout, identity), channels ``[g:]`` the per-frame code (positions, pose). The backbone
     sees both. ``decode`` first averages the global channels over frames, so every frame is
     decoded with the *same* global code, then decodes each frame from ``[global, its own
-    per-frame code]``.
+    per-frame code]``. When a long video is streamed, the first chunk's global code is
+    carried forward and decodes every later chunk (:meth:`decode_stream`).
 
     Args:
         global_channels: ``g``.
@@ -216,12 +217,18 @@ class TwoTier(LatentDesign):
         p = p.view(b, t, *p.shape[1:])
         return torch.cat([g, p], dim=2)
 
-    def decode(self, latents: Tensor) -> Tensor:
+    def decode(self, latents: Tensor, global_code: Tensor | None = None) -> Tensor:
         b, t = latents.shape[:2]
-        g = latents[:, :, : self.global_channels].mean(1, keepdim=True).expand(-1, t, -1, -1, -1)
-        z = torch.cat([g, latents[:, :, self.global_channels:]], dim=2)
+        g = global_code if global_code is not None else latents[:, :, : self.global_channels].mean(1, keepdim=True)
+        z = torch.cat([g.expand(-1, t, -1, -1, -1), latents[:, :, self.global_channels:]], dim=2)
         x = torch.tanh(self.dec(z.flatten(0, 1)))
         return x.view(b, t, *x.shape[1:])
+
+    def decode_stream(self, latents: Tensor, state: dict) -> Tensor:
+        """Streaming: the first chunk's global code is kept and used for every later chunk."""
+        if "global_code" not in state:
+            state["global_code"] = latents[:, :, : self.global_channels].mean(1, keepdim=True)
+        return self.decode(latents, state["global_code"])
 
 
 @hookimpl
