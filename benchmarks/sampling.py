@@ -19,23 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-
-
-def build(ckpt: str | None, smoke: bool):
-    if ckpt:
-        from tcplug.cli import model_from_checkpoint
-
-        model, cfg = model_from_checkpoint(ckpt)
-        return model, int(cfg["data"]["frames"]), int(cfg["data"]["size"])
-    import tcplug
-    from tcplug.module import TCPlugModule
-
-    torch.manual_seed(0)
-    att = tcplug.get_component("attention", "cross_frame")(window=2, anchor=True)
-    dim, depth, size, chunk = (32, 1, 16, 4) if smoke else (96, 4, 32, 8)
-    net = tcplug.get_component("backbone", "dit")(in_channels=3, patch_size=4, dim=dim, depth=depth, heads=4,
-                                                  attention=att)
-    return TCPlugModule(backbone=net).eval(), chunk, size
+from _models import load_model  # noqa: E402
 
 
 def main() -> None:
@@ -47,7 +31,7 @@ def main() -> None:
     args = p.parse_args()
     if args.smoke:
         args.steps, args.frames = 2, 8
-    model, chunk, size = build(args.ckpt, args.smoke)
+    model, chunk, size = load_model(args.ckpt, args.smoke)
     model.generate(1, chunk, size, size, steps=1)  # warm-up
     t0 = time.perf_counter()
     model.generate(1, chunk, size, size, steps=args.steps)

@@ -21,26 +21,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _mem import peak_mib  # noqa: E402
-
-
-def load(ckpt: str | None, smoke: bool):
-    if ckpt:
-        from tcplug.cli import model_from_checkpoint
-
-        model, cfg = model_from_checkpoint(ckpt)
-        return model, int(cfg["data"]["frames"]), int(cfg["data"]["size"])
-    import tcplug
-    from tcplug.module import TCPlugModule
-
-    torch.manual_seed(0)
-    att = tcplug.get_component("attention", "cross_frame")(window=2, anchor=True)
-    net = tcplug.get_component("backbone", "dit")(in_channels=3, patch_size=4, dim=32, depth=2, heads=2, attention=att)
-    return TCPlugModule(backbone=net).eval(), 4, 16
+from _models import load_model  # noqa: E402
 
 
 def run_stream(ckpt, smoke, mult, steps):
     """A closure streaming ``mult`` x the training length (nothing kept but the buffer)."""
-    model, chunk, size = load(ckpt, smoke)
+    model, chunk, size = load_model(ckpt, smoke)
 
     def run():
         for _ in model.stream(chunk * mult, size, size, chunk, steps=steps):
@@ -52,7 +38,7 @@ def run_stream(ckpt, smoke, mult, steps):
 def seams(ckpt, smoke, mult, steps) -> dict:
     from tcplug.metrics import pair_errors, to_unit
 
-    model, chunk, size = load(ckpt, smoke)
+    model, chunk, size = load_model(ckpt, smoke)
     boundary, inside = [], []
     prev = None
     for video in model.stream(chunk * mult, size, size, chunk, steps=steps):

@@ -126,7 +126,7 @@ class TCPlugModule(pl.LightningModule):
         self._skipped: dict[int, int] = {}
         self._loss_names: list[str] = []
         for i, term in enumerate(self.losses):  # two terms of one kind log as name, name_2
-            name = self._term_name(term, i)
+            name = self._term_name(term)
             self._loss_names.append(name if name not in self._loss_names else f"{name}_{i + 1}")
         # the component objects are saved through the CLI's config; keep plain values here
         self.save_hyperparameters(ignore=["backbone", "latent", "losses", "discriminator", "router",
@@ -137,7 +137,7 @@ class TCPlugModule(pl.LightningModule):
         return self.experts[0]
 
     @staticmethod
-    def _term_name(term: LossTerm, index: int) -> str:
+    def _term_name(term: LossTerm) -> str:
         return get_registry().name_of(type(term)) or snake_case(type(term).__name__)
 
     # ----- the model ---------------------------------------------------------------------

@@ -66,6 +66,15 @@ class _DiffusersAutoencoder(LatentDesign):
     def _decode_frames(self, z: Tensor, num_frames: int) -> Tensor:
         return self.vae.decode(z).sample
 
+    def _build(self, cls, pretrained: str | None, scaling_factor: float | None, blocks: list[int], **config) -> None:
+        """``self.vae``: ``cls`` from a local folder, or a random init of ``config``."""
+        if pretrained:
+            self.vae = _load_local(cls, pretrained)
+        else:
+            self.vae = cls(in_channels=3, out_channels=3, block_out_channels=blocks,
+                           down_block_types=["DownEncoderBlock2D"] * len(blocks), **config)
+        self._configure(scaling_factor)
+
     def _configure(self, scaling_factor: float | None) -> None:
         cfg = self.vae.config
         self.latent_channels = cfg.latent_channels
@@ -96,16 +105,10 @@ class VAE(_DiffusersAutoencoder):
         super().__init__()
         from diffusers import AutoencoderKL
 
-        if pretrained:
-            self.vae = _load_local(AutoencoderKL, pretrained)
-        else:
-            blocks = list(block_out_channels or [32, 64])
-            self.vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
-                                     block_out_channels=blocks, layers_per_block=layers_per_block,
-                                     down_block_types=["DownEncoderBlock2D"] * len(blocks),
-                                     up_block_types=["UpDecoderBlock2D"] * len(blocks),
-                                     norm_num_groups=norm_num_groups)
-        self._configure(scaling_factor)
+        blocks = list(block_out_channels or [32, 64])
+        self._build(AutoencoderKL, pretrained, scaling_factor, blocks, latent_channels=latent_channels,
+                    layers_per_block=layers_per_block, up_block_types=["UpDecoderBlock2D"] * len(blocks),
+                    norm_num_groups=norm_num_groups)
         self.trainable = trainable
         if not trainable:
             _freeze(self.vae)
@@ -141,14 +144,8 @@ class VideoLDM(_DiffusersAutoencoder):
         super().__init__()
         from diffusers import AutoencoderKLTemporalDecoder
 
-        if pretrained:
-            self.vae = _load_local(AutoencoderKLTemporalDecoder, pretrained)
-        else:
-            blocks = list(block_out_channels or [32, 64])
-            self.vae = AutoencoderKLTemporalDecoder(in_channels=3, out_channels=3, latent_channels=latent_channels,
-                                                    block_out_channels=blocks, layers_per_block=layers_per_block,
-                                                    down_block_types=["DownEncoderBlock2D"] * len(blocks))
-        self._configure(scaling_factor)
+        self._build(AutoencoderKLTemporalDecoder, pretrained, scaling_factor, list(block_out_channels or [32, 64]),
+                    latent_channels=latent_channels, layers_per_block=layers_per_block)
         self.train_decoder = train_decoder
         for part in (self.vae.encoder, self.vae.quant_conv):
             _freeze(part)
