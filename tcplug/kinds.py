@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 
+from tcplug.errors import TcplugError
+
 if TYPE_CHECKING:  # pragma: no cover
     from tcplug.sampling import NoiseSchedule
 
@@ -37,18 +39,39 @@ class Backbone(nn.Module):
 
     - ``x``: noisy latents ``(B, T, C, h, w)`` with ``C == self.in_channels``.
     - ``timesteps``: diffusion time per clip ``(B,)``, per frame ``(B, T)`` or per token
-      ``(B, T, N)`` where ``N`` is the number of tokens of one frame. Float or integer, in
-      the schedule's range ``[0, num_train_timesteps)``.
-    - ``context``: optional dict of extra inputs (structural conditioning, captions) made by
-      a :class:`WorldConditioner`; a backbone ignores keys it does not know.
+      ``(B, T, N)`` where ``N`` is the number of tokens of one frame (``N = h*w / patch_size**2``).
+      Float or integer, in the schedule's range ``[0, num_train_timesteps)``.
+    - ``context``: optional dict of extra inputs made by :class:`WorldConditioner` s; a backbone
+      ignores keys it does not know. Keys the built-in ``dit`` reads: ``residuals`` (one tensor
+      per block, broadcastable to ``(B, T, N, token_dim)``, added after the block), ``text``
+      ``(B, L, token_dim)`` with ``text_mask`` ``(B, L)`` bool (cross-attention),
+      ``expert_weights`` ``(B, E)`` (feed-forward experts), ``stream`` (a FrameStream).
     - returns the model prediction ``(B, T, C, h, w)`` (epsilon, v, x0 or velocity: the
       schedule decides what it is trained to mean).
+
+    Attributes a backbone exposes so conditioners and routers can size themselves:
+    ``in_channels``, ``patch_size`` (latent pixels per token side), ``token_dim`` (token width),
+    ``num_blocks``. Optional capabilities, asked for by other components when a recipe needs
+    them (the default raises a clear error): :meth:`add_cross_attention`, :meth:`add_ffn_experts`.
     """
 
     in_channels: int = 3
+    patch_size: int = 1
+    token_dim: int = 0
+    num_blocks: int = 0
 
     def forward(self, x: Tensor, timesteps: Tensor, context: dict[str, Any] | None = None) -> Tensor:
         raise NotImplementedError
+
+    def add_cross_attention(self) -> None:
+        """Give every block a cross-attention to ``context["text"]`` (zero-initialized output,
+        so the model is unchanged until it trains). Called once, before training."""
+        raise TcplugError(f"backbone {type(self).__name__} cannot attend to captions (no add_cross_attention)")
+
+    def add_ffn_experts(self, num_experts: int) -> None:
+        """Replace every block's feed-forward layer by ``num_experts`` copies mixed by
+        ``context["expert_weights"]`` ``(B, E)``. Called once, before training."""
+        raise TcplugError(f"backbone {type(self).__name__} has no feed-forward experts (no add_ffn_experts)")
 
 
 class AttentionVariant(nn.Module):
@@ -122,7 +145,8 @@ class LossContext:
         x0: clean latents ``(B, T, C, h, w)``.
         noise: the noise that was added, same shape as ``x0``.
         xt: noisy latents fed to the backbone, same shape.
-        timesteps: ``(B,)``, ``(B, T)`` or ``(B, T, N)`` as given to the backbone.
+        timesteps: ``(B,)`` per clip, or ``(B, T, 1, h, w)`` per latent pixel when a motion
+            lock gives locked tokens their own timestep (what the schedule's methods take).
         pred: the backbone's prediction, same shape as ``x0``.
         target: what ``pred`` should equal under the schedule's parameterization.
         schedule: the :class:`~tcplug.sampling.NoiseSchedule` (e.g. ``schedule.pred_x0``).
@@ -130,6 +154,8 @@ class LossContext:
         discriminator: the module's :class:`Discriminator`, if any.
         step: the global training step (for warm-ups).
         extras: scratch space shared between terms within one step (e.g. a decoded clip).
+        weight_mask: ``(B, T, 1, h, w)`` per-latent-pixel weight of the denoising error, or
+            None (a motion lock down-weights the locked tokens it gave away).
     """
 
     batch: dict[str, Any]
@@ -144,6 +170,7 @@ class LossContext:
     discriminator: Discriminator | None = None
     step: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    weight_mask: Tensor | None = None
 
     def pred_x0(self) -> Tensor:
         """The prediction expressed as clean latents ``(B, T, C, h, w)`` (cached)."""
@@ -200,24 +227,53 @@ class Discriminator(nn.Module):
 class Router(nn.Module):
     """Sends each noise level to its expert(s).
 
-    ``forward(timesteps (B,)) -> weights (B, num_experts)``; rows sum to one, a hard router
-    returns one-hot rows. Training and sampling call it with the same timesteps, so both
-    route identically.
+    ``forward(timesteps (B,), schedule) -> weights (B, num_experts)``; rows sum to one, a hard
+    router returns one-hot rows. ``timesteps`` are in the schedule's timestep space (after any
+    flow-matching shift), the same numbers the backbone sees, in training and in the sampler,
+    so both route identically. ``schedule`` is the :class:`~tcplug.sampling.NoiseSchedule`
+    (for routing in SNR space).
+
+    ``experts`` says what is replicated per expert: ``backbone`` (whole backbones) or ``ffn``
+    (the feed-forward layer inside each block, see :meth:`Backbone.add_ffn_experts`).
+
+    A router with a training objective of its own (a load-balancing term) implements
+    ``auxiliary_loss(timesteps, schedule) -> Tensor`` and sets ``aux_weight``; the module adds
+    ``aux_weight * term`` to the loss and logs it as ``train/loss_<aux_name>`` (default: the
+    router's registry name).
     """
 
     num_experts: int = 1
+    experts: str = "backbone"
 
-    def forward(self, timesteps: Tensor) -> Tensor:
+    def forward(self, timesteps: Tensor, schedule: NoiseSchedule) -> Tensor:
         raise NotImplementedError
 
 
 class WorldConditioner(nn.Module):
-    """Structural inputs (depth, skeleton, physical state) for the backbone.
+    """Structural inputs (depth, skeleton, physical state, captions) for the backbone.
 
-    ``forward(batch: dict, latent_shape: tuple) -> dict[str, Tensor]``: reads ground truth
-    from the batch and returns a context dict merged into the backbone's ``context``.
-    ``latent_shape`` is ``(B, T, C, h, w)``.
+    ``forward(batch: dict, latent_shape: tuple) -> dict[str, Tensor]``: reads its inputs from
+    the batch (ground truth in training; a data clip, a state file or a caption at sampling)
+    and returns a context dict merged into the backbone's ``context``. ``latent_shape`` is
+    ``(B, T, C, h, w)``. Several conditioners may be stacked: their ``residuals`` are summed
+    block by block; other keys must not clash.
+
+    Conventions: conditioning maps at pixel resolution go under ``maps`` ``(B, T, K, H, W)``
+    (motion lockers may read them); ControlNet-style residuals under ``residuals``.
+
+    Optional methods:
+
+    - ``setup(backbone)``: called once by the module before training, to size adapters to
+      the backbone (``token_dim``, ``num_blocks``, ``patch_size``) or ask it for a capability.
+    - ``auxiliary_loss(batch) -> Tensor`` with ``aux_weight``: a training objective of its own
+      (the world model's dynamics), logged as ``train/loss_<aux_name>`` (default: the
+      conditioner's registry name).
+    - ``null_context(context) -> dict``: the unconditional context for classifier-free
+      guidance (a caption conditioner replaces the caption by the empty one).
     """
+
+    def setup(self, backbone: Backbone) -> None:
+        """Size the conditioner to ``backbone`` (default: nothing to do)."""
 
     def forward(self, batch: dict[str, Any], latent_shape: tuple[int, ...]) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -226,11 +282,23 @@ class WorldConditioner(nn.Module):
 class MotionLocker(nn.Module):
     """Per-region mask of what may move between frames.
 
-    ``forward(batch: dict) -> mask (B, 1, H, W)`` with values in ``[0, 1]``; 1 means locked
-    (static: tied to the anchor frame), 0 means free to move.
+    ``forward(batch, context=None, preview=None) -> mask (B, 1, H, W)`` at pixel resolution,
+    values in ``[0, 1]``; 1 means locked (static: tied to the anchor frame 0), 0 means free.
+    ``None`` means no lock for this batch.
+
+    - ``batch``: the data batch (``static`` mask, ``flow``...) or what the sampler was given.
+    - ``context``: the conditioners' context (``maps`` ``(B, T, K, H, W)``), if any.
+    - ``preview``: a callable returning a cheap first-pass sample ``(B, T, 3, H, W)`` (few
+      sampler steps, no lock), for lockers that estimate motion from it.
+
+    The module reduces the mask to whole backbone tokens (a token is locked only if all its
+    pixels are) and the sampler gives locked tokens of frames after the anchor the anchor's
+    noise and a near-zero per-token timestep (``model.lock_timestep``) while free tokens get
+    the full step; training uses the same per-token timesteps.
     """
 
-    def forward(self, batch: dict[str, Any]) -> Tensor:
+    def forward(self, batch: dict[str, Any], context: dict[str, Any] | None = None,
+                preview: Any = None) -> Tensor | None:
         raise NotImplementedError
 
 

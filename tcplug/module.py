@@ -45,9 +45,19 @@ class TCPlugModule(pl.LightningModule):
         losses: loss terms (kind ``loss``); default ``[denoise]``.
         discriminator: judges clips for an adversarial term (kind ``discriminator``).
         router: noise-level expert routing (kind ``router``); with ``num_experts > 1`` the
-            backbone is cloned once per expert.
-        conditioner: structural conditioning (kind ``conditioner``).
+            backbone is cloned once per expert (``experts: backbone``) or its feed-forward
+            layers are (``experts: ffn``).
+        conditioner: structural conditioning (kind ``conditioner``): one, or a list whose
+            contexts are merged (residuals summed).
         motion_lock: static-region locking (kind ``motion_lock``).
+        guidance_scale: classifier-free guidance at sampling, for conditioners with a null
+            context (captions); 1 = the conditional prediction alone.
+        lock_timestep: the near-zero timestep of locked tokens (training and sampling).
+        lock_prob: fraction of training batches that get the motion lock (the others train
+            the unlocked model).
+        lock_loss_weight: weight of locked tokens in the denoising loss (they are given, not
+            predicted; 0 = ignore them).
+        preview_steps: sampler steps of the cheap first pass a motion locker may ask for.
         noise: ``ddpm`` (discrete VP schedule) or ``flow_matching``.
         prediction_type: ``epsilon``, ``v_prediction`` or ``sample`` for ddpm; ``flow`` for
             flow matching.
@@ -72,7 +82,7 @@ class TCPlugModule(pl.LightningModule):
         losses: list[LossTerm] | None = None,
         discriminator: Discriminator | None = None,
         router: Router | None = None,
-        conditioner: WorldConditioner | None = None,
+        conditioner: WorldConditioner | list[WorldConditioner] | None = None,
         motion_lock: MotionLocker | None = None,
         noise: Literal["ddpm", "flow_matching"] = "ddpm",
         prediction_type: Literal["epsilon", "v_prediction", "sample", "flow"] = "epsilon",
@@ -90,6 +100,11 @@ class TCPlugModule(pl.LightningModule):
         sample_steps: int = 20,
         num_val_samples: int = 2,
         sample_fps: int = 8,
+        guidance_scale: float = 1.0,
+        lock_timestep: float = 0.0,
+        lock_prob: float = 0.5,
+        lock_loss_weight: float = 0.0,
+        preview_steps: int = 4,
     ) -> None:
         super().__init__()
         registry = get_registry()
@@ -102,21 +117,31 @@ class TCPlugModule(pl.LightningModule):
                 f"backbone.in_channels={backbone.in_channels} but the latent design "
                 f"{type(self.latent).__name__} has latent_channels={self.latent.latent_channels}"
             )
-        if motion_lock is not None:
-            raise TcplugError(
-                "model.motion_lock is given, but this version of the engine does not wire the "
-                "motion_lock slot into training yet; remove it from the recipe"
-            )
         self.discriminator = discriminator
         adversarial = [t for t in self.losses if hasattr(t, "discriminator_loss")]
         if adversarial and discriminator is None:
             raise TcplugError("an adversarial loss term needs model.discriminator (e.g. class_path: conv3d)")
         # a discriminator that some term trains: alternate G and D steps with their own optimizers
         self.automatic_optimization = not adversarial
+        conditioners = [] if conditioner is None else [conditioner] if isinstance(conditioner, nn.Module) \
+            else list(conditioner)
+        for c in conditioners:  # size adapters to the backbone, add cross-attention, ... before cloning it
+            c.setup(backbone)
+        self.conditioners = nn.ModuleList(conditioners)
         self.router = router
         n_experts = router.num_experts if router is not None else 1
+        experts_in = getattr(router, "experts", "backbone")
+        if experts_in not in ("backbone", "ffn"):
+            raise TcplugError(f"router experts={experts_in!r}: use 'backbone' or 'ffn'")
+        if experts_in == "ffn" and n_experts > 1:
+            backbone.add_ffn_experts(n_experts)
+            n_experts = 1
         self.experts = nn.ModuleList([backbone] + [copy.deepcopy(backbone) for _ in range(n_experts - 1)])
-        self.conditioner = conditioner
+        self.motion_lock = motion_lock
+        if not 0 <= lock_prob <= 1:
+            raise TcplugError(f"model.lock_prob must be in [0, 1], got {lock_prob}")
+        self.guidance_scale, self.lock_timestep, self.lock_prob = guidance_scale, lock_timestep, lock_prob
+        self.lock_loss_weight, self.preview_steps = lock_loss_weight, preview_steps
         self.schedule = NoiseSchedule(noise, prediction_type, num_train_timesteps, beta_schedule, sampler, shift)
         self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
         self.gradient_clip, self.disc_lr, self.disc_betas = gradient_clip, disc_lr, tuple(disc_betas)
@@ -140,28 +165,119 @@ class TCPlugModule(pl.LightningModule):
     def _term_name(term: LossTerm) -> str:
         return get_registry().name_of(type(term)) or snake_case(type(term).__name__)
 
+    _component_name = _term_name
+
     # ----- the model ---------------------------------------------------------------------
-    def context(self, batch: dict[str, Any], latent_shape: tuple[int, ...]) -> dict[str, Any] | None:
-        """Conditioning for the backbone (from the conditioner, if any)."""
-        if self.conditioner is None:
+    def context(self, batch: dict[str, Any] | None, latent_shape: tuple[int, ...]) -> dict[str, Any] | None:
+        """Conditioning for the backbone: the conditioners' contexts merged (residuals summed)."""
+        if len(self.conditioners) == 0:
             return None
-        return self.conditioner(batch, latent_shape)
+        merged: dict[str, Any] = {}
+        for c in self.conditioners:
+            for key, value in c(batch, latent_shape).items():
+                if key == "residuals" and key in merged:
+                    merged[key] = [a + b for a, b in zip(merged[key], value)]
+                elif key == "maps" and key in merged:
+                    merged[key] = torch.cat([merged[key], value], dim=2)
+                elif key in merged:
+                    raise TcplugError(f"two conditioners both set context[{key!r}]")
+                else:
+                    merged[key] = value
+        return merged
+
+    def null_context(self, context: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The unconditional context for guidance (None if no conditioner has one)."""
+        if context is None or not any(hasattr(c, "null_context") for c in self.conditioners):
+            return None
+        for c in self.conditioners:
+            if hasattr(c, "null_context"):
+                context = c.null_context(context)
+        return context
+
+    def _token_timesteps(self, timesteps: Tensor) -> Tensor:
+        """Per-latent-pixel timesteps ``(B, T, 1, h, w)`` -> per backbone token ``(B, T, N)``."""
+        if timesteps.dim() != 5:
+            return timesteps
+        p = getattr(self.backbone, "patch_size", 1) or 1
+        t = timesteps[:, :, 0].float()
+        if p > 1:
+            t = torch.nn.functional.avg_pool2d(t, p)
+        return t.flatten(2)
+
+    def route(self, timesteps: Tensor) -> Tensor | None:
+        """Expert weights ``(B, E)`` for timesteps of any granularity (None without a router).
+
+        Per-frame/per-token timesteps route by their maximum: the noise level of the free
+        tokens (locked tokens carry a near-zero timestep). Training and sampling both call this.
+        """
+        if self.router is None:
+            return None
+        t_clip = timesteps if timesteps.dim() == 1 else timesteps.flatten(1).amax(1)
+        return self.router(t_clip, self.schedule)
 
     def denoise(self, xt: Tensor, timesteps: Tensor, context: dict[str, Any] | None = None) -> Tensor:
-        """The (routed) backbone prediction for noisy latents ``(B, T, C, h, w)``."""
-        if self.router is None:
-            return self.experts[0](xt, timesteps, context)
-        t_clip = timesteps if timesteps.dim() == 1 else timesteps.flatten(1).float().mean(1)
-        weights = self.router(t_clip)  # (B, E)
+        """The (routed) backbone prediction for noisy latents ``(B, T, C, h, w)``.
+
+        ``timesteps`` are per clip ``(B,)``, per frame ``(B, T)`` or per latent pixel
+        ``(B, T, 1, h, w)`` (motion locking), converted to per-token for the backbone.
+        """
+        weights = self.route(timesteps)
+        t_in = self._token_timesteps(timesteps)
+        if weights is None:
+            return self.experts[0](xt, t_in, context)
+        if len(self.experts) == 1:  # feed-forward experts inside the backbone
+            return self.experts[0](xt, t_in, {**(context or {}), "expert_weights": weights})
         out = torch.zeros_like(xt)
         for e, expert in enumerate(self.experts):
             w = weights[:, e]
             rows = (w != 0).nonzero(as_tuple=True)[0]
             if rows.numel() == 0:
                 continue
-            ctx = None if context is None else {k: v[rows] if torch.is_tensor(v) else v for k, v in context.items()}
-            t_rows = timesteps[rows]
-            out = out.index_add(0, rows, expert(xt[rows], t_rows, ctx) * w[rows].view(-1, 1, 1, 1, 1))
+            ctx = None if context is None else {k: _rows(v, rows) for k, v in context.items()}
+            out = out.index_add(0, rows, expert(xt[rows], t_in[rows], ctx) * w[rows].view(-1, 1, 1, 1, 1))
+        return out
+
+    def guided(self, xt: Tensor, timesteps: Tensor, context: dict[str, Any] | None,
+               null: dict[str, Any] | None, scale: float) -> Tensor:
+        """Classifier-free guidance: ``uncond + scale * (cond - uncond)``; ``scale == 1`` (or no
+        unconditional context) is the conditional prediction alone, at the cost of one pass."""
+        cond = self.denoise(xt, timesteps, context)
+        if null is None or scale == 1:
+            return cond
+        uncond = self.denoise(xt, timesteps, null)
+        return uncond + scale * (cond - uncond)
+
+    def lock_mask(self, batch: dict[str, Any] | None, context: dict[str, Any] | None,
+                  latent_shape: tuple[int, ...], preview=None) -> Tensor | None:
+        """The motion locker's mask reduced to whole backbone tokens, at latent resolution
+        ``(B, 1, 1, h, w)`` (1 = locked), or None."""
+        if self.motion_lock is None:
+            return None
+        mask = self.motion_lock(batch or {}, context, preview)
+        if mask is None:
+            return None
+        b, _, _, h, w = latent_shape
+        mask = mask.float().to(self.device)
+        if mask.shape[0] == 1 and b > 1:
+            mask = mask.expand(b, -1, -1, -1)
+        if mask.dim() != 4 or mask.shape[:2] != (b, 1):
+            raise TcplugError(f"motion lock mask must be (B, 1, H, W) with B={b}, got {tuple(mask.shape)}")
+        p = getattr(self.backbone, "patch_size", 1) or 1
+        # a token is locked only if every pixel under it is: min-pool to the token grid
+        tok = 1 - torch.nn.functional.adaptive_max_pool2d(1 - mask, (h // p, w // p))
+        tok = (tok > 0.5).float()
+        return torch.nn.functional.interpolate(tok, size=(h, w), mode="nearest").unsqueeze(1)
+
+    def auxiliary_losses(self, batch: dict[str, Any], timesteps: Tensor) -> dict[str, tuple[float, Tensor]]:
+        """Objectives of the router and conditioners themselves: ``{name: (weight, value)}``."""
+        out = {}
+        if hasattr(self.router, "auxiliary_loss"):
+            t_clip = timesteps if timesteps.dim() == 1 else timesteps.flatten(1).amax(1)
+            out[getattr(self.router, "aux_name", None) or self._component_name(self.router)] = (self.router.aux_weight,
+                                                      self.router.auxiliary_loss(t_clip, self.schedule))
+        for c in self.conditioners:
+            if hasattr(c, "auxiliary_loss"):
+                out[getattr(c, "aux_name", None) or self._component_name(c)] = (c.aux_weight, c.auxiliary_loss(batch))
         return out
 
     def training_losses(self, batch: dict[str, Any], return_context: bool = False):
@@ -173,17 +289,35 @@ class TCPlugModule(pl.LightningModule):
             x0 = self.latent.encode(video)
         noise = torch.randn_like(x0)
         t = self.schedule.sample_timesteps(x0.shape[0], x0.device)
+        context = self.context(batch, tuple(x0.shape))
+        weight_mask = None
+        lock = None
+        if self.motion_lock is not None and float(torch.rand(())) < self.lock_prob:
+            lock = self.lock_mask(batch, context, tuple(x0.shape))
+        if lock is not None:
+            # locked tokens of frames after the anchor: the anchor's content and noise, near-zero t
+            locked = lock.bool().expand(-1, x0.shape[1], -1, -1, -1).clone()
+            locked[:, 0] = False
+            x0 = torch.where(locked, x0[:, :1], x0)
+            noise = torch.where(locked, noise[:, :1], noise)
+            t = torch.where(locked, torch.full_like(locked, self.lock_timestep, dtype=torch.float),
+                            t.float().view(-1, 1, 1, 1, 1))
+            weight_mask = torch.where(locked, self.lock_loss_weight, 1.0).float()
         xt = self.schedule.add_noise(x0, noise, t)
-        pred = self.denoise(xt, t, self.context(batch, tuple(x0.shape)))
+        pred = self.denoise(xt, t, context)
         ctx = LossContext(batch=batch, x0=x0, noise=noise, xt=xt, timesteps=t, pred=pred,
                           target=self.schedule.target(x0, noise, t), schedule=self.schedule,
-                          latent=self.latent, discriminator=self.discriminator, step=self.global_step)
+                          latent=self.latent, discriminator=self.discriminator, step=self.global_step,
+                          weight_mask=weight_mask)
         terms: dict[str, Tensor] = {}
         total = x0.new_zeros(())
         for name, term in zip(self._loss_names, self.losses):
             value = term(ctx)
             terms[name] = value
             total = total + term.weight * value
+        for name, (weight, value) in self.auxiliary_losses(batch, t).items():
+            terms[name] = value
+            total = total + weight * value
         return (total, terms, ctx) if return_context else (total, terms)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -302,15 +436,33 @@ class TCPlugModule(pl.LightningModule):
     # ----- sampling ----------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, num: int, frames: int, height: int, width: int, steps: int | None = None,
-                 seed: int = 0, batch: dict[str, Any] | None = None, progress: bool = False) -> Tensor:
-        """Sample ``num`` clips; returns video ``(num, frames, 3, height, width)`` in [-1, 1]."""
+                 seed: int = 0, batch: dict[str, Any] | None = None, progress: bool = False,
+                 guidance_scale: float | None = None, lock: bool = True) -> Tensor:
+        """Sample ``num`` clips; returns video ``(num, frames, 3, height, width)`` in [-1, 1].
+
+        ``batch`` carries what the conditioners and the motion locker read (a data clip's
+        depth/skeleton/state/static mask, a caption ``txt``, an initial ``state``).
+        ``guidance_scale`` defaults to ``model.guidance_scale``; ``lock=False`` samples
+        without the motion lock (the locker's cheap first pass does).
+        """
         f = self.latent.downsample
         shape = (num, frames, self.latent.latent_channels, height // f, width // f)
         gen = torch.Generator(device="cpu").manual_seed(seed)
         noise = torch.stack([frame_noise(seed, c, range(frames), shape[2:]) for c in range(num)]).to(self.device)
-        context = self.context(batch, shape) if batch is not None else None
-        z = sample_loop(lambda x, t: self.denoise(x, t, context), noise, self.schedule,
-                        steps or self.sample_steps, generator=gen, progress=progress)
+        cond_batch = {**(batch or {}), "frame_size": (height, width), "num_clips": num}
+        context = self.context(cond_batch, shape)
+        null = self.null_context(context)
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        mask = None
+        if lock and self.motion_lock is not None:
+            def preview() -> Tensor:
+                return self.generate(num, frames, height, width, steps=self.preview_steps, seed=seed, batch=batch,
+                                     guidance_scale=guidance_scale, lock=False)
+
+            mask = self.lock_mask(cond_batch, context, shape, preview)
+        z = sample_loop(lambda x, t: self.guided(x, t, context, null, scale), noise, self.schedule,
+                        steps or self.sample_steps, generator=gen, progress=progress,
+                        lock=mask, lock_timestep=self.lock_timestep)
         return self.latent.decode(z).clamp(-1, 1)
 
     @torch.no_grad()
@@ -323,8 +475,9 @@ class TCPlugModule(pl.LightningModule):
         is bounded by the attention variants' windows, not by ``frames``. The same seed gives
         the same frames as :meth:`generate` for causal variants.
         """
-        if self.router is not None or self.conditioner is not None:
-            raise TcplugError("streaming is not supported with a router or a conditioner in this version")
+        if self.router is not None or len(self.conditioners) or self.motion_lock is not None:
+            raise TcplugError("streaming is not supported with a router, a conditioner or a motion lock in this "
+                              "version; generate() samples such a model all at once")
         if not getattr(self.backbone, "supports_streaming", False):
             raise TcplugError(f"backbone {type(self.backbone).__name__} does not support streaming")
         f = self.latent.downsample
@@ -372,6 +525,15 @@ class TCPlugModule(pl.LightningModule):
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=self.disc_lr, betas=self.disc_betas)
         return ([opt, opt_d], [sched]) if sched is not None else [opt, opt_d]
+
+
+def _rows(value: Any, rows: Tensor) -> Any:
+    """Select batch rows of a context entry (tensor, list of tensors, or anything else as is)."""
+    if torch.is_tensor(value):
+        return value[rows]
+    if isinstance(value, list) and value and torch.is_tensor(value[0]):
+        return [v[rows] for v in value]
+    return value
 
 
 class _Warmup:

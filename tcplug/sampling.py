@@ -153,29 +153,55 @@ def sample_loop(
     steps: int,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    lock: Tensor | None = None,
+    lock_timestep: float = 0.0,
 ) -> Tensor:
     """Denoise ``noise`` (latents ``(B, T, C, h, w)``) in ``steps`` sampler steps.
 
-    ``model_fn(x_t, timesteps (B,)) -> prediction`` in the schedule's parameterization.
-    Returns clean latents of the same shape.
+    ``model_fn(x_t, timesteps) -> prediction`` in the schedule's parameterization; timesteps
+    are ``(B,)``, or per latent pixel ``(B, T, 1, h, w)`` when a lock is given.
+
+    ``lock`` ``(B, 1, 1, h, w)`` (1 = locked) ties the locked positions of every frame after
+    the anchor (frame 0) to the anchor: they start from the anchor's noise; after each step
+    they hold the anchor's current clean estimate re-noised to ``lock_timestep`` (a near-zero
+    per-token timestep, which the model sees) while free positions take the full step; at the
+    end they equal the anchor exactly. Returns clean latents of the input's shape.
     """
     sched = schedule.make_sampler(steps)
     x = noise * getattr(sched, "init_noise_sigma", 1.0)
     scale = getattr(sched, "scale_model_input", None)
+    locked = None
+    if lock is not None:
+        locked = lock.bool().expand(-1, x.shape[1], -1, -1, -1).clone()
+        locked[:, 0] = False
+        anchor_noise = noise[:, :1]
+        x = torch.where(locked, x[:, :1], x)
+        t_lock = torch.full((x.shape[0],), float(lock_timestep), device=x.device)
+        if schedule.kind == "ddpm":
+            t_lock = t_lock.long()
     timesteps = sched.timesteps
     if progress:
         from tqdm.auto import tqdm
 
         timesteps = tqdm(timesteps, desc="sampling", leave=False)
-    for t in timesteps:
+    for i, t in enumerate(timesteps):
         t_batch = torch.full((x.shape[0],), float(t), device=x.device)
         if schedule.kind == "ddpm":
             t_batch = t_batch.long()
-        pred = model_fn(scale(x, t) if scale is not None else x, t_batch)
+        t_in = t_batch
+        if locked is not None and i > 0:  # locked tokens already hold a near-clean estimate
+            t_in = torch.where(locked, float(lock_timestep), t_batch.float().view(-1, 1, 1, 1, 1))
+        pred = model_fn(scale(x, t) if scale is not None else x, t_in)
+        if locked is not None:
+            x0_anchor = schedule.pred_x0(x[:, :1], pred[:, :1], t_batch)
         if schedule.kind == "ddpm" and schedule.sampler == "ddpm":
             x = sched.step(pred, t, x, generator=generator).prev_sample
         else:
             x = sched.step(pred, t, x).prev_sample
+        if locked is not None:
+            x = torch.where(locked, schedule.add_noise(x0_anchor, anchor_noise, t_lock), x)
+    if locked is not None:
+        x = torch.where(locked, x[:, :1], x)
     return x
 
 

@@ -38,3 +38,15 @@ class NanAfter(LossTerm):
     def forward(self, ctx):
         value = (ctx.pred * 0).mean()
         return value + float("nan") if ctx.step >= self.step else value
+
+
+def synthetic_batch(n: int = 2, frames: int = 4, size: int = 16, seed: int = 0, shapes: int = 2, gravity: float = 0):
+    """A collated batch of synthetic-world clips with every ground-truth key, as training sees it."""
+    from tcplug.data import make_clip
+    from tcplug.data.shards import ALL_KEYS, collate, decode_clip, encode_sample
+
+    samples = [decode_clip(encode_sample(f"c{i}", make_clip(seed, i, frames, size, shapes, gravity)), ALL_KEYS)
+               for i in range(n)]
+    for s in samples:
+        s.pop("__url__", None)
+    return collate(samples)

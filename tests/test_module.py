@@ -139,7 +139,7 @@ class TwoExperts(Router):
 
     num_experts = 2
 
-    def forward(self, timesteps):
+    def forward(self, timesteps, schedule=None):
         high = (timesteps >= 500).float()
         return torch.stack([high, 1 - high], dim=1)
 

@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.embeddings import get_timestep_embedding
 from einops import rearrange
 from torch import Tensor, nn
@@ -33,6 +34,29 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
 
 
+class CrossAttention(nn.Module):
+    """Tokens ``(B, T, N, D)`` attend to text ``(B, L, D)`` (padding masked); zero-initialized
+    output, so adding it leaves the block unchanged until it trains."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: Tensor, text: Tensor, mask: Tensor | None) -> Tensor:
+        b, t, n, d = x.shape
+        q = self.q(self.norm(x)).view(b, t * n, self.heads, d // self.heads).transpose(1, 2)
+        k, v = self.kv(text.to(x.dtype)).view(b, text.shape[1], 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn_mask = mask.view(b, 1, 1, -1) if mask is not None else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.out(out.transpose(1, 2).reshape(b, t, n, d))
+
+
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block over tokens ``(B, T, N, D)``.
 
@@ -56,8 +80,25 @@ class DiTBlock(nn.Module):
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         nn.init.zeros_(self.ada[1].weight)
         nn.init.zeros_(self.ada[1].bias)
+        self.cross: CrossAttention | None = None
+        self.ffn_experts: nn.ModuleList | None = None
 
-    def forward(self, x: Tensor, c: Tensor, stream: Any = None, index: int = 0) -> Tensor:
+    def feed_forward(self, h: Tensor, expert_weights: Tensor | None) -> Tensor:
+        """The MLP, or the mixture of expert MLPs weighted per clip by ``expert_weights (B, E)``."""
+        if self.ffn_experts is None:
+            return self.mlp(h)
+        if expert_weights is None:
+            raise TcplugError("dit has feed-forward experts but the context carries no expert_weights")
+        out = torch.zeros_like(h)
+        for e, mlp in enumerate(self.ffn_experts):
+            w = expert_weights[:, e]
+            if bool((w != 0).any()):
+                out = out + mlp(h) * w.view(-1, 1, 1, 1).to(h.dtype)
+        return out
+
+    def forward(self, x: Tensor, c: Tensor, stream: Any = None, index: int = 0,
+                extra: dict[str, Any] | None = None) -> Tensor:
+        extra = extra or {}
         b, t, n, d = x.shape
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)
         h = modulate(self.norm1(x), shift1, scale1)
@@ -67,7 +108,9 @@ class DiTBlock(nn.Module):
         out = stream.attend(self.attn, index, q, k, v) if stream is not None else self.attn(q, k, v)
         out = out.permute(0, 1, 3, 2, 4).reshape(b, t, n, d)
         x = x + gate1 * self.proj(out)
-        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        if self.cross is not None and extra.get("text") is not None:
+            x = x + self.cross(x, extra["text"], extra.get("text_mask"))
+        return x + gate2 * self.feed_forward(modulate(self.norm2(x), shift2, scale2), extra.get("expert_weights"))
 
 
 class DiT(Backbone):
@@ -91,6 +134,10 @@ class DiT(Backbone):
     Timesteps may be per clip ``(B,)``, per frame ``(B, T)`` or per token ``(B, T, N)``.
     ``context["residuals"]``, if present, is a list (one per block) of tensors broadcastable
     to ``(B, T, N, dim)`` added after each block (ControlNet-style adapters use it).
+    ``context["text"]`` ``(B, L, dim)`` with ``context["text_mask"]`` ``(B, L)`` is attended to by
+    every block once :meth:`add_cross_attention` was called (a caption conditioner does it);
+    ``context["expert_weights"]`` ``(B, E)`` mixes the feed-forward experts made by
+    :meth:`add_ffn_experts` (a router with ``experts: ffn`` does it).
     ``context["stream"]``, if present, is a :class:`tcplug.FrameStream`: the K/V frame buffer
     that carries earlier chunks' keys/values while sampling long videos chunk by chunk.
     """
@@ -112,6 +159,7 @@ class DiT(Backbone):
         if depth < 1 or patch_size < 1:
             raise TcplugError("dit depth and patch_size must be >= 1")
         self.in_channels, self.patch_size, self.dim, self.depth = in_channels, patch_size, dim, depth
+        self.token_dim, self.num_blocks, self.heads = dim, depth, heads
         self.gradient_checkpointing = gradient_checkpointing
         if attention is None:
             attention = get_component("attention", "per_frame")()
@@ -130,6 +178,19 @@ class DiT(Backbone):
         for layer in (self.ada_out[1], self.out):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+    def add_cross_attention(self) -> None:
+        """Every block gets a zero-initialized cross-attention to ``context["text"]``."""
+        for block in self.blocks:
+            if block.cross is None:
+                block.cross = CrossAttention(self.dim, self.heads)
+
+    def add_ffn_experts(self, num_experts: int) -> None:
+        """Every block's MLP becomes ``num_experts`` copies mixed by ``context["expert_weights"]``."""
+        for block in self.blocks:
+            if block.ffn_experts is None:
+                block.ffn_experts = nn.ModuleList(copy.deepcopy(block.mlp) for _ in range(num_experts))
+                block.mlp = None
 
     def embed_timesteps(self, timesteps: Tensor, b: int, t: int, n: int) -> Tensor:
         """Timesteps ``(B,)``/``(B, T)``/``(B, T, N)`` -> embedding broadcastable to ``(B, T, N, dim)``."""
@@ -158,13 +219,14 @@ class DiT(Backbone):
         hh, ww = h // p, w // p
         tokens = self.patch(tokens) + sincos_2d(hh, ww, self.dim, x.device).to(tokens.dtype)
         cond = self.embed_timesteps(timesteps, b, t, hh * ww)
-        residuals = (context or {}).get("residuals")
-        stream = (context or {}).get("stream")
+        context = context or {}
+        residuals, stream = context.get("residuals"), context.get("stream")
+        extra = {k: context.get(k) for k in ("text", "text_mask", "expert_weights")}
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training:
-                tokens = checkpoint(block, tokens, cond, use_reentrant=False)
+                tokens = checkpoint(block, tokens, cond, None, i, extra, use_reentrant=False)
             else:
-                tokens = block(tokens, cond, stream, i)
+                tokens = block(tokens, cond, stream, i, extra)
             if residuals is not None:
                 tokens = tokens + residuals[i]
         shift, scale = self.ada_out(cond).chunk(2, dim=-1)

@@ -34,6 +34,9 @@ class Denoise(LossTerm):
 
     def forward(self, ctx: LossContext) -> Tensor:
         err = (ctx.pred.float() - ctx.target.float()) ** 2  # (B, T, C, h, w)
+        if ctx.weight_mask is not None:  # e.g. locked tokens a motion lock gave away
+            wm = ctx.weight_mask.float().expand_as(err)
+            err = err * wm / wm.mean().clamp_min(1e-8)
         if self.weighting == "none":
             return err.mean()
         snr = ctx.schedule.snr(ctx.timesteps).float()
@@ -47,6 +50,8 @@ class Denoise(LossTerm):
             w = clipped
         else:  # flow: velocity target; weight as for v
             w = clipped / (snr + 1)
+        if w.dim() == 5:  # per-latent-pixel timesteps
+            return (w * err).mean()
         per_sample = err.flatten(1).mean(1) if w.dim() == 1 else err.mean(dim=(2, 3, 4))
         return (w * per_sample).mean()
 

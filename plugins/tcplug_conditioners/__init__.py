@@ -1,0 +1,420 @@
+"""Built-in conditioners: ``depth``, ``skeleton`` (ControlNet-style adapters), ``physics_state``
+(a small world model) and ``caption`` (text through cross-attention, with classifier-free
+guidance).
+
+Structural maps enter the backbone as zero-initialized residuals, one per block (the
+ControlNet recipe: at initialization the conditioned model *is* the unconditioned one). The
+world model encodes the objects' state of the first frame, advances it with learned dynamics
+and renders conditioning maps for every frame, which then go through the same adapter.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from tcplug import Backbone, TcplugError, WorldConditioner, hookimpl
+
+__version__ = "0.1.0"
+
+
+def _need(batch: dict[str, Any] | None, key: str, who: str) -> Any:
+    if batch is None or key not in batch:
+        raise TcplugError(
+            f"conditioner {who!r} needs {key!r} in the batch: train on data that carries it "
+            f"(the synthetic world does; set data.keys to include {key!r}), or give it at sampling"
+        )
+    return batch[key]
+
+
+# ----- ControlNet-style adapter ------------------------------------------------------------------
+class ControlAdapter(nn.Module):
+    """Maps ``(B, T, K, h, w)`` at latent resolution -> one residual per backbone block.
+
+    Patchified like the backbone's tokens (``patch``), embedded to ``dim``, refined by a small
+    residual MLP per block; each block's residual leaves through a zero-initialized linear
+    layer, so the adapter adds exactly zero until it trains. Returns a list of
+    ``(B, T, N, dim)`` tensors.
+    """
+
+    def __init__(self, in_channels: int, patch: int, dim: int, num_blocks: int) -> None:
+        super().__init__()
+        self.patch = patch
+        self.embed = nn.Linear(in_channels * patch * patch, dim)
+        self.mix = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+            for _ in range(num_blocks)
+        )
+        self.zero = nn.ModuleList(nn.Linear(dim, dim) for _ in range(num_blocks))
+        for layer in self.zero:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, maps: Tensor) -> list[Tensor]:
+        p = self.patch
+        x = self.embed(rearrange(maps, "b t k (hh p1) (ww p2) -> b t (hh ww) (p1 p2 k)", p1=p, p2=p))
+        out = []
+        for mix, zero in zip(self.mix, self.zero):
+            x = x + mix(x)
+            out.append(zero(x))
+        return out
+
+
+class MapConditioner(WorldConditioner):
+    """Base of conditioners whose input is a stack of maps ``(B, T, K, H, W)``.
+
+    Subclasses set ``channels`` and implement :meth:`maps`. :meth:`setup` sizes the adapter
+    to the backbone; the context carries ``maps`` (pixel resolution, for motion lockers) and
+    ``residuals`` (one per block).
+
+    Args:
+        scale: multiplier of the residuals (a ControlNet "conditioning scale").
+    """
+
+    channels: int = 1
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        self.scale = scale
+        self.adapter: ControlAdapter | None = None
+
+    def setup(self, backbone: Backbone) -> None:
+        if not backbone.token_dim or not backbone.num_blocks:
+            raise TcplugError(f"backbone {type(backbone).__name__} exposes no token_dim/num_blocks: "
+                              "a ControlNet-style adapter cannot size itself to it")
+        if self.adapter is None:
+            self.adapter = ControlAdapter(self.channels, backbone.patch_size, backbone.token_dim, backbone.num_blocks)
+
+    def maps(self, batch: dict[str, Any], latent_shape: tuple[int, ...]) -> Tensor:
+        """Conditioning maps ``(B, T, channels, H, W)`` for the clip."""
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, Any], latent_shape: tuple[int, ...]) -> dict[str, Any]:
+        if self.adapter is None:
+            raise TcplugError(f"{type(self).__name__}.setup(backbone) was not called")
+        b, t, _, h, w = latent_shape
+        maps = self.maps(batch, latent_shape).to(self.adapter.embed.weight)
+        if maps.shape[:2] != (b, t):
+            raise TcplugError(f"{type(self).__name__}: conditioning maps {tuple(maps.shape)} do not match "
+                              f"latents of {b} clips x {t} frames")
+        small = F.adaptive_avg_pool2d(maps.flatten(0, 1), (h, w)).unflatten(0, (b, t))
+        return {"maps": maps, "residuals": [r * self.scale for r in self.adapter(small)]}
+
+
+class Depth(MapConditioner):
+    """Depth maps (batch key ``depth``, ``(B, T, 1, H, W)``, 0 near .. 1 far) through a
+    zero-initialized adapter. Reference: ControlNet depth, Cosmos Transfer."""
+
+    channels = 1
+
+    def maps(self, batch: dict[str, Any], latent_shape: tuple[int, ...]) -> Tensor:
+        return _need(batch, "depth", "depth").float() * 2 - 1
+
+
+class Skeleton(MapConditioner):
+    """Keypoint heatmaps (batch key ``skeleton``, ``(B, T, K, H, W)`` in ``[0, 1]``; the
+    synthetic world gives object centres and bounding-box corners, ``K = 2``).
+
+    Args:
+        channels: ``K``, the number of heatmap channels.
+        scale: residual multiplier.
+    """
+
+    def __init__(self, channels: int = 2, scale: float = 1.0) -> None:
+        super().__init__(scale)
+        self.channels = channels
+
+    def maps(self, batch: dict[str, Any], latent_shape: tuple[int, ...]) -> Tensor:
+        sk = _need(batch, "skeleton", "skeleton").float()
+        if sk.shape[2] != self.channels:
+            raise TcplugError(f"skeleton conditioner has channels={self.channels} but the data has {sk.shape[2]}")
+        return sk * 2 - 1
+
+
+# ----- the world model ---------------------------------------------------------------------------
+class PhysicsState(MapConditioner):
+    """A world model: object state -> learned dynamics -> rendered conditioning maps.
+
+    The state of the first frame (per object: position, velocity, size, depth, colour; and the
+    world's gravity; the synthetic world's ``state.json``) is advanced frame by frame by a
+    learned dynamics MLP, ``s_{n+1} = s_n + f(s_n)``, and rendered to five maps per frame
+    (occupancy, depth, RGB colour; objects as soft discs, near over far). The maps enter the
+    backbone through a zero-initialized adapter. In training the dynamics learn from the
+    true trajectory (one-step prediction error, ``auxiliary_loss``), and the denoiser is
+    conditioned on the *rolled-out* maps, exactly as at sampling, where the rollout starts
+    from a state given in a file (``tcplug sample --state``) or taken from a data clip.
+
+    Args:
+        hidden: width of the dynamics MLP.
+        aux_weight: weight of the dynamics loss in the training objective.
+        softness: edge width of the rendered discs, in pixels.
+        scale: residual multiplier.
+    """
+
+    channels = 5
+    state_dim = 6  # x, y, vx, vy, size, gravity (normalized)
+
+    def __init__(self, hidden: int = 64, aux_weight: float = 1.0, softness: float = 0.5, scale: float = 1.0) -> None:
+        super().__init__(scale)
+        self.aux_weight, self.softness = aux_weight, softness
+        self.aux_name = "dynamics"
+        self.dynamics = nn.Sequential(nn.Linear(self.state_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
+                                      nn.SiLU(), nn.Linear(hidden, 4))
+
+    # state.json -> tensors
+    @staticmethod
+    def parse(states: list[dict[str, Any]], frames: int | None = None, device=None) -> dict[str, Tensor]:
+        """Batch the ``state.json`` dicts: ``pos``/``vel`` ``(B, T, K, 2)`` (pixels), ``size``,
+        ``depth``, ``present`` ``(B, K)``, ``colour`` ``(B, K, 3)`` in [0, 1], ``gravity``
+        ``(B,)``, ``world`` (frame size in pixels, ``(B,)``). ``T`` is the number of frames
+        given (1 for an initial state), cut to ``frames``."""
+        if isinstance(states, dict):
+            states = [states]
+        try:
+            k = max(len(s["objects"]) for s in states)
+            t = min(len(s["position"]) for s in states)
+        except (KeyError, TypeError) as exc:
+            raise TcplugError(f"physics_state: a state needs 'objects' and 'position' (got {exc!r})") from None
+        t = min(t, frames) if frames else t
+        b = len(states)
+        out = {"pos": torch.zeros(b, t, k, 2), "vel": torch.zeros(b, t, k, 2), "size": torch.zeros(b, k),
+               "depth": torch.ones(b, k), "colour": torch.zeros(b, k, 3), "present": torch.zeros(b, k),
+               "gravity": torch.zeros(b), "world": torch.zeros(b)}
+        for i, s in enumerate(states):
+            n = len(s["objects"])
+            out["pos"][i, :, :n] = torch.tensor(s["position"], dtype=torch.float32)[:t]
+            vel = s.get("velocity") or [[[0, 0]] * n] * t
+            out["vel"][i, :, :n] = torch.tensor(vel, dtype=torch.float32)[:t]
+            for j, o in enumerate(s["objects"]):
+                out["size"][i, j] = float(o["size"])
+                out["depth"][i, j] = float(o.get("depth", 0.5))
+                out["colour"][i, j] = torch.tensor(o.get("colour", [255, 255, 255]), dtype=torch.float32) / 255
+                out["present"][i, j] = 1
+            out["gravity"][i] = float(s.get("gravity", 0))
+            out["world"][i] = float(s.get("size", 32))
+        return {key: v.to(device) for key, v in out.items()}
+
+    def _vector(self, pos: Tensor, vel: Tensor, st: dict[str, Tensor]) -> Tensor:
+        """Normalized dynamics input ``(B, K, 6)`` from pixel positions/velocities ``(B, K, 2)``."""
+        s = st["world"].view(-1, 1, 1)
+        size = (st["size"] / st["world"][:, None])[..., None]
+        grav = (st["gravity"] / st["world"]).view(-1, 1, 1).expand_as(size)
+        return torch.cat([pos / s * 2 - 1, vel / s * 8, size * 4, grav * 8], -1)
+
+    def step(self, pos: Tensor, vel: Tensor, st: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """One learned step: ``(pos, vel)`` ``(B, K, 2)`` in pixels -> the next frame's."""
+        s = st["world"].view(-1, 1, 1)
+        delta = self.dynamics(self._vector(pos, vel, st).to(self.dynamics[0].weight))
+        return pos + delta[..., :2].float() * s / 2, vel + delta[..., 2:].float() * s / 8
+
+    def rollout(self, st: dict[str, Tensor], frames: int) -> tuple[Tensor, Tensor]:
+        """Positions and velocities ``(B, frames, K, 2)`` rolled out from frame 0."""
+        pos, vel = st["pos"][:, 0], st["vel"][:, 0]
+        ps, vs = [pos], [vel]
+        for _ in range(frames - 1):
+            pos, vel = self.step(pos, vel, st)
+            ps.append(pos)
+            vs.append(vel)
+        return torch.stack(ps, 1), torch.stack(vs, 1)
+
+    def render(self, pos: Tensor, st: dict[str, Tensor], height: int, width: int) -> Tensor:
+        """Soft discs ``(B, T, 5, H, W)``: occupancy, depth, RGB; near objects over far ones."""
+        b, t, k, _ = pos.shape
+        scale_x, scale_y = width / st["world"], height / st["world"]
+        ys = torch.arange(height, device=pos.device, dtype=torch.float32).view(1, 1, 1, height, 1)
+        xs = torch.arange(width, device=pos.device, dtype=torch.float32).view(1, 1, 1, 1, width)
+        cx = (pos[..., 0] * scale_x.view(-1, 1, 1))[..., None, None]
+        cy = (pos[..., 1] * scale_y.view(-1, 1, 1))[..., None, None]
+        r = (st["size"] * scale_x[:, None]).view(b, 1, k, 1, 1)
+        dist = ((xs - cx) ** 2 + (ys - cy) ** 2).sqrt()
+        occ = torch.sigmoid((r - dist) / self.softness) * st["present"].view(b, 1, k, 1, 1)  # (B, T, K, H, W)
+        canvas = torch.zeros(b, t, 5, height, width, device=pos.device)
+        canvas[:, :, 1] = 1  # background depth
+        for j in st["depth"].argsort(dim=1, descending=True).unbind(1):  # far to near, per clip
+            a = occ[torch.arange(b, device=pos.device), :, j].unsqueeze(2)  # (B, T, 1, H, W)
+            rows = torch.arange(b, device=pos.device)
+            value = torch.cat([torch.ones(b, 1, device=pos.device), st["depth"][rows, j, None], st["colour"][rows, j]],
+                              1).view(b, 1, 5, 1, 1)
+            canvas = canvas * (1 - a) + value * a
+        return canvas * 2 - 1
+
+    def maps(self, batch: dict[str, Any], latent_shape: tuple[int, ...]) -> Tensor:
+        b, t = latent_shape[:2]
+        states = _need(batch, "state", "physics_state")
+        st = self.parse(states, device=self.dynamics[0].weight.device)
+        if st["pos"].shape[0] == 1 and b > 1:
+            st = {k: v.expand(b, *v.shape[1:]) for k, v in st.items()}
+        if batch.get("video") is not None:
+            height, width = batch["video"].shape[-2:]
+        else:  # at sampling the module passes the requested frame size
+            height, width = batch.get("frame_size") or (int(st["world"][0]), int(st["world"][0]))
+        with torch.no_grad():
+            pos, _ = self.rollout(st, t)
+        return self.render(pos, st, height, width)
+
+    def auxiliary_loss(self, batch: dict[str, Any]) -> Tensor:
+        """One-step prediction error of the dynamics on the true trajectory (normalized units)."""
+        st = self.parse(_need(batch, "state", "physics_state"), device=self.dynamics[0].weight.device)
+        if st["pos"].shape[1] < 2:
+            return self.dynamics[0].weight.sum() * 0
+        pos, vel = st["pos"][:, :-1].flatten(0, 1), st["vel"][:, :-1].flatten(0, 1)
+        t = st["pos"].shape[1] - 1
+        rep = {k: v.repeat_interleave(t, 0) for k, v in st.items() if k != "pos" and k != "vel"}
+        p1, v1 = self.step(pos, vel, rep)
+        s = rep["world"].view(-1, 1, 1)
+        err = ((p1 - st["pos"][:, 1:].flatten(0, 1)) / s * 2) ** 2 + ((v1 - st["vel"][:, 1:].flatten(0, 1)) / s * 8) ** 2
+        mask = rep["present"][..., None]
+        return (err * mask).sum() / (mask.sum() * 2).clamp_min(1)
+
+
+# ----- captions ------------------------------------------------------------------------------
+def hash_tokenize(texts: list[str], vocab: int, max_length: int) -> tuple[Tensor, Tensor]:
+    """Word-level hashing tokenizer: ids ``(B, L)`` (0 = padding, 1 = start) and mask ``(B, L)``.
+
+    Every sequence starts with the start token, so the empty caption is one valid token.
+    Deterministic across processes (crc32, not Python's salted ``hash``).
+    """
+    rows = []
+    for text in texts:
+        words = re.findall(r"[a-z0-9]+", str(text).lower())[: max_length - 1]
+        rows.append([1] + [2 + zlib.crc32(w.encode()) % (vocab - 2) for w in words])
+    length = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+    return ids, ids != 0
+
+
+class Caption(WorldConditioner):
+    """The clip's caption (batch key ``txt``) through cross-attention in every backbone block.
+
+    By default a small trainable text encoder (hashed words, a 2-layer transformer); with
+    ``pretrained`` a local transformers text encoder (frozen), loaded only from the path given.
+    Captions are dropped (replaced by the empty caption) with probability ``dropout`` in
+    training, which is what makes classifier-free guidance possible at sampling
+    (``model.guidance_scale``).
+
+    Context keys: ``text`` ``(B, L, token_dim)``, ``text_mask`` ``(B, L)``.
+
+    Args:
+        width: width of the small encoder.
+        layers, heads: of the small encoder.
+        vocab: hash buckets of the small tokenizer.
+        max_length: tokens per caption (longer captions are cut).
+        dropout: caption dropout probability in training.
+        pretrained: local directory of a transformers text encoder and its tokenizer
+            (``save_pretrained`` output); never downloaded.
+    """
+
+    def __init__(self, width: int = 128, layers: int = 2, heads: int = 4, vocab: int = 4096, max_length: int = 32,
+                 dropout: float = 0.1, pretrained: str | None = None) -> None:
+        super().__init__()
+        if not 0 <= dropout < 1:
+            raise TcplugError(f"caption dropout must be in [0, 1), got {dropout}")
+        self.vocab, self.max_length, self.dropout, self.pretrained = vocab, max_length, dropout, pretrained
+        self.tokenizer = None
+        if pretrained is None:
+            self.embed = nn.Embedding(vocab, width)
+            self.pos = nn.Parameter(torch.zeros(max_length, width))
+            nn.init.normal_(self.pos, std=0.02)
+            layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+            self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+            self.out_width = width
+        else:
+            self.encoder = self._load_pretrained(pretrained)
+            self.out_width = int(self.encoder.config.hidden_size if hasattr(self.encoder.config, "hidden_size")
+                                 else self.encoder.config.d_model)
+        self.proj: nn.Linear | None = None
+
+    def _load_pretrained(self, path: str) -> nn.Module:
+        from pathlib import Path
+
+        if not Path(path).is_dir():
+            raise TcplugError(f"caption pretrained={path!r} is not a local directory (weights are never downloaded)")
+        try:
+            from transformers import AutoModel, AutoTokenizer
+        except ImportError:
+            raise TcplugError("caption pretrained= needs the transformers package (pip install transformers)") from None
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModel.from_pretrained(path, local_files_only=True)
+        except Exception as exc:
+            raise TcplugError(f"cannot load a text encoder from {path}: {type(exc).__name__}: {exc}") from None
+        if getattr(model.config, "is_encoder_decoder", False):
+            model = model.get_encoder()
+        model.requires_grad_(False)
+        return model.eval()
+
+    def __getstate__(self):  # a tokenizer may hold unpicklable rust objects: reload it instead
+        state = self.__dict__.copy()
+        state["tokenizer"] = None
+        return state
+
+    def setup(self, backbone: Backbone) -> None:
+        backbone.add_cross_attention()
+        if self.proj is None:
+            self.proj = nn.Linear(self.out_width, backbone.token_dim)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.pretrained is not None:
+            self.encoder.eval()  # frozen
+        return self
+
+    def encode(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """Captions -> ``(text (B, L, token_dim), mask (B, L))``."""
+        if self.proj is None:
+            raise TcplugError("Caption.setup(backbone) was not called")
+        device = self.proj.weight.device
+        if self.pretrained is None:
+            ids, mask = hash_tokenize(texts, self.vocab, self.max_length)
+            ids, mask = ids.to(device), mask.to(device)
+            h = self.embed(ids) + self.pos[: ids.shape[1]]
+            h = self.encoder(h, src_key_padding_mask=~mask)
+        else:
+            if self.tokenizer is None:
+                from transformers import AutoTokenizer
+
+                self.tokenizer = AutoTokenizer.from_pretrained(self.pretrained, local_files_only=True)
+            tok = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt").to(device)
+            mask = tok["attention_mask"].bool()
+            with torch.no_grad():
+                h = self.encoder(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
+            if not bool(mask.any(1).all()):
+                mask[:, 0] = True
+        return self.proj(h.to(self.proj.weight.dtype)), mask
+
+    def forward(self, batch: dict[str, Any], latent_shape: tuple[int, ...]) -> dict[str, Any]:
+        b = latent_shape[0]
+        texts = _need(batch, "txt", "caption")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if len(texts) == 1 and b > 1:
+            texts = texts * b
+        if len(texts) != b:
+            raise TcplugError(f"caption conditioner got {len(texts)} captions for {b} clips")
+        if self.training and self.dropout > 0:
+            drop = torch.rand(b) < self.dropout
+            texts = ["" if d else s for s, d in zip(texts, drop.tolist())]
+        text, mask = self.encode(texts)
+        return {"text": text, "text_mask": mask}
+
+    def null_context(self, context: dict[str, Any]) -> dict[str, Any]:
+        """The same context with the empty caption (the unconditional branch of guidance)."""
+        b = context["text"].shape[0]
+        text, mask = self.encode([""] * b)
+        return {**context, "text": text, "text_mask": mask}
+
+
+@hookimpl
+def tcplug_register_components(register):
+    register(Depth, name="depth")
+    register(Skeleton, name="skeleton")
+    register(PhysicsState, name="physics_state")
+    register(Caption, name="caption")

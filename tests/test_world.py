@@ -1,0 +1,285 @@
+"""Noise-level experts (routers), world-model conditioners, captions + guidance, motion locking."""
+
+import copy
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from tcplug import get_component
+from tcplug.metrics import TemporalVarianceScore
+from tcplug.module import TCPlugModule
+from tests.helpers import synthetic_batch
+
+
+def comp(kind, name, **kw):
+    return get_component(kind, name)(**kw)
+
+
+def dit(**kw):
+    """A tiny dit whose adaLN-zero/output layers are woken up (a fresh one outputs exactly 0,
+    which would make every comparison below trivially true)."""
+    bb = comp("backbone", "dit", **{"dim": 32, "depth": 2, "heads": 2, **kw})
+    return wake(bb)
+
+
+def wake(module):
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for p in module.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return module
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return synthetic_batch(n=2, frames=4, size=16, seed=0)
+
+
+def noisy(batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch["video"].shape, generator=g)
+    return x, torch.tensor([700, 300])
+
+
+# ----- captions and classifier-free guidance -----------------------------------------------------
+def test_caption_changes_output_and_guidance_scale_one_is_conditional(batch):
+    torch.manual_seed(0)
+    m = TCPlugModule(dit(), conditioner=comp("conditioner", "caption", width=32, dropout=0.5)).eval()
+    wake(m.backbone)  # the cross-attention's zero-initialized output too
+    x, t = noisy(batch)
+    shape = tuple(x.shape)
+    ctx = m.context(batch, shape)
+    other = m.context({**batch, "txt": ["a blue square falls"] * 2}, shape)
+    cond = m.denoise(x, t, ctx)
+    assert not torch.allclose(cond, m.denoise(x, t, other), atol=1e-4)  # the caption matters
+    null = m.null_context(ctx)
+    uncond = m.denoise(x, t, null)
+    assert not torch.allclose(cond, uncond, atol=1e-4)
+    assert torch.equal(m.guided(x, t, ctx, null, 1.0), cond)  # scale 1: the conditional prediction
+    torch.testing.assert_close(m.guided(x, t, ctx, null, 3.0), uncond + 3.0 * (cond - uncond))
+    # caption dropout only in training
+    cap = m.conditioners[0]
+    cap.train()
+    torch.manual_seed(1)
+    dropped = [bool((cap(batch, shape)["text_mask"].sum(1) == 1).all()) for _ in range(40)]
+    assert 5 < sum(dropped) < 35
+    cap.eval()
+    assert not (cap(batch, shape)["text_mask"].sum(1) == 1).any()
+
+
+def test_pretrained_text_encoder_from_a_local_path(tmp_path, batch):
+    transformers = pytest.importorskip("transformers")
+    vocab = tmp_path / "vocab.txt"
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "circle", "square", "move", "over"]
+    vocab.write_text("\n".join(words))
+    tok = transformers.BertTokenizer(str(vocab))
+    cfg = transformers.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=64)
+    transformers.BertModel(cfg).save_pretrained(tmp_path / "enc")
+    tok.save_pretrained(tmp_path / "enc")
+    cap = comp("conditioner", "caption", pretrained=str(tmp_path / "enc"))
+    m = TCPlugModule(dit(), conditioner=cap).eval()
+    ctx = m.context(batch, tuple(batch["video"].shape))
+    assert ctx["text"].shape[-1] == 32 and ctx["text_mask"].dtype == torch.bool
+    assert not any(p.requires_grad for p in cap.encoder.parameters())
+    with pytest.raises(Exception, match="not a local directory"):
+        comp("conditioner", "caption", pretrained=str(tmp_path / "missing"))
+
+
+# ----- routers ------------------------------------------------------------------------------
+class Recorder:
+    """Forward pre-hooks recording which expert got which timesteps."""
+
+    def __init__(self, module):
+        self.seen = {i: [] for i in range(len(module.experts))}
+        for i, e in enumerate(module.experts):
+            e.register_forward_pre_hook(self.hook(i))
+
+    def hook(self, i):
+        def fn(mod, args):
+            self.seen[i] += [float(v) for v in args[1].flatten(1).amax(1) if args[1].dim() > 1] if args[1].dim() > 1 \
+                else [float(v) for v in args[1]]
+        return fn
+
+
+@pytest.mark.parametrize("noise,shift", [("ddpm", 1.0), ("flow_matching", 1.0), ("flow_matching", 3.0)])
+def test_noise_boundary_routes_identically_in_training_and_sampling(noise, shift, batch):
+    torch.manual_seed(0)
+    m = TCPlugModule(dit(), router=comp("router", "noise_boundary"), noise=noise, shift=shift,
+                     prediction_type="flow" if noise == "flow_matching" else "epsilon").eval()
+    rec = Recorder(m)
+    m.generate(1, 4, 16, 16, steps=10)
+    sampled = {i: list(v) for i, v in rec.seen.items()}
+    boundary = 0.875 * 1000
+    assert sampled[0] and sampled[1]
+    assert all(t >= boundary for t in sampled[0]) and all(t < boundary for t in sampled[1])
+    # the training step with exactly the sampler's timesteps sends each to the same expert
+    for e, ts in sampled.items():
+        for t in ts:
+            rec.seen = {i: [] for i in rec.seen}
+            m.schedule.sample_timesteps = lambda b, device, generator=None, t=t: torch.full((b,), t)
+            if noise == "ddpm":
+                m.schedule.sample_timesteps = lambda b, device, generator=None, t=t: torch.full((b,), int(t))
+            m.training_losses(batch)
+            assert rec.seen[e] and not rec.seen[1 - e], (t, e, rec.seen)
+    if noise == "flow_matching" and shift > 1:
+        # the shift moves more sampler steps onto the high-noise expert: routing is in timestep
+        # space (what the model sees), not in step-index space
+        assert len(sampled[0]) > 10 * (1 - 0.875) + 1
+
+
+def test_noise_boundary_snr_space_and_several_experts():
+    from tcplug.sampling import NoiseSchedule
+
+    s = NoiseSchedule("ddpm")
+    r = comp("router", "noise_boundary", num_experts=3, boundaries=[0.05, 2.0], space="snr")
+    t = torch.tensor([999, 500, 10])
+    assert r(t, s).argmax(1).tolist() == [0, 1, 2]
+    r = comp("router", "noise_boundary", num_experts=3)
+    assert r(torch.tensor([999, 500, 10]), s).argmax(1).tolist() == [0, 1, 2]
+    with pytest.raises(Exception, match="decreasing"):
+        comp("router", "noise_boundary", num_experts=3, boundaries=[200, 800])
+
+
+def test_learned_router_balance_loss_is_logged_and_has_gradients(tmp_path, batch):
+    import lightning.pytorch as pl
+
+    torch.manual_seed(0)
+    router = comp("router", "learned", num_experts=2, top_k=1, experts="ffn")
+    m = TCPlugModule(dit(), router=router, num_val_samples=0)
+    total, terms = m.training_losses(batch)
+    assert "router_balance" in terms
+    grads = torch.autograd.grad(terms["router_balance"], list(router.parameters()), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    # straight-through top-1: the task loss also reaches the gate
+    grads = torch.autograd.grad(terms["denoise"], list(router.parameters()), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(m, DataLoader([batch, batch], batch_size=None))
+    assert "train/loss_router_balance" in trainer.callback_metrics
+
+
+def test_whole_backbone_experts_are_separate_copies(batch):
+    m = TCPlugModule(dit(), router=comp("router", "noise_boundary", num_experts=2))
+    assert len(m.experts) == 2 and m.experts[0] is not m.experts[1]
+    m2 = TCPlugModule(dit(), router=comp("router", "noise_boundary", num_experts=3, experts="ffn"))
+    assert len(m2.experts) == 1 and len(m2.backbone.blocks[0].ffn_experts) == 3
+
+
+# ----- structural conditioners -------------------------------------------------------------
+@pytest.mark.parametrize("name", ["depth", "skeleton", "physics_state", "caption"])
+def test_zero_initialized_adapters_leave_outputs_unchanged(name, batch):
+    torch.manual_seed(0)
+    bb = dit()
+    plain = TCPlugModule(copy.deepcopy(bb)).eval()
+    kw = {"width": 32} if name == "caption" else {}
+    cond = TCPlugModule(bb, conditioner=comp("conditioner", name, **kw)).eval()
+    x, t = noisy(batch)
+    ctx = cond.context(batch, tuple(x.shape))
+    assert ctx  # it does produce conditioning
+    out = cond.denoise(x, t, ctx)
+    assert out.abs().mean() > 0.01
+    torch.testing.assert_close(out, plain.denoise(x, t, None), rtol=0, atol=0)
+    wake(cond)  # once the adapter is no longer zero (as after training), the conditioning matters
+    assert not torch.allclose(cond.denoise(x, t, cond.context(batch, tuple(x.shape))), out, atol=1e-4)
+
+
+def test_conditioners_stack_and_missing_inputs_are_clear(batch):
+    m = TCPlugModule(dit(), conditioner=[comp("conditioner", "depth"), comp("conditioner", "skeleton")])
+    ctx = m.context(batch, tuple(batch["video"].shape))
+    assert len(ctx["residuals"]) == 2 and ctx["maps"].shape[2] == 3
+    with pytest.raises(Exception, match="needs 'depth'"):
+        m.context({"video": batch["video"]}, tuple(batch["video"].shape))
+
+
+def test_physics_state_dynamics_beat_constant_position():
+    """After a short training on the synthetic world (bounces and gravity), the learned
+    dynamics predict the next positions better than 'nothing moves'."""
+    torch.manual_seed(0)
+    world = comp("conditioner", "physics_state", hidden=64)
+    world.setup(dit())
+    train = [synthetic_batch(n=8, frames=8, size=32, seed=s, shapes=2, gravity=1)["state"] for s in range(4)]
+    opt = torch.optim.Adam(world.dynamics.parameters(), lr=3e-3)
+    for it in range(300):
+        loss = world.auxiliary_loss({"state": train[it % 4]})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    st = world.parse(synthetic_batch(n=8, frames=8, size=32, seed=99, shapes=2, gravity=1)["state"])
+    with torch.no_grad():
+        b, t, k, _ = st["pos"].shape
+        rep = {key: v.repeat_interleave(t - 1, 0) for key, v in st.items() if key not in ("pos", "vel")}
+        pos, _ = world.step(st["pos"][:, :-1].flatten(0, 1), st["vel"][:, :-1].flatten(0, 1), rep)
+    true_next = st["pos"][:, 1:].flatten(0, 1)
+    learned = (pos - true_next).norm(dim=-1).mean()
+    constant = (st["pos"][:, :-1].flatten(0, 1) - true_next).norm(dim=-1).mean()
+    assert learned < 0.5 * constant, (float(learned), float(constant))
+    # rendered maps from a rollout: one frame of state is enough to condition a whole clip
+    maps = world.maps({"state": [s for s in train[0][:2]], "frame_size": (16, 16)}, (2, 6, 3, 16, 16))
+    assert maps.shape == (2, 6, 5, 16, 16) and maps[:, :, 0].max() > 0.5
+
+
+# ----- motion locking ----------------------------------------------------------------------
+def test_mask_locking_keeps_static_regions_still_and_lets_dynamic_ones_move(batch):
+    torch.manual_seed(0)
+    m = TCPlugModule(dit(), motion_lock=comp("motion_lock", "mask"), lock_prob=1.0, num_val_samples=0)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    for _ in range(5):  # the per-token-timestep training path runs and trains
+        loss, terms = m.training_losses(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    video = m.generate(2, 4, 16, 16, steps=5, batch=batch)
+    lock = m.lock_mask(batch, None, tuple(batch["video"].shape))[:, 0]  # (B, 1, 16, 16), token-aligned
+    assert lock.mean() > 0.3
+    unit = (video + 1) / 2
+    zeros = torch.zeros(2, 3, 2, 16, 16)
+    tvs = TemporalVarianceScore()
+    tvs.update(unit, zeros, zeros, mask=lock)
+    assert float(tvs.compute()) < 0.1  # percent
+    dynamic = 1 - batch["static"]
+    moving = ((unit[:, 1:] - unit[:, :-1]).abs().mean(2, keepdim=True) * dynamic[:, None]).sum() / (dynamic.sum() * 3)
+    assert moving > 0.01
+    unlocked = (m.generate(2, 4, 16, 16, steps=5, batch=batch, lock=False) + 1) / 2
+    tvs = TemporalVarianceScore()
+    tvs.update(unlocked, zeros, zeros, mask=lock)
+    assert float(tvs.compute()) > 1.0  # without the lock the same region flickers
+
+
+def test_auto_lockers_estimate_static_regions(batch):
+    shape = tuple(batch["video"].shape)
+    world = comp("conditioner", "physics_state")
+    m = TCPlugModule(dit(), conditioner=world, motion_lock=comp("motion_lock", "auto", source="conditioning"))
+    ctx = m.context(batch, shape)
+    mask = m.motion_lock(batch, ctx)
+    assert mask.shape == (2, 1, 16, 16) and 0.2 < mask.mean() < 1
+    flow_lock = comp("motion_lock", "auto", source="flow", threshold=0.5, dilate=0)(batch)
+    # every pixel the data calls static is locked by the flow estimate too (moving ones may be too)
+    assert bool((flow_lock[batch["static"].bool()] == 1).all())
+    first = TCPlugModule(dit(), motion_lock=comp("motion_lock", "auto", source="first_pass")).eval()
+    calls = []
+
+    def preview():
+        calls.append(1)
+        return torch.zeros(2, 4, 3, 16, 16)
+
+    assert first.motion_lock({}, None, preview).min() == 1 and calls  # nothing moves: everything locked
+    assert first.generate(2, 4, 16, 16, steps=2).shape == (2, 4, 3, 16, 16)
+    assert comp("motion_lock", "none")(batch) is None
+
+
+def test_mask_locker_from_a_user_image(tmp_path, batch):
+    import numpy as np
+    from PIL import Image
+
+    img = np.zeros((32, 32), np.uint8)
+    img[:, :16] = 255
+    Image.fromarray(img).save(tmp_path / "m.png")
+    mask = comp("motion_lock", "mask", image=str(tmp_path / "m.png"))(batch)
+    assert mask.shape == (2, 1, 16, 16) and mask[..., :8].min() == 1 and mask[..., 8:].max() == 0
+    with pytest.raises(Exception, match="does not exist"):
+        comp("motion_lock", "mask", image=str(tmp_path / "nope.png"))
