@@ -309,15 +309,63 @@ def model_from_checkpoint(path: str):
     return model.eval(), cfg
 
 
+def _conditioning_batch(args, cfg: dict) -> dict | None:
+    """What ``tcplug sample`` conditions on: a validation clip of the recipe's data, a caption,
+    an initial object state (``state.json``)."""
+    from pathlib import Path
+
+    import torch
+
+    batch: dict = {}
+    if args.clip is not None:
+        from tcplug.data import VideoDataModule
+
+        dm = VideoDataModule(**(cfg.get("data") or {}))
+        dm.prepare_data()
+        dm.setup("validate")
+        seen = 0
+        for b in dm.val_dataloader():
+            n = b["video"].shape[0]
+            if args.clip < seen + n:
+                i = args.clip - seen
+                batch = {k: v[i:i + 1] if torch.is_tensor(v) or isinstance(v, list) else v for k, v in b.items()}
+                batch.pop("video")  # the clip's conditioning, not its pixels
+                break
+            seen += n
+        else:
+            raise TcplugError(f"--clip {args.clip}: the recipe's validation data has only {seen} clips")
+    if args.caption is not None:
+        batch["txt"] = [args.caption]
+    if args.state is not None:
+        try:
+            batch["state"] = [json.loads(Path(args.state).read_text())]
+        except (OSError, ValueError) as exc:
+            raise TcplugError(f"--state {args.state}: not a readable JSON state ({exc})") from None
+    if args.static_mask is not None:
+        import numpy as np
+        import torch.nn.functional as F
+        from PIL import Image
+
+        try:
+            img = np.asarray(Image.open(args.static_mask).convert("L"), dtype=np.float32) / 255.0
+        except Exception as exc:
+            raise TcplugError(f"--static-mask {args.static_mask}: cannot read the image ({exc})") from None
+        size = args.size or int((cfg.get("data") or {}).get("size", 32))
+        mask = F.interpolate(torch.from_numpy(img)[None, None], size=(size, size), mode="area")
+        batch["static"] = (mask >= 0.5).float()
+    return batch or None
+
+
 def cmd_sample(argv: Sequence[str]) -> int:
     import argparse
 
-    from tcplug.video import VideoWriter, to_uint8
+    from tcplug.video import VideoWriter, to_uint8, write_video
 
     parser = argparse.ArgumentParser(
         prog="tcplug sample",
-        description="Sample a video of any length chunk by chunk with the streaming K/V frame buffer "
-        "(memory bounded by the attention window, not by the length).")
+        description="Sample a video from a checkpoint. Models that can stream are sampled chunk by chunk "
+        "with the K/V frame buffer (memory bounded by the attention window, not by the length); models "
+        "with conditioners, experts or a motion lock are sampled all at once.")
     parser.add_argument("--ckpt", required=True, help="a checkpoint written by tcplug fit (its recipe is inside)")
     parser.add_argument("--frames", type=int, required=True, help="frames to generate")
     parser.add_argument("--out", required=True, help="output .mp4")
@@ -326,6 +374,15 @@ def cmd_sample(argv: Sequence[str]) -> int:
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the recipe's)")
     parser.add_argument("--size", type=int, default=None, help="frame size (default: the recipe's)")
     parser.add_argument("--fps", type=int, default=8)
+    parser.add_argument("--caption", default=None, help="caption, for a caption-conditioned model")
+    parser.add_argument("--state", default=None, help="state.json: the initial object state (physics_state)")
+    parser.add_argument("--clip", type=int, default=None,
+                        help="condition on validation clip N of the recipe's data (its depth, skeleton, state, "
+                        "static mask and caption)")
+    parser.add_argument("--static-mask", default=None, metavar="IMAGE",
+                        help="white = static: the mask a motion lock (mask) ties to the first frame")
+    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: "
+                        "the recipe's model.guidance_scale)")
     args = parser.parse_args(list(argv))
     if args.frames < 1:
         raise TcplugError("--frames must be >= 1")
@@ -333,10 +390,19 @@ def cmd_sample(argv: Sequence[str]) -> int:
     data = cfg.get("data") or {}
     chunk = args.chunk or int(data.get("frames", 8))
     size = args.size or int(data.get("size", 32))
-    with VideoWriter(args.out, fps=args.fps) as writer:
-        for video in model.stream(args.frames, size, size, chunk, steps=args.steps, seed=args.seed, progress=True):
-            writer.write(to_uint8(video[0]))
-    print(f"wrote {writer.frames} frames to {args.out}")
+    batch = _conditioning_batch(args, cfg)
+    plain = model.router is None and len(model.conditioners) == 0 and model.motion_lock is None
+    if plain and getattr(model.backbone, "supports_streaming", False):
+        with VideoWriter(args.out, fps=args.fps) as writer:
+            for video in model.stream(args.frames, size, size, chunk, steps=args.steps, seed=args.seed,
+                                      progress=True):
+                writer.write(to_uint8(video[0]))
+        print(f"wrote {writer.frames} frames to {args.out}")
+        return 0
+    video = model.generate(1, args.frames, size, size, steps=args.steps, seed=args.seed, batch=batch,
+                           progress=True, guidance_scale=args.guidance)
+    write_video(to_uint8(video[0]), args.out, fps=args.fps)
+    print(f"wrote {video.shape[1]} frames to {args.out}")
     return 0
 
 

@@ -398,7 +398,7 @@ class TCPlugModule(pl.LightningModule):
     def _sample_like(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         b, t, _, h, w = batch["video"].shape
         n = min(self.num_val_samples, b)
-        sub = {k: v[:n] if torch.is_tensor(v) else v for k, v in batch.items()}
+        sub = {k: v[:n] if torch.is_tensor(v) or isinstance(v, list) else v for k, v in batch.items()}
         seed = self.global_rank * 1000  # each rank samples different clips
         return self.generate(n, t, h, w, batch=sub, seed=seed), sub
 

@@ -185,7 +185,7 @@ def test_cross_attention_is_untouched_and_cfg_mismatch_is_loud():
 # ----- the sample command -------------------------------------------------------------------
 @pytest.mark.slow
 def test_sample_command_long_video(tmp_path, tiny):
-    proc = run_tcplug("fit", "--config", RECIPES / "full.yaml", *tiny, cwd=tmp_path)
+    proc = run_tcplug("fit", "--config", RECIPES / "cross_frame.yaml", *tiny, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
     out = tmp_path / "long.mp4"

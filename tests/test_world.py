@@ -283,3 +283,41 @@ def test_mask_locker_from_a_user_image(tmp_path, batch):
     assert mask.shape == (2, 1, 16, 16) and mask[..., :8].min() == 1 and mask[..., 8:].max() == 0
     with pytest.raises(Exception, match="does not exist"):
         comp("motion_lock", "mask", image=str(tmp_path / "nope.png"))
+
+
+# ----- the full recipe: sampling with its conditions -----------------------------------------
+@pytest.mark.slow
+def test_sample_command_with_conditions(tmp_path, tiny):
+    """full.yaml (experts, world model, caption, motion lock) samples from a data clip's
+    conditions, or from a caption + a state file + a static-mask image, with guidance."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from tcplug.video import read_video
+    from tests.conftest import RECIPES, run_tcplug
+
+    proc = run_tcplug("fit", "--config", RECIPES / "full.yaml", *tiny, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
+    proc = run_tcplug("sample", "--ckpt", ckpt, "--frames", 6, "--out", tmp_path / "a.mp4", "--clip", 1,
+                      cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert read_video(tmp_path / "a.mp4").shape == (6, 16, 16, 3)
+    (tmp_path / "state.json").write_text(json.dumps(synthetic_batch(1, 4, 16, seed=3)["state"][0]))
+    img = np.zeros((16, 16), np.uint8)
+    img[:, :8] = 255
+    Image.fromarray(img).save(tmp_path / "static.png")
+    proc = run_tcplug("sample", "--ckpt", ckpt, "--frames", 5, "--out", tmp_path / "b.mp4", "--caption",
+                      "a red circle moves", "--state", tmp_path / "state.json", "--static-mask",
+                      tmp_path / "static.png", "--guidance", 3, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    video = read_video(tmp_path / "b.mp4").astype(np.float32)
+    assert video.shape == (5, 16, 16, 3)
+    # the locked left half stays put (up to mp4 compression), the right half moves
+    left = np.abs(np.diff(video[:, :, :8], axis=0)).mean()
+    right = np.abs(np.diff(video[:, :, 8:], axis=0)).mean()
+    assert left < 0.25 * right, (left, right)
+    proc = run_tcplug("sample", "--ckpt", ckpt, "--frames", 5, "--out", tmp_path / "c.mp4", cwd=tmp_path)
+    assert proc.returncode == 2 and "needs 'state'" in proc.stderr
