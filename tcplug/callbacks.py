@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -49,3 +50,27 @@ class MetricsJson(pl.Callback):
 
     def on_test_end(self, trainer, pl_module) -> None:
         self._write(trainer, "test")
+
+
+class SaveOnSigterm(pl.Callback):
+    """On SIGTERM (a scheduler's preemption notice, ``kill``), write ``last.ckpt`` before exiting.
+
+    Lightning turns SIGTERM into an exception at the end of the current training step, on
+    every rank; this callback then saves the run's ``last.ckpt`` (atomically), so the next
+    ``tcplug fit ... --ckpt_path last`` continues from the very step the run was stopped at.
+    """
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not isinstance(exception, SIGTERMException) or not trainer.training:
+            return
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath:
+                path = Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
+                trainer.save_checkpoint(path)
+                if trainer.is_global_zero:
+                    print(f"tcplug: SIGTERM at step {trainer.global_step}: saved {path}; resume with --ckpt_path last",
+                          file=sys.stderr)
+                return

@@ -65,7 +65,7 @@ def install_registry_names() -> None:
 def _make_cli_class():
     from lightning.pytorch.cli import LightningCLI
 
-    from tcplug.callbacks import MetricsJson
+    from tcplug.callbacks import MetricsJson, SaveOnSigterm
 
     class TcplugCLI(LightningCLI):
         """LightningCLI with tcplug's defaults: a run folder under ``runs/``, ``last.ckpt``,
@@ -77,18 +77,118 @@ def _make_cli_class():
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
             parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
 
+        def before_instantiate_classes(self) -> None:
+            if self.subcommand:
+                resolve_last_checkpoint(self.config[self.subcommand])
+
+        def _parse_ckpt_path(self) -> None:
+            # LightningCLI reads the checkpoint's hyperparameters before anything else: check it
+            # first with tcplug's safe loader, so a bad file gets one clear line
+            sub = self.config.get("subcommand")
+            path = self.config[sub].get("ckpt_path") if sub else None
+            if path and path not in ("last", "best", "hpc", "registry"):
+                from tcplug.checkpoint import load_checkpoint
+
+                load_checkpoint(path)
+            super()._parse_ckpt_path()
+
         def instantiate_classes(self) -> None:
-            super().instantiate_classes()
+            try:
+                super().instantiate_classes()
+            except (ValueError, TypeError) as exc:  # a component refused its arguments
+                raise TcplugError(component_error(exc)) from None
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             # keep the resolved recipe with the model: it is saved inside every checkpoint
             self.model.tcplug_config = self._parser(self.subcommand).dump(cfg, skip_none=False, skip_validation=True)
 
         def instantiate_trainer(self, **kwargs):
-            trainer = super().instantiate_trainer(**kwargs)
-            trainer.callbacks.append(MetricsJson())
+            from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+            from tcplug.checkpoint import AtomicCheckpointIO
+
+            from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+            try:
+                trainer = super().instantiate_trainer(**kwargs)
+            except (ValueError, MisconfigurationException) as exc:  # settings that do not fit together
+                raise TcplugError(f"trainer: {exc}") from None
+            trainer.callbacks += [MetricsJson(), SaveOnSigterm()]
+            if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default: make it atomic
+                trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+            allow_unused_parameters(trainer, self.model)
             return trainer
 
     return TcplugCLI
+
+
+def component_error(exc: BaseException) -> str:
+    """The message a component raised while jsonargparse built it (it wraps it in a ValueError
+    listing every type of a Union it tried)."""
+    chain, e = [], exc
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for e in chain:
+        if isinstance(e, TcplugError):
+            return str(e)
+    text = str(exc)
+    if "Errors:" in text:
+        for line in text.split("Errors:", 1)[1].splitlines():
+            line = line.strip()
+            if line.startswith("- ") and not line.startswith("- Expected a"):
+                return line[2:]
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def allow_unused_parameters(trainer, model) -> None:
+    """Under plain ``--trainer.strategy=ddp``, let DDP tolerate parameters a step leaves unused
+    when the model has them: experts the router did not pick, a discriminator trained in its
+    own step, adapters of an absent input. Without it DDP stops at the first such step; an
+    explicit ``find_unused_parameters`` from the user is kept."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    strategy = trainer.strategy
+    if not isinstance(strategy, DDPStrategy) or "find_unused_parameters" in strategy._ddp_kwargs:
+        return
+    if model.router is not None or model.discriminator is not None or len(model.conditioners) \
+            or model.motion_lock is not None:
+        strategy._ddp_kwargs["find_unused_parameters"] = True
+
+
+def resolve_last_checkpoint(cfg) -> None:
+    """``--ckpt_path last``: resume the newest run folder of this recipe's logger, in place.
+
+    Lightning looks for ``last.ckpt`` only in the *new* run's folder (an empty
+    ``version_N+1``); here ``last`` becomes the newest ``runs/<name>/version_*/checkpoints/
+    last.ckpt`` and the logger continues writing into that folder, so a resumed run keeps one
+    folder. Without any ``last.ckpt`` the run starts fresh (with a message).
+    """
+    import re
+    from pathlib import Path
+
+    if cfg.get("ckpt_path") != "last":
+        return
+    logger = cfg.get("trainer", {}).get("logger")
+    if isinstance(logger, list):
+        logger = logger[0] if logger else None
+    args = (logger or {}).get("init_args", {}) if isinstance(logger, dict) or hasattr(logger, "get") else {}
+    save_dir, name = args.get("save_dir"), args.get("name")
+    if not save_dir or name is None:
+        return  # no versioned run folder: let Lightning resolve it
+    found = []
+    for ckpt in Path(save_dir, name).glob("version_*/checkpoints/last.ckpt"):
+        m = re.fullmatch(r"version_(\d+)", ckpt.parent.parent.name)
+        if m:
+            found.append((int(m.group(1)), ckpt))
+    if not found:
+        print(f"tcplug: no {save_dir}/{name}/version_*/checkpoints/last.ckpt to resume: starting fresh",
+              file=sys.stderr)
+        cfg["ckpt_path"] = None
+        return
+    version, ckpt = max(found)
+    cfg["ckpt_path"] = str(ckpt)
+    args["version"] = version
+    print(f"tcplug: resuming {ckpt}", file=sys.stderr)
 
 
 TRAINER_DEFAULTS = {
@@ -269,21 +369,9 @@ def cmd_data(argv: Sequence[str]) -> int:
 
 def load_checkpoint(path: str):
     """Read a checkpoint without unpickling arbitrary objects (``weights_only=True``)."""
-    import pickle
+    from tcplug.checkpoint import load_checkpoint as safe_load
 
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise TcplugError(f"{path}: no such checkpoint") from None
-    except pickle.UnpicklingError as exc:
-        raise TcplugError(
-            f"{path}: refused to load: the checkpoint carries pickled objects beyond tensors and plain "
-            f"data, which could run code ({str(exc).splitlines()[0][:200]})"
-        ) from None
-    except Exception as exc:
-        raise TcplugError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    return safe_load(path)
 
 
 def model_from_checkpoint(path: str):
@@ -449,6 +537,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tcplug: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as exc:  # Lightning's SIGTERMException after the last checkpoint was written
+        if type(exc).__name__ == "SIGTERMException":
+            return 143
+        raise
 
 
 def console_main() -> None:

@@ -11,6 +11,7 @@ run folder and as animated images to TensorBoard.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,6 +59,8 @@ class TCPlugModule(pl.LightningModule):
         lock_loss_weight: weight of locked tokens in the denoising loss (they are given, not
             predicted; 0 = ignore them).
         preview_steps: sampler steps of the cheap first pass a motion locker may ask for.
+        compile: ``torch.compile`` every expert backbone in place (``nn.Module.compile``; the
+            checkpoint keys do not change). For GPUs; the first steps pay the compilation.
         noise: ``ddpm`` (discrete VP schedule) or ``flow_matching``.
         prediction_type: ``epsilon``, ``v_prediction`` or ``sample`` for ddpm; ``flow`` for
             flow matching.
@@ -105,6 +108,7 @@ class TCPlugModule(pl.LightningModule):
         lock_prob: float = 0.5,
         lock_loss_weight: float = 0.0,
         preview_steps: int = 4,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         registry = get_registry()
@@ -142,6 +146,7 @@ class TCPlugModule(pl.LightningModule):
             raise TcplugError(f"model.lock_prob must be in [0, 1], got {lock_prob}")
         self.guidance_scale, self.lock_timestep, self.lock_prob = guidance_scale, lock_timestep, lock_prob
         self.lock_loss_weight, self.preview_steps = lock_loss_weight, preview_steps
+        self.compile_backbone = compile
         self.schedule = NoiseSchedule(noise, prediction_type, num_train_timesteps, beta_schedule, sampler, shift)
         self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
         self.gradient_clip, self.disc_lr, self.disc_betas = gradient_clip, disc_lr, tuple(disc_betas)
@@ -319,6 +324,17 @@ class TCPlugModule(pl.LightningModule):
             terms[name] = value
             total = total + weight * value
         return (total, terms, ctx) if return_context else (total, terms)
+
+    def configure_model(self) -> None:
+        if self.compile_backbone:
+            for expert in self.experts:
+                expert.compile()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Seed this step's randomness (noise, timesteps, dropout) from ``(seed, step, rank)``:
+        a resumed run draws exactly what the uninterrupted run drew, wherever it was killed."""
+        base = int(os.environ.get("PL_GLOBAL_SEED", "0"))
+        torch.manual_seed((base * 1_000_003 + self.global_step) * 1009 + self.global_rank)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         if self.automatic_optimization:

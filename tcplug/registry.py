@@ -165,7 +165,8 @@ def get_registry() -> Registry:
     """The registry of every loaded plugin's components (built lazily, cached)."""
     global _cache
     pm = plugins.get_plugin_manager()
-    key = tuple(sorted(str(n) for n, _ in pm.list_name_plugin()))
+    # names and the plugin objects themselves: a name re-registered with another plugin rebuilds
+    key = tuple(sorted((str(n), id(p)) for n, p in pm.list_name_plugin()))
     if _cache is None or _cache[0] != key:
         _cache = (key, _build(pm))
     return _cache[1]

@@ -5,6 +5,8 @@ import os
 
 import lightning.pytorch as pl
 
+from tcplug.checkpoint import AtomicCheckpointIO
+
 
 class RecordBatches(pl.Callback):
     """Writes, per rank, the shards its training batches came from and how many batches it ran."""
@@ -50,3 +52,48 @@ def synthetic_batch(n: int = 2, frames: int = 4, size: int = 16, seed: int = 0, 
     for s in samples:
         s.pop("__url__", None)
     return collate(samples)
+
+
+class KillAt(pl.Callback):
+    """Sends its own process ``signal`` (default SIGKILL: no cleanup, like an OOM kill) when
+    training reaches ``step``, once."""
+
+    def __init__(self, step: int = 5, signal: str = "SIGKILL"):
+        self.step, self.signal, self.sent = step, signal, False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step >= self.step and not self.sent:
+            import signal
+
+            self.sent = True
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+class DumpMetrics(pl.Callback):
+    """Writes each rank's callback_metrics (after Lightning's reductions) to out_dir/metrics_rank<r>.json."""
+
+    def __init__(self, out_dir: str = "."):
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, pl_module):
+        values = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        with open(os.path.join(self.out_dir, f"metrics_rank{trainer.global_rank}.json"), "w") as f:
+            json.dump(values, f)
+
+
+class KillMidWrite(AtomicCheckpointIO):
+    """Writes half of its ``kill_at``-th checkpoint, then SIGKILLs the process."""
+
+    def __init__(self, kill_at: int = 2):
+        super().__init__()
+        self.kill_at, self.saves = kill_at, 0
+
+    def write_bytes(self, f, data):
+        self.saves += 1
+        if self.saves < self.kill_at:
+            return super().write_bytes(f, data)
+        import signal
+
+        f.write(bytes(data[: len(data) // 2]))
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,22 +1,370 @@
-"""Faults that must never lose work (the catalogue grows with the reliability issue)."""
+"""The catalogue of faults and bad inputs: configs, plugins, data, checkpoints, numbers, signals.
+
+Each case asserts a clear message (one line, no traceback) and that nothing is lost. The
+quick cases run the real command line in-process (`tcplug.cli.main`); the signal cases run
+`tcplug fit` in a subprocess and kill it. docs/reliability.md lists every case: the count
+there is checked against this file.
+"""
+
+import io
+import json
+import re
+import tarfile
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import RECIPES, ROOT, run_tcplug
+from tcplug import AttentionVariant
+from tcplug import hookimpl as tcplug_hookimpl
+from tcplug.cli import main
+from tests.conftest import RECIPES, ROOT, TINY, run_tcplug
+
+ENV = {"PYTHONPATH": str(ROOT)}
+BASE = str(RECIPES / "baseline.yaml")
+FULL = str(RECIPES / "full.yaml")
 
 
+def weights(ckpt):
+    return torch.load(ckpt, map_location="cpu", weights_only=True)
+
+
+def run_args(tiny, name, steps=10):
+    tiny = [a for a in tiny if not a.startswith(("--trainer.max_steps", "--data.epoch_batches",
+                                                 "--trainer.val_check_interval", "--trainer.limit_val_batches"))]
+    return [*tiny, f"--trainer.max_steps={steps}", "--data.epoch_batches=4", "--trainer.limit_val_batches=0",
+            "--checkpoint.every_n_train_steps=2", f"--trainer.logger.init_args.name={name}"]
+
+
+def cli(capsys, *args):
+    """Run the command line in-process: (exit code, stderr)."""
+    import logging
+
+    logging.raiseExceptions = False  # Lightning's log handler may hold an earlier test's captured stream
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    return code, capsys.readouterr().err
+
+
+def a_checkpoint(tmp_path, capsys) -> Path:
+    code, err = cli(capsys, "fit", "--config", BASE, *TINY)
+    assert code == 0, err[-2000:]
+    return next((tmp_path / "runs").rglob("last.ckpt"))
+
+
+def evil_checkpoint(path: Path, good: Path) -> Path:
+    ckpt = weights(good)
+    ckpt["payload"] = Evil()
+    torch.save(ckpt, path)
+    return path
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this ran at load time",))
+
+
+# ----- the catalogue: (id, what goes wrong, setup -> argv, exit code, message regex) ------------
+def _yaml(tmp_path, text):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    return p
+
+
+CONFIG_CASES = [
+    ("unknown-component", lambda t: ["fit", "--config", BASE, "--model.backbone.init_args.attention=per_fram",
+                                     "--print_config"], 2, r"Did you mean 'per_frame'"),
+    ("wrong-init-argument", lambda t: ["fit", "--config", BASE, "--model.backbone.init_args.dimm=3",
+                                       "--print_config"], 2, r"dimm"),
+    ("malformed-yaml", lambda t: ["fit", "--config", _yaml(t, "model: [unclosed\n")], 2, r"."),
+    ("missing-config", lambda t: ["fit", "--config", t / "nope.yaml"], 2, r"nope\.yaml"),
+    ("channels-mismatch", lambda t: ["fit", "--config", BASE, *TINY, "--model.latent.init_args.channels=4",
+                                     "--model.backbone.init_args.in_channels=3"], 2, r"in_channels=3.*latent_channels=4"),
+    ("negative-loss-weight", lambda t: ["fit", "--config", BASE, *TINY, "--model.losses.init_args.weight=-1"], 2,
+     r"loss weight must be >= 0"),
+    ("adversarial-without-discriminator", lambda t: ["fit", "--config", BASE, *TINY, "--model.losses+=adversarial"],
+     2, r"needs model.discriminator"),
+    ("unknown-data-key", lambda t: ["fit", "--config", BASE, *TINY, "--data.keys=[flow,depht]"], 2,
+     r"unknown data.keys \['depht'\]"),
+    ("one-frame-clips", lambda t: ["fit", "--config", BASE, *TINY, "--data.frames=1"], 2, r"data.frames must be >= 2"),
+    ("router-boundaries-out-of-order", lambda t: ["fit", "--config", BASE, *TINY, "--model.router=noise_boundary",
+                                                  "--model.router.num_experts=3",
+                                                  "--model.router.boundaries=[200,800]"], 2, r"decreasing"),
+    ("text-encoder-not-local", lambda t: ["fit", "--config", str(RECIPES / "captions.yaml"), *TINY,
+                                          "--model.conditioner.init_args.pretrained=org/model-on-the-hub"], 2,
+     r"not a local directory \(weights are never downloaded\)"),
+    ("mask-image-missing", lambda t: ["fit", "--config", BASE, *TINY, "--model.motion_lock=mask",
+                                      f"--model.motion_lock.image={t / 'nope.png'}"], 2, r"does not exist"),
+    ("fsdp-on-cpu", lambda t: ["fit", "--config", BASE, *TINY, "--trainer.strategy=fsdp", "--trainer.accelerator=cpu",
+                               "--trainer.devices=2"], 2, r"trainer: The strategy `fsdp` requires a GPU"),
+]
+
+
+@pytest.mark.parametrize("case", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_config_faults(case, tmp_path, capsys, monkeypatch):
+    """Bad configs: exit 2 with one clear line; nothing started (no run folder)."""
+    monkeypatch.chdir(tmp_path)
+    name, make, want_code, pattern = case
+    code, err = cli(capsys, *make(tmp_path))
+    assert code == want_code, err[-2000:]
+    assert "Traceback" not in err and re.search(pattern, err), err[-2000:]
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+# ----- plugins ----------------------------------------------------------------------------------
+class _BrokenHook:
+    @tcplug_hookimpl
+    def tcplug_register_components(self, register):
+        raise RuntimeError("boom in register")
+
+
+class PerFrame(AttentionVariant):
+    """Same name as a built-in."""
+
+
+class _Duplicate:
+    @tcplug_hookimpl
+    def tcplug_register_components(self, register):
+        register(PerFrame, name="per_frame")
+
+
+@pytest.mark.parametrize("plugin,expect", [(_BrokenHook, "boom in register"), (_Duplicate, "per_frame")],
+                         ids=["plugin-hook-raises", "plugin-duplicate-name"])
+def test_plugin_faults(plugin, expect, capsys):
+    """A broken plugin is reported (`tcplug plugins` says failed, a warning names it) and
+    every other plugin's components still work."""
+    import warnings
+
+    import tcplug
+
+    name = tcplug.register_plugin(plugin(), name="faulty-test")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code, _ = cli(capsys, "plugins", "--json")
+        assert code == 0
+        info = {i.name: i for i in tcplug.plugin_infos()}
+        assert info["faulty-test"].status == "failed" and expect in info["faulty-test"].error
+        assert any("faulty-test" in str(w.message) for w in caught)
+        assert tcplug.get_component("attention", "per_frame").__module__ == "tcplug_attention"
+        assert "dit" in tcplug.list_components("backbone")
+    finally:
+        tcplug.unregister_plugin(name)
+
+
+# ----- data -------------------------------------------------------------------------------------
+def _synth(tmp_path, capsys, clips=8):
+    out = tmp_path / "shards"
+    code, err = cli(capsys, "data", "synth", "--out", out, "--clips", clips, "--frames", 4, "--size", 16,
+                    "--shard-size", 4)
+    assert code == 0, err
+    return out
+
+
+def _corrupt_first_frames(shard: Path) -> None:
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        done = False
+        for m, data in members:
+            if not done and m.name.endswith("frames.npy"):
+                data, done = b"\x93NUMPY garbage", True
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+
+
+def test_data_corrupt_sample_is_skipped_and_counted(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shards = _synth(tmp_path, capsys)
+    _corrupt_first_frames(sorted(shards.glob("*.tar"))[0])
+    code, err = cli(capsys, "fit", "--config", BASE, *TINY, f"--data.shards={shards}")
+    assert code == 0, err[-2000:]
+    metrics = json.loads(next(tmp_path.rglob("metrics.json")).read_text())
+    assert metrics["global_step"] == 2 and metrics["metrics"]["data/skipped"] >= 1
+
+
+def test_data_missing_ground_truth_for_a_conditioner(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = cli(capsys, "fit", "--config", RECIPES / "world_model.yaml", *TINY, "--data.keys=[static]")
+    assert code == 2 and "Traceback" not in err
+    assert "conditioner 'physics_state' needs 'state' in the batch" in err
+
+
+def test_data_no_shards_at_the_path(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    code, err = cli(capsys, "fit", "--config", BASE, *TINY, f"--data.shards={tmp_path / 'empty'}")
+    assert code == 2 and "no shards found" in err and "Traceback" not in err
+
+
+def test_data_too_few_shards_for_the_processes(tmp_path, capsys):
+    from tcplug import TcplugError
+    from tcplug.data import VideoDataModule
+
+    shards = _synth(tmp_path, capsys, clips=4)  # one shard
+    dm = VideoDataModule(shards=str(shards), frames=4, size=16)
+    dm.setup()
+    with pytest.raises(TcplugError, match="1 training shard\\(s\\) for 2 processes: every process needs its own"):
+        dm.train_dataset(0, 2)
+
+
+# ----- checkpoints ------------------------------------------------------------------------------
+def test_checkpoint_with_pickled_payload_refused_by_sample_and_fit(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    evil = evil_checkpoint(tmp_path / "evil.ckpt", a_checkpoint(tmp_path, capsys))
+    code, err = cli(capsys, "sample", "--ckpt", evil, "--frames", 4, "--out", tmp_path / "x.mp4")
+    assert code == 2 and "refused to load: the checkpoint carries pickled objects" in err
+    code, err = cli(capsys, "fit", "--config", BASE, *TINY, "--ckpt_path", evil)
+    assert code == 2 and "refused to load" in err and "Traceback" not in err
+    assert "this ran at load time" not in capsys.readouterr().out
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_checkpoint_truncated_or_missing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    good = a_checkpoint(tmp_path, capsys)
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    code, err = cli(capsys, "fit", "--config", BASE, *TINY, "--ckpt_path", cut)
+    assert code == 2 and "not a readable checkpoint" in err
+    code, err = cli(capsys, "sample", "--ckpt", tmp_path / "none.ckpt", "--frames", 4, "--out", tmp_path / "x.mp4")
+    assert code == 2 and "no such checkpoint" in err
+    assert weights(good)["global_step"] == 2  # the good one untouched
+
+
+def test_checkpoint_without_its_recipe(tmp_path, capsys):
+    bare = tmp_path / "bare.ckpt"
+    torch.save({"state_dict": {}}, bare)
+    code, err = cli(capsys, "sample", "--ckpt", bare, "--frames", 4, "--out", tmp_path / "x.mp4")
+    assert code == 2 and "no recipe inside" in err
+
+
+# ----- numbers ----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_nan_loss_stops_naming_term_and_step_and_keeps_last_checkpoint(tmp_path, tiny):
     tiny = [a for a in tiny if not a.startswith(("--trainer.max_steps", "--trainer.val_check_interval",
                                                  "--data.epoch_batches"))]
-    proc = run_tcplug("fit", "--config", RECIPES / "baseline.yaml", *tiny, "--trainer.max_steps=10",
+    proc = run_tcplug("fit", "--config", BASE, *tiny, "--trainer.max_steps=10",
                       "--data.epoch_batches=10", "--trainer.val_check_interval=10",
                       "--model.losses+=tests.helpers.NanAfter", "--model.losses.init_args.step=5",
-                      "--checkpoint.every_n_train_steps=2", cwd=tmp_path, env={"PYTHONPATH": str(ROOT)})
+                      "--checkpoint.every_n_train_steps=2", cwd=tmp_path, env=ENV)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "loss term 'nan_after' is nan at step 5" in proc.stderr
     ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state = weights(ckpt)
     assert state["global_step"] == 4  # the last good checkpoint, written before the fault
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+# ----- signals ----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_ctrl_c_keeps_the_last_checkpoint_and_resumes(tmp_path, tiny):
+    recipe = RECIPES / "baseline.yaml"
+    proc = run_tcplug("fit", "--config", recipe, *run_args(tiny, "c", steps=8), "--trainer.callbacks+=tests.helpers.KillAt",
+                      "--trainer.callbacks.init_args.step=5", "--trainer.callbacks.init_args.signal=SIGINT",
+                      cwd=tmp_path, env=ENV)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    ckpt = tmp_path / "runs" / "c" / "version_0" / "checkpoints" / "last.ckpt"
+    assert weights(ckpt)["global_step"] == 4
+    proc = run_tcplug("fit", "--config", recipe, *run_args(tiny, "c", steps=8), "--ckpt_path", "last", cwd=tmp_path,
+                      env=ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert weights(ckpt)["global_step"] == 8
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_the_same_weights(tmp_path, tiny):
+    """full.yaml (every source of randomness: noise, timesteps, caption dropout, lock choice)
+    killed with SIGKILL mid-epoch, resumed with --ckpt_path last, ends with exactly the weights
+    of an uninterrupted run; the data order is part of the checkpoint."""
+    full = RECIPES / "full.yaml"
+    proc = run_tcplug("fit", "--config", full, *run_args(tiny, "straight"), cwd=tmp_path, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    killed = run_tcplug("fit", "--config", full, *run_args(tiny, "killed"), "--trainer.callbacks+=tests.helpers.KillAt",
+                        "--trainer.callbacks.init_args.step=7", cwd=tmp_path, env=ENV)
+    assert killed.returncode == -9  # SIGKILL: no cleanup ran
+    run = tmp_path / "runs" / "killed" / "version_0"
+    before = weights(run / "checkpoints" / "last.ckpt")
+    assert before["global_step"] == 6 and before["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 1, "batches": 2}]  # mid-epoch: epoch 1, 2 of its 4 batches served
+    resumed = run_tcplug("fit", "--config", full, *run_args(tiny, "killed"), "--ckpt_path", "last", cwd=tmp_path,
+                         env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stderr
+    assert sorted(p.name for p in (tmp_path / "runs" / "killed").iterdir()) == ["version_0"]  # one run folder
+    a = weights(tmp_path / "runs" / "straight" / "version_0" / "checkpoints" / "last.ckpt")
+    b = weights(run / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 10
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    for sa, sb in zip(a["optimizer_states"], b["optimizer_states"]):
+        for ka in sa["state"]:
+            for name, value in sa["state"][ka].items():
+                assert torch.equal(value, sb["state"][ka][name]), (ka, name)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_last_checkpoint_and_resumes_exactly(tmp_path, tiny):
+    """SIGTERM (a preemption notice) stops at the end of the step, writes last.ckpt, exits 143;
+    the resumed run ends with the weights of an uninterrupted one."""
+    recipe = RECIPES / "motion_lock.yaml"
+    proc = run_tcplug("fit", "--config", recipe, *run_args(tiny, "straight", steps=8), cwd=tmp_path, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stopped = run_tcplug("fit", "--config", recipe, *run_args(tiny, "stopped", steps=8),
+                         "--trainer.callbacks+=tests.helpers.KillAt", "--trainer.callbacks.init_args.step=5",
+                         "--trainer.callbacks.init_args.signal=SIGTERM", cwd=tmp_path, env=ENV)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "SIGTERM at step 6: saved" in stopped.stderr
+    ckpt = tmp_path / "runs" / "stopped" / "version_0" / "checkpoints" / "last.ckpt"
+    assert weights(ckpt)["global_step"] == 6  # the step in flight finished; every_n_train_steps=2 would say 4
+    resumed = run_tcplug("fit", "--config", recipe, *run_args(tiny, "stopped", steps=8), "--ckpt_path", "last",
+                         cwd=tmp_path, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = weights(tmp_path / "runs" / "straight" / "version_0" / "checkpoints" / "last.ckpt")["state_dict"]
+    b = weights(ckpt)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_kill_during_checkpoint_write_leaves_last_ckpt_readable(tmp_path, tiny):
+    overlay = tmp_path / "kill.yaml"
+    overlay.write_text("trainer:\n  plugins:\n    - class_path: tests.helpers.KillMidWrite\n"
+                       "      init_args:\n        kill_at: 2\n")
+    recipe = RECIPES / "baseline.yaml"
+    proc = run_tcplug("fit", "--config", recipe, "--config", overlay, *run_args(tiny, "b", steps=6), cwd=tmp_path,
+                      env=ENV)
+    assert proc.returncode == -9
+    ckdir = tmp_path / "runs" / "b" / "version_0" / "checkpoints"
+    stale = list(ckdir.glob(".last.ckpt.*.tmp"))
+    assert stale  # the half-written file ...
+    assert weights(ckdir / "last.ckpt")["global_step"] == 2  # ... never replaced the good one
+    proc = run_tcplug("fit", "--config", recipe, *run_args(tiny, "b", steps=6), "--ckpt_path", "last", cwd=tmp_path,
+                      env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert weights(ckdir / "last.ckpt")["global_step"] == 6
+    assert not list(ckdir.glob("*.tmp"))  # cleaned up by the next save
+
+
+@pytest.mark.slow
+def test_ckpt_path_last_without_a_previous_run_starts_fresh(tmp_path, tiny):
+    proc = run_tcplug("fit", "--config", RECIPES / "baseline.yaml", *tiny, "--ckpt_path", "last", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "starting fresh" in proc.stderr
+
+
+# ----- the catalogue in the docs ------------------------------------------------------------------
+OTHER_CASES = ["plugin-hook-raises", "plugin-duplicate-name", "data-corrupt-sample", "data-missing-ground-truth",
+               "data-no-shards", "data-too-few-shards", "checkpoint-pickled-payload", "checkpoint-truncated-or-missing",
+               "checkpoint-without-recipe", "nan-loss", "sigkill-mid-epoch", "sigterm", "kill-during-checkpoint-write",
+               "resume-without-checkpoint", "ctrl-c"]
+
+
+def test_reliability_page_lists_every_case():
+    text = (ROOT / "docs" / "reliability.md").read_text()
+    cases = [c[0] for c in CONFIG_CASES] + OTHER_CASES
+    missing = [c for c in cases if f"`{c}`" not in text]
+    assert not missing, f"add to docs/reliability.md: {missing}"
+    assert f"**{len(cases)} cases**" in text

@@ -304,7 +304,8 @@ class Caption(WorldConditioner):
 
     Args:
         width: width of the small encoder.
-        layers, heads: of the small encoder.
+        layers: transformer layers of the small encoder.
+        heads: attention heads of the small encoder.
         vocab: hash buckets of the small tokenizer.
         max_length: tokens per caption (longer captions are cut).
         dropout: caption dropout probability in training.

@@ -88,6 +88,54 @@ class ClipList(Dataset):
         return self.clips[i]
 
 
+class ResumableLoader:
+    """The training loader, with its position in the data saved in every checkpoint.
+
+    Each ``iter()`` is one epoch: a fresh webdataset pipeline seeded by ``(seed, rank,
+    epoch)``. Lightning stores :meth:`state_dict` (the epoch and the batches already served in
+    it) in checkpoints and calls :meth:`load_state_dict` when a run resumes, so a run killed
+    mid-epoch continues with the very next batch: the served batches are read again and
+    dropped (reading is an order of magnitude faster than training on them), never trained on
+    twice. ``len()`` is the fixed number of batches per epoch.
+    """
+
+    def __init__(self, datamodule: VideoDataModule, rank: int = 0, world: int = 1) -> None:
+        self.dm, self.rank, self.world = datamodule, rank, world
+        self._next_epoch, self._skip = 0, 0
+        self._epoch, self._served = -1, 0
+
+    def __len__(self) -> int:
+        return self.dm.epoch_batches
+
+    def loader(self, epoch: int) -> DataLoader:
+        """The plain DataLoader of one epoch."""
+        return DataLoader(self.dm.train_dataset(self.rank, self.world, epoch), batch_size=None,
+                          num_workers=self.dm.num_workers)
+
+    def __iter__(self):
+        # a generator: the epoch starts at the first batch asked for, not at iter() (Lightning
+        # calls iter() once just to check that the loader is iterable)
+        self._epoch, skip = self._next_epoch, self._skip
+        self._next_epoch, self._skip, self._served = self._epoch + 1, 0, skip
+        it = iter(self.loader(self._epoch))
+        for _ in range(skip):
+            next(it, None)
+        for batch in it:
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        if self._epoch < 0:  # not iterated yet (or just restored)
+            return {"epoch": self._next_epoch, "batches": self._skip}
+        if self._served >= len(self):
+            return {"epoch": self._epoch + 1, "batches": 0}
+        return {"epoch": self._epoch, "batches": self._served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._next_epoch, self._skip = int(state["epoch"]), int(state["batches"])
+        self._epoch, self._served = -1, 0
+
+
 class VideoDataModule(pl.LightningDataModule):
     """Clips ``(B, T, 3, H, W)`` in ``[-1, 1]`` plus ground truth, from webdataset shards.
 
@@ -191,8 +239,11 @@ class VideoDataModule(pl.LightningDataModule):
         return trainer.global_rank, trainer.world_size
 
     # ----- loaders --------------------------------------------------------------------
-    def train_dataset(self, rank: int = 0, world: int = 1):
-        """The webdataset pipeline of one rank (see the class docstring)."""
+    def train_dataset(self, rank: int = 0, world: int = 1, epoch: int = 0):
+        """The webdataset pipeline of one rank for one epoch (see the class docstring).
+
+        Its order is a function of ``(seed, rank, epoch)`` (and the worker), so a resumed run
+        replays exactly the batches an uninterrupted one would have seen."""
         import webdataset as wds
 
         shards = self.train_shard_list()
@@ -205,10 +256,11 @@ class VideoDataModule(pl.LightningDataModule):
         decoder = SampleDecoder(self.keys or (), self.frames, self.size)
         per_worker = math.ceil(self.epoch_batches / max(1, self.num_workers))
         pipeline = wds.DataPipeline(
-            wds.ResampledShards(mine, seed=self.seed, deterministic=True),
+            wds.ResampledShards(mine, seed=self.seed * 100_003 + epoch, deterministic=True),
             TarSamples(decoder),
             decoder,
-            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=self.seed + rank),
+            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
+                        seed=(self.seed * 100_003 + epoch) * 1009 + rank),
             wds.batched(self.batch_size, collation_fn=collate, partial=False),
         )
         pipeline = pipeline.with_epoch(nbatches=per_worker)
@@ -216,10 +268,9 @@ class VideoDataModule(pl.LightningDataModule):
             warnings.simplefilter("ignore", UserWarning)
             return pipeline.with_length(per_worker * max(1, self.num_workers))
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
         rank, world = self._rank()
-        return DataLoader(self.train_dataset(rank, world), batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return ResumableLoader(self, rank, world)
 
     def _val_set(self) -> ClipList:
         if self._val is None:
