@@ -220,6 +220,20 @@ def run_lightning(argv: Sequence[str]) -> None:
         _run(cli_cls, argv)
     finally:
         sys.argv = saved
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear the DDP process group down before the interpreter exits: a gloo group left to the
+    interpreter's shutdown can abort the process ("terminate called without an active
+    exception") after a run that succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
 
 
 def _run(cli_cls, argv: Sequence[str]) -> None:
