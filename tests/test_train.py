@@ -57,3 +57,28 @@ def test_other_lightning_subcommands(sub, tmp_path, tiny):
     tiny = [a for a in tiny if not a.startswith(("--trainer.max_steps", "--trainer.val_check_interval"))]
     proc = run_tcplug(sub, "--config", RECIPES / "full.yaml", *tiny, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+PRESETS = sorted((RECIPES / "presets").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_presets_overlay_full_recipe(preset, capsys):
+    """Every preset composes with full.yaml into a valid config (cpu-smoke also trains: the
+    TensorBoard tutorial runs it)."""
+    import yaml
+
+    from tcplug.cli import main
+
+    try:
+        code = main(["fit", "--config", str(RECIPES / "full.yaml"), "--config", str(preset), "--print_config"])
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr().out
+    assert code == 0
+    cfg = yaml.safe_load(out)
+    if preset.stem == "gpu":
+        assert cfg["trainer"]["precision"] == "bf16-mixed" and cfg["model"]["compile"] is True
+        assert cfg["model"]["backbone"]["init_args"]["dim"] == 384
+    if preset.stem == "ddp":
+        assert cfg["trainer"]["strategy"] == "ddp"
