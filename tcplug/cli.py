@@ -103,10 +103,9 @@ def _make_cli_class():
 
         def instantiate_trainer(self, **kwargs):
             from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+            from lightning.fabric.utilities.exceptions import MisconfigurationException
 
             from tcplug.checkpoint import AtomicCheckpointIO
-
-            from lightning.fabric.utilities.exceptions import MisconfigurationException
 
             try:
                 trainer = super().instantiate_trainer(**kwargs)
