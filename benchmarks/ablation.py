@@ -163,8 +163,8 @@ def update_docs(table: str, files: list[Path], marker: str = "ablation") -> None
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipes", nargs="+", default=None, help="default: every recipe (smoke: baseline, "
-                   "motion_lock, full; every recipe has its own smoke test)")
+    p.add_argument("--recipes", nargs="+", default=None, help="default: every recipe (smoke: baseline "
+                   "and full; every recipe has its own smoke test)")
     p.add_argument("--budget", choices=sorted(BUDGETS), default="cpu", help="steps per recipe: " +
                    ", ".join(f"{k}={v}" for k, v in BUDGETS.items()))
     p.add_argument("--steps", type=int, default=None, help="override the budget's steps")
@@ -181,7 +181,7 @@ def main() -> None:
     args = p.parse_args()
     steps = 2 if args.smoke else (args.steps or BUDGETS[args.budget])
     if args.recipes is None:
-        args.recipes = ["baseline", "motion_lock", "full"] if args.smoke else RECIPES
+        args.recipes = ["baseline", "full"] if args.smoke else RECIPES
     extra = [a for c in args.config for a in ("--config", str(Path(c).resolve()))]
     extra += SMOKE if args.smoke else [f"--model.num_val_samples={args.samples}", f"--data.val_clips={args.samples}"]
     with tempfile.TemporaryDirectory() as tmp:

@@ -50,7 +50,7 @@ def test_print_config_roundtrip(tmp_path, tiny):
     assert cfg["model"]["backbone"]["class_path"] == "tcplug_backbones.DiT"
     x = tmp_path / "x.yaml"
     x.write_text(proc.stdout)
-    run = run_tcplug("fit", "--config", x, "--trainer.fast_dev_run=true", cwd=tmp_path)
+    run = run_tcplug("fit", "--config", x, *tiny, "--trainer.fast_dev_run=true", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
 
 
