@@ -58,6 +58,7 @@ __all__ = [
     "list_components",
     "load_plugins",
     "plugin_infos",
+    "read_mask",
     "register_plugin",
     "unregister_plugin",
 ]
@@ -73,4 +74,8 @@ def __getattr__(name: str):
         from tcplug.data import VideoDataModule
 
         return VideoDataModule
+    if name == "read_mask":  # video I/O (PyAV) only when asked for
+        from tcplug.video import read_mask
+
+        return read_mask
     raise AttributeError(f"module 'tcplug' has no attribute {name!r}")

@@ -170,7 +170,7 @@ def resolve_last_checkpoint(cfg) -> None:
     logger = cfg.get("trainer", {}).get("logger")
     if isinstance(logger, list):
         logger = logger[0] if logger else None
-    args = (logger or {}).get("init_args", {}) if isinstance(logger, dict) or hasattr(logger, "get") else {}
+    args = logger.get("init_args", {}) if hasattr(logger, "get") else {}
     save_dir, name = args.get("save_dir"), args.get("name")
     if not save_dir or name is None:
         return  # no versioned run folder: let Lightning resolve it
@@ -380,18 +380,12 @@ def cmd_data(argv: Sequence[str]) -> int:
     return 1 if report["bad"] else 0
 
 
-def load_checkpoint(path: str):
-    """Read a checkpoint without unpickling arbitrary objects (``weights_only=True``)."""
-    from tcplug.checkpoint import load_checkpoint as safe_load
-
-    return safe_load(path)
-
-
 def model_from_checkpoint(path: str):
     """Rebuild the ``TCPlugModule`` of a checkpoint from the recipe stored inside it."""
     import yaml
     from jsonargparse import ArgumentParser
 
+    from tcplug.checkpoint import load_checkpoint
     from tcplug.module import TCPlugModule
     from tcplug.registry import get_registry
 
@@ -443,17 +437,10 @@ def _conditioning_batch(args, cfg: dict) -> dict | None:
         except (OSError, ValueError) as exc:
             raise TcplugError(f"--state {args.state}: not a readable JSON state ({exc})") from None
     if args.static_mask is not None:
-        import numpy as np
-        import torch.nn.functional as F
-        from PIL import Image
+        from tcplug.video import read_mask
 
-        try:
-            img = np.asarray(Image.open(args.static_mask).convert("L"), dtype=np.float32) / 255.0
-        except Exception as exc:
-            raise TcplugError(f"--static-mask {args.static_mask}: cannot read the image ({exc})") from None
         size = args.size or int((cfg.get("data") or {}).get("size", 32))
-        mask = F.interpolate(torch.from_numpy(img)[None, None], size=(size, size), mode="area")
-        batch["static"] = (mask >= 0.5).float()
+        batch["static"] = (read_mask(args.static_mask, (size, size)) >= 0.5).float()
     return batch or None
 
 

@@ -217,8 +217,7 @@ class TCPlugModule(pl.LightningModule):
         """
         if self.router is None:
             return None
-        t_clip = timesteps if timesteps.dim() == 1 else timesteps.flatten(1).amax(1)
-        return self.router(t_clip, self.schedule)
+        return self.router(_clip_timesteps(timesteps), self.schedule)
 
     def denoise(self, xt: Tensor, timesteps: Tensor, context: dict[str, Any] | None = None) -> Tensor:
         """The (routed) backbone prediction for noisy latents ``(B, T, C, h, w)``.
@@ -277,9 +276,8 @@ class TCPlugModule(pl.LightningModule):
         """Objectives of the router and conditioners themselves: ``{name: (weight, value)}``."""
         out = {}
         if hasattr(self.router, "auxiliary_loss"):
-            t_clip = timesteps if timesteps.dim() == 1 else timesteps.flatten(1).amax(1)
-            out[getattr(self.router, "aux_name", None) or self._component_name(self.router)] = (self.router.aux_weight,
-                                                      self.router.auxiliary_loss(t_clip, self.schedule))
+            name = getattr(self.router, "aux_name", None) or self._component_name(self.router)
+            out[name] = (self.router.aux_weight, self.router.auxiliary_loss(_clip_timesteps(timesteps), self.schedule))
         for c in self.conditioners:
             if hasattr(c, "auxiliary_loss"):
                 out[getattr(c, "aux_name", None) or self._component_name(c)] = (c.aux_weight, c.auxiliary_loss(batch))
@@ -541,6 +539,12 @@ class TCPlugModule(pl.LightningModule):
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=self.disc_lr, betas=self.disc_betas)
         return ([opt, opt_d], [sched]) if sched is not None else [opt, opt_d]
+
+
+def _clip_timesteps(timesteps: Tensor) -> Tensor:
+    """One timestep per clip ``(B,)``: per-frame/per-token timesteps reduce to their maximum,
+    the noise level of the free tokens (locked tokens carry a near-zero timestep)."""
+    return timesteps if timesteps.dim() == 1 else timesteps.flatten(1).amax(1)
 
 
 def _rows(value: Any, rows: Tensor) -> Any:

@@ -110,3 +110,17 @@ def add_video_gif(experiment, tag: str, frames: np.ndarray, step: int, fps: int 
     image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=gif_bytes(frames, fps))
     summary = Summary(value=[Summary.Value(tag=tag, image=image)])
     experiment._get_file_writer().add_summary(summary, global_step=step)
+
+
+def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> Tensor:
+    """A grayscale mask image as ``(1, 1, H, W)`` floats in ``[0, 1]`` (white = 1), area-resized
+    to ``size`` ``(H, W)`` if given. Raises :class:`TcplugError` if it cannot be read."""
+    try:
+        img = np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0
+    except Exception as exc:
+        raise TcplugError(f"cannot read mask image {path}: {exc}") from None
+    mask = torch.from_numpy(img)[None, None]
+    if size is not None:
+        mask = torch.nn.functional.interpolate(mask, size=tuple(size), mode="area")
+    return mask
+

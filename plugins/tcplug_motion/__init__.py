@@ -11,8 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -64,13 +62,9 @@ class Mask(MotionLocker):
 
     def _load(self) -> Tensor:
         if self._cached is None:
-            from PIL import Image
+            from tcplug import read_mask
 
-            try:
-                img = np.asarray(Image.open(self.image).convert("L"), dtype=np.float32) / 255.0
-            except Exception as exc:
-                raise TcplugError(f"cannot read motion lock mask image {self.image}: {exc}") from None
-            self._cached = torch.from_numpy(img)[None, None]
+            self._cached = read_mask(self.image)
         return self._cached
 
     def forward(self, batch: dict[str, Any], context: dict[str, Any] | None = None, preview: Any = None) -> Tensor:
