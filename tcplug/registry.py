@@ -146,7 +146,14 @@ class _Register:
         self._registry.register(cls, name, plugin=self._plugin)
 
 
-_cache: tuple[tuple[str, ...], Registry] | None = None
+# (name, plugin object) pairs the registry was built from, and the registry. The objects are
+# held (not their ids): a plugin unregistered and garbage-collected could leave its id to a new
+# plugin registered under the same name, and an id-keyed cache would then miss the change.
+_cache: tuple[list[tuple[str, object]], Registry] | None = None
+
+
+def _same(a: list[tuple[str, object]], b: list[tuple[str, object]]) -> bool:
+    return len(a) == len(b) and all(na == nb and pa is pb for (na, pa), (nb, pb) in zip(a, b))
 
 
 def _build(pm) -> Registry:
@@ -165,9 +172,9 @@ def get_registry() -> Registry:
     """The registry of every loaded plugin's components (built lazily, cached)."""
     global _cache
     pm = plugins.get_plugin_manager()
-    # names and the plugin objects themselves: a name re-registered with another plugin rebuilds
-    key = tuple(sorted((str(n), id(p)) for n, p in pm.list_name_plugin()))
-    if _cache is None or _cache[0] != key:
+    # a plugin registered, unregistered or re-registered under a name (another object) rebuilds
+    key = sorted(((str(n), p) for n, p in pm.list_name_plugin()), key=lambda item: item[0])
+    if _cache is None or not _same(_cache[0], key):
         _cache = (key, _build(pm))
     return _cache[1]
 

@@ -114,3 +114,29 @@ def test_inline_plugin_register_and_unregister():
     finally:
         tcplug.unregister_plugin(name)
     assert "inline_attention" not in tcplug.list_components("attention")
+
+
+class OtherAttention(AttentionVariant):
+    def forward(self, q, k, v):
+        return k
+
+
+class _Registers:
+    def __init__(self, cls):
+        self.cls = cls
+
+    @hookimpl
+    def tcplug_register_components(self, register):
+        register(self.cls, name="swap_probe")
+
+
+def test_plugin_swapped_under_one_name_rebuilds_registry():
+    """Unregistering a plugin and registering another object under the same name must rebuild
+    the registry, even when the new object happens to reuse the old one's memory (and id)."""
+    for i in range(40):
+        want = (MyAttention, OtherAttention)[i % 2]
+        name = tcplug.register_plugin(_Registers(want), name="swap-test")
+        try:
+            assert tcplug.get_component("attention", "swap_probe") is want, f"stale registry at round {i}"
+        finally:
+            tcplug.unregister_plugin(name)

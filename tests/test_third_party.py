@@ -89,5 +89,6 @@ def test_plugin_that_raises_on_import(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "failed to load and may provide it: broken" in proc.stderr
     # and training still works with the rest
-    proc = run_tcplug("fit", "--config", RECIPES / "full.yaml", "--trainer.fast_dev_run=true", env=env, cwd=tmp_path)
+    proc = run_tcplug("fit", "--config", RECIPES / "full.yaml", "--config", RECIPES / "presets" / "cpu-smoke.yaml",
+                      "--trainer.fast_dev_run=true", env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
