@@ -10,8 +10,10 @@ run folder and as animated images to TensorBoard.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -380,7 +382,8 @@ class TCPlugModule(pl.LightningModule):
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(d_loss)
             self._clip(opt_d)
-            opt_d.step()
+            with _not_counted(opt_d):
+                opt_d.step()
             terms["discriminator"] = d_loss.detach()
         sched = self.lr_schedulers()
         if sched is not None:
@@ -539,6 +542,33 @@ class TCPlugModule(pl.LightningModule):
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=self.disc_lr, betas=self.disc_betas)
         return ([opt, opt_d], [sched]) if sched is not None else [opt, opt_d]
+
+
+@contextlib.contextmanager
+def _not_counted(optimizer) -> Iterator[None]:
+    """Step a LightningOptimizer without adding to ``trainer.global_step``.
+
+    Under manual optimization Lightning counts every optimizer's step in ``global_step``
+    (Lightning-AI/pytorch-lightning#17958), so a GAN's discriminator step would halve the
+    generator steps ``max_steps`` buys and shift every step-based setting (``start_step``,
+    checkpoint intervals). ``global_step`` here counts generator steps, one per batch, as in
+    every other recipe. The loop installs its counting callbacks on each optimizer at the start
+    of every batch; they are swapped for no-ops around this one step. Precision (grad scaling)
+    and strategy handling of ``optimizer.step()`` are unchanged.
+    """
+    saved = {name: getattr(optimizer, name) for name in ("_on_before_step", "_on_after_step")
+             if hasattr(optimizer, name)}
+    for name in saved:
+        setattr(optimizer, name, _nothing)
+    try:
+        yield
+    finally:
+        for name, hook in saved.items():
+            setattr(optimizer, name, hook)
+
+
+def _nothing() -> None:
+    return None
 
 
 def _clip_timesteps(timesteps: Tensor) -> Tensor:

@@ -169,17 +169,18 @@ def test_discriminator_and_generator_alternate_with_own_optimizers(tmp_path):
     m = TCPlugModule(backbone=dit(), discriminator=disc, disc_lr=1e-3, num_val_samples=0,
                      losses=[comp("loss", "denoise"), comp("loss", "adversarial", clip_frames=3, start_step=2)])
     assert not m.automatic_optimization
-    batches = [clip_batch(seed=i, size=16, frames=4) for i in range(3)]
+    batches = [clip_batch(seed=i, size=16, frames=4) for i in range(6)]
     batches = [{k: v[0] for k, v in b.items()} for b in batches]
     g0 = [p.detach().clone() for p in m.backbone.parameters()]
     d0 = [p.detach().clone() for p in disc.parameters()]
-    seen = []
+    seen, steps = [], []
 
     class Spy(pl.Callback):
         def on_train_batch_end(self, trainer, module, outputs, batch, idx):
             seen.append([p.detach().clone() for p in disc.parameters()])
+            steps.append(trainer.global_step)
 
-    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    trainer = pl.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[Spy()], default_root_dir=tmp_path)
     trainer.fit(m, DataLoader(batches, batch_size=1))
     opt_g, opt_d = m.optimizers()
@@ -190,6 +191,9 @@ def test_discriminator_and_generator_alternate_with_own_optimizers(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(d0, seen[0]))
     assert any(not torch.equal(a, b) for a, b in zip(seen[0], seen[-1]))
     assert "train/loss_discriminator" in trainer.callback_metrics and "train/loss_adversarial" in trainer.callback_metrics
+    # global_step counts generator steps (one per batch), also once the discriminator trains:
+    # max_steps=4 buys 4 generator steps, as in a recipe without a discriminator
+    assert steps == [1, 2, 3, 4]
 
 
 @pytest.mark.slow
