@@ -31,8 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ["baseline", "cross_frame", "flow_warp", "perceptual_temporal", "adversarial", "two_tier", "video_ldm",
            "experts", "world_model", "captions", "motion_lock", "full"]
 BUDGETS = {"cpu": 600, "gpu": 20000}
-SMOKE = ["--data.frames=4", "--data.size=16", "--data.batch_size=2", "--data.train_clips=8", "--data.epoch_batches=2",
-         "--data.val_clips=2", "--model.sample_steps=2", "--model.num_val_samples=2"]
+SMOKE = ["--config", str(ROOT / "recipes" / "presets" / "cpu-smoke.yaml"), "--model.num_val_samples=2"]
 GOAL_TVS = 1.2  # percent: the seed's headline for good 2026 models
 
 

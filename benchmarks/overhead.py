@@ -49,23 +49,14 @@ def tcplug_fit(steps: int, smoke: bool, work: Path) -> list[float]:
 def plain_loop(steps: int, smoke: bool, work: Path) -> list[float]:
     """The same model, data and optimizer settings, by hand: no Lightning, no logging."""
     import yaml
-    from jsonargparse import ArgumentParser
 
-    from tcplug.cli import install_registry_names
-    from tcplug.data import VideoDataModule
-    from tcplug.module import TCPlugModule
-    from tcplug.registry import get_registry
+    from tcplug.cli import instantiate_recipe
 
     # resolve the recipe exactly as `tcplug fit` does, then build the objects ourselves
-    get_registry()
-    install_registry_names()
     text = subprocess.run([sys.executable, "-m", "tcplug", "fit", "--config", str(RECIPE), *overrides(steps, smoke),
                            "--print_config"], capture_output=True, text=True, check=True, cwd=work).stdout
     cfg = yaml.safe_load(text)
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(TCPlugModule, "model", fail_untyped=False, sub_configs=True)
-    parser.add_class_arguments(VideoDataModule, "data", fail_untyped=False)
-    init = parser.instantiate_classes(parser.parse_object({"model": cfg["model"], "data": cfg["data"]}))
+    init = instantiate_recipe(cfg, ("model", "data"))
     model, data = init.model, init.data
     torch.manual_seed(cfg.get("seed_everything") or 0)
     data.prepare_data()

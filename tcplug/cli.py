@@ -380,25 +380,38 @@ def cmd_data(argv: Sequence[str]) -> int:
     return 1 if report["bad"] else 0
 
 
+def instantiate_recipe(cfg: dict, sections: Sequence[str] = ("model",)):
+    """Build the ``model`` (and, if asked, ``data``) sections of a resolved recipe (what
+    ``--print_config`` writes and every checkpoint carries) as ``tcplug fit`` would; returns a
+    namespace with one attribute per section."""
+    from jsonargparse import ArgumentParser
+
+    from tcplug.module import TCPlugModule
+    from tcplug.registry import get_registry
+
+    get_registry()
+    install_registry_names()
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(TCPlugModule, "model", fail_untyped=False, sub_configs=True)
+    if "data" in sections:
+        from tcplug.data import VideoDataModule
+
+        parser.add_class_arguments(VideoDataModule, "data", fail_untyped=False)
+    return parser.instantiate_classes(parser.parse_object({s: cfg[s] for s in sections}))
+
+
 def model_from_checkpoint(path: str):
     """Rebuild the ``TCPlugModule`` of a checkpoint from the recipe stored inside it."""
     import yaml
-    from jsonargparse import ArgumentParser
 
     from tcplug.checkpoint import load_checkpoint
-    from tcplug.module import TCPlugModule
-    from tcplug.registry import get_registry
 
     ckpt = load_checkpoint(path)
     text = ckpt.get("tcplug_config")
     if not text:
         raise TcplugError(f"{path}: no recipe inside (not written by `tcplug fit`)")
     cfg = yaml.safe_load(text)
-    get_registry()
-    install_registry_names()
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(TCPlugModule, "model", fail_untyped=False, sub_configs=True)
-    model = parser.instantiate_classes(parser.parse_object({"model": cfg["model"]})).model
+    model = instantiate_recipe(cfg).model
     model.load_state_dict(ckpt["state_dict"])
     model.tcplug_config = text
     return model.eval(), cfg
@@ -409,11 +422,10 @@ def _conditioning_batch(args, cfg: dict) -> dict | None:
     an initial object state (``state.json``)."""
     from pathlib import Path
 
-    import torch
-
     batch: dict = {}
     if args.clip is not None:
         from tcplug.data import VideoDataModule
+        from tcplug.data.shards import slice_batch
 
         dm = VideoDataModule(**(cfg.get("data") or {}))
         dm.prepare_data()
@@ -423,7 +435,7 @@ def _conditioning_batch(args, cfg: dict) -> dict | None:
             n = b["video"].shape[0]
             if args.clip < seen + n:
                 i = args.clip - seen
-                batch = {k: v[i:i + 1] if torch.is_tensor(v) or isinstance(v, list) else v for k, v in b.items()}
+                batch = slice_batch(b, slice(i, i + 1))
                 batch.pop("video")  # the clip's conditioning, not its pixels
                 break
             seen += n
@@ -479,8 +491,7 @@ def cmd_sample(argv: Sequence[str]) -> int:
     chunk = args.chunk or int(data.get("frames", 8))
     size = args.size or int(data.get("size", 32))
     batch = _conditioning_batch(args, cfg)
-    plain = model.router is None and len(model.conditioners) == 0 and model.motion_lock is None
-    if plain and getattr(model.backbone, "supports_streaming", False):
+    if model.can_stream:
         with VideoWriter(args.out, fps=args.fps) as writer:
             for video in model.stream(args.frames, size, size, chunk, steps=args.steps, seed=args.seed,
                                       progress=True):

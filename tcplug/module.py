@@ -35,7 +35,7 @@ from tcplug.kinds import (
 )
 from tcplug.metrics import Flicker, TemporalVarianceScore, WarpingError, to_unit
 from tcplug.registry import get_registry, snake_case
-from tcplug.sampling import NoiseSchedule, frame_noise, sample_loop, stream_sample
+from tcplug.sampling import NoiseSchedule, frame_noise, locked_positions, sample_loop, stream_sample
 from tcplug.video import add_video_gif, to_uint8, write_video
 
 
@@ -158,7 +158,7 @@ class TCPlugModule(pl.LightningModule):
         self._skipped: dict[int, int] = {}
         self._loss_names: list[str] = []
         for i, term in enumerate(self.losses):  # two terms of one kind log as name, name_2
-            name = self._term_name(term)
+            name = self._component_name(term)
             self._loss_names.append(name if name not in self._loss_names else f"{name}_{i + 1}")
         # the component objects are saved through the CLI's config; keep plain values here
         self.save_hyperparameters(ignore=["backbone", "latent", "losses", "discriminator", "router",
@@ -169,10 +169,8 @@ class TCPlugModule(pl.LightningModule):
         return self.experts[0]
 
     @staticmethod
-    def _term_name(term: LossTerm) -> str:
-        return get_registry().name_of(type(term)) or snake_case(type(term).__name__)
-
-    _component_name = _term_name
+    def _component_name(component: nn.Module) -> str:
+        return get_registry().name_of(type(component)) or snake_case(type(component).__name__)
 
     # ----- the model ---------------------------------------------------------------------
     def context(self, batch: dict[str, Any] | None, latent_shape: tuple[int, ...]) -> dict[str, Any] | None:
@@ -205,7 +203,7 @@ class TCPlugModule(pl.LightningModule):
         """Per-latent-pixel timesteps ``(B, T, 1, h, w)`` -> per backbone token ``(B, T, N)``."""
         if timesteps.dim() != 5:
             return timesteps
-        p = getattr(self.backbone, "patch_size", 1) or 1
+        p = self.backbone.patch_size
         t = timesteps[:, :, 0].float()
         if p > 1:
             t = torch.nn.functional.avg_pool2d(t, p)
@@ -268,7 +266,7 @@ class TCPlugModule(pl.LightningModule):
             mask = mask.expand(b, -1, -1, -1)
         if mask.dim() != 4 or mask.shape[:2] != (b, 1):
             raise TcplugError(f"motion lock mask must be (B, 1, H, W) with B={b}, got {tuple(mask.shape)}")
-        p = getattr(self.backbone, "patch_size", 1) or 1
+        p = self.backbone.patch_size
         # a token is locked only if every pixel under it is: min-pool to the token grid
         tok = 1 - torch.nn.functional.adaptive_max_pool2d(1 - mask, (h // p, w // p))
         tok = (tok > 0.5).float()
@@ -301,8 +299,7 @@ class TCPlugModule(pl.LightningModule):
             lock = self.lock_mask(batch, context, tuple(x0.shape))
         if lock is not None:
             # locked tokens of frames after the anchor: the anchor's content and noise, near-zero t
-            locked = lock.bool().expand(-1, x0.shape[1], -1, -1, -1).clone()
-            locked[:, 0] = False
+            locked = locked_positions(lock, x0.shape[1])
             x0 = torch.where(locked, x0[:, :1], x0)
             noise = torch.where(locked, noise[:, :1], noise)
             t = torch.where(locked, torch.full_like(locked, self.lock_timestep, dtype=torch.float),
@@ -415,7 +412,9 @@ class TCPlugModule(pl.LightningModule):
     def _sample_like(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         b, t, _, h, w = batch["video"].shape
         n = min(self.num_val_samples, b)
-        sub = {k: v[:n] if torch.is_tensor(v) or isinstance(v, list) else v for k, v in batch.items()}
+        from tcplug.data.shards import slice_batch
+
+        sub = slice_batch(batch, slice(0, n))
         seed = self.global_rank * 1000  # each rank samples different clips
         return self.generate(n, t, h, w, batch=sub, seed=seed), sub
 
@@ -482,6 +481,13 @@ class TCPlugModule(pl.LightningModule):
                         lock=mask, lock_timestep=self.lock_timestep)
         return self.latent.decode(z).clamp(-1, 1)
 
+    @property
+    def can_stream(self) -> bool:
+        """Whether :meth:`stream` can sample this model: a streaming backbone, and no router,
+        conditioner or motion lock (those models are sampled all at once by :meth:`generate`)."""
+        plain = self.router is None and len(self.conditioners) == 0 and self.motion_lock is None
+        return plain and getattr(self.backbone, "supports_streaming", False)
+
     @torch.no_grad()
     def stream(self, frames: int, height: int, width: int, chunk: int, steps: int | None = None, seed: int = 0,
                num: int = 1, progress: bool = False):
@@ -495,7 +501,7 @@ class TCPlugModule(pl.LightningModule):
         if self.router is not None or len(self.conditioners) or self.motion_lock is not None:
             raise TcplugError("streaming is not supported with a router, a conditioner or a motion lock in this "
                               "version; generate() samples such a model all at once")
-        if not getattr(self.backbone, "supports_streaming", False):
+        if not self.can_stream:
             raise TcplugError(f"backbone {type(self.backbone).__name__} does not support streaming")
         f = self.latent.downsample
         frame_shape = (self.latent.latent_channels, height // f, width // f)
@@ -556,19 +562,17 @@ def _not_counted(optimizer) -> Iterator[None]:
     of every batch; they are swapped for no-ops around this one step. Precision (grad scaling)
     and strategy handling of ``optimizer.step()`` are unchanged.
     """
+    from lightning.pytorch.core.optimizer import do_nothing_closure
+
     saved = {name: getattr(optimizer, name) for name in ("_on_before_step", "_on_after_step")
              if hasattr(optimizer, name)}
     for name in saved:
-        setattr(optimizer, name, _nothing)
+        setattr(optimizer, name, do_nothing_closure)
     try:
         yield
     finally:
         for name, hook in saved.items():
             setattr(optimizer, name, hook)
-
-
-def _nothing() -> None:
-    return None
 
 
 def _clip_timesteps(timesteps: Tensor) -> Tensor:

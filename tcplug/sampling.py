@@ -146,6 +146,14 @@ class NoiseSchedule:
 
 
 @torch.no_grad()
+def locked_positions(lock: Tensor, frames: int) -> Tensor:
+    """A lock ``(B, 1, 1, h, w)`` (1 = locked) -> bool ``(B, frames, 1, h, w)``: the locked
+    positions of every frame after the anchor (frame 0, which is never locked)."""
+    locked = lock.bool().expand(-1, frames, -1, -1, -1).clone()
+    locked[:, 0] = False
+    return locked
+
+
 def sample_loop(
     model_fn: Callable[[Tensor, Tensor], Tensor],
     noise: Tensor,
@@ -172,8 +180,7 @@ def sample_loop(
     scale = getattr(sched, "scale_model_input", None)
     locked = None
     if lock is not None:
-        locked = lock.bool().expand(-1, x.shape[1], -1, -1, -1).clone()
-        locked[:, 0] = False
+        locked = locked_positions(lock, x.shape[1])
         anchor_noise = noise[:, :1]
         x = torch.where(locked, x[:, :1], x)
         t_lock = torch.full((x.shape[0],), float(lock_timestep), device=x.device)

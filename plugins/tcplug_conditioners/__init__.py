@@ -236,9 +236,9 @@ class PhysicsState(MapConditioner):
         occ = torch.sigmoid((r - dist) / self.softness) * st["present"].view(b, 1, k, 1, 1)  # (B, T, K, H, W)
         canvas = torch.zeros(b, t, 5, height, width, device=pos.device)
         canvas[:, :, 1] = 1  # background depth
+        rows = torch.arange(b, device=pos.device)
         for j in st["depth"].argsort(dim=1, descending=True).unbind(1):  # far to near, per clip
-            a = occ[torch.arange(b, device=pos.device), :, j].unsqueeze(2)  # (B, T, 1, H, W)
-            rows = torch.arange(b, device=pos.device)
+            a = occ[rows, :, j].unsqueeze(2)  # (B, T, 1, H, W)
             value = torch.cat([torch.ones(b, 1, device=pos.device), st["depth"][rows, j, None], st["colour"][rows, j]],
                               1).view(b, 1, 5, 1, 1)
             canvas = canvas * (1 - a) + value * a

@@ -255,12 +255,12 @@ class VideoDataModule(pl.LightningDataModule):
         mine = shards[rank::world]
         decoder = SampleDecoder(self.keys or (), self.frames, self.size)
         per_worker = math.ceil(self.epoch_batches / max(1, self.num_workers))
+        epoch_seed = self.seed * 100_003 + epoch
         pipeline = wds.DataPipeline(
-            wds.ResampledShards(mine, seed=self.seed * 100_003 + epoch, deterministic=True),
+            wds.ResampledShards(mine, seed=epoch_seed, deterministic=True),
             TarSamples(decoder),
             decoder,
-            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
-                        seed=(self.seed * 100_003 + epoch) * 1009 + rank),
+            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=epoch_seed * 1009 + rank),
             wds.batched(self.batch_size, collation_fn=collate, partial=False),
         )
         pipeline = pipeline.with_epoch(nbatches=per_worker)

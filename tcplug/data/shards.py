@@ -301,3 +301,8 @@ def collate(samples: list[dict]) -> dict:
         else:
             out[k] = vals
     return out
+
+
+def slice_batch(batch: dict, rows: slice) -> dict:
+    """The clips ``rows`` of a collated batch: tensors and per-clip lists sliced, the rest as is."""
+    return {k: v[rows] if torch.is_tensor(v) or isinstance(v, list) else v for k, v in batch.items()}
