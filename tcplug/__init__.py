@@ -5,7 +5,7 @@ The public API a plugin may use (and the only one the built-in plugins use):
 - :data:`hookimpl` to mark hook implementations;
 - the kind base classes (:class:`Backbone`, :class:`AttentionVariant`, :class:`LatentDesign`,
   :class:`LossTerm`, :class:`Discriminator`, :class:`Router`, :class:`WorldConditioner`,
-  :class:`MotionLocker`) and :class:`LossContext`;
+  :class:`MotionLocker`, :class:`VideoMetric`) and :class:`LossContext`;
 - registry helpers :func:`get_component`, :func:`list_components`, :func:`get_registry`;
 - plugin helpers :func:`load_plugins`, :func:`register_plugin`, :func:`unregister_plugin`,
   :func:`plugin_infos`;
@@ -26,6 +26,7 @@ from tcplug.kinds import (
     LossTerm,
     MotionLocker,
     Router,
+    VideoMetric,
     WorldConditioner,
 )
 from tcplug.plugins import load_plugins, plugin_infos, register_plugin, unregister_plugin
@@ -50,6 +51,7 @@ __all__ = [
     "TcplugError",
     "UnknownComponentError",
     "VideoDataModule",
+    "VideoMetric",
     "WorldConditioner",
     "__version__",
     "get_component",

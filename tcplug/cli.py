@@ -283,34 +283,68 @@ def cmd_plugins(argv: Sequence[str]) -> int:
 def cmd_score(argv: Sequence[str]) -> int:
     import argparse
 
-    from tcplug.metrics.score import load_frames, score_frames
+    from tcplug.metrics.score import (
+        load_frames,
+        load_reference,
+        reference_suite,
+        resize_frames,
+        score_frames,
+    )
+    from tcplug.metrics.suite import DEFAULT_METRICS
 
     parser = argparse.ArgumentParser(
         prog="tcplug score",
-        description="Temporal metrics of videos (TVS in %, warping error, flicker), with optical flow "
-        "estimated by OpenCV DIS. Exit status 1 if any file failed.")
+        description="Metrics of videos with optical flow estimated by OpenCV DIS: TVS in %, warping error, "
+        "flicker, coverage; with --reference also motion_ratio, sharpness_ratio and frame_distance against "
+        "real footage (a clip that does not move, is blurred or looks nothing like the reference is caught "
+        "there, not by TVS). Exit status 1 if any file failed.")
     parser.add_argument("videos", nargs="+", metavar="VIDEO", help="mp4/gif/webm/... files or .npy (T, H, W, 3) arrays")
+    parser.add_argument("--reference", metavar="REF", default=None,
+                        help="reference footage: a video, a folder of videos, or webdataset shards")
+    parser.add_argument("--metrics", default=None, metavar="A,B,...",
+                        help="metric names (kind 'metric', `tcplug plugins` lists them); default: "
+                        f"{', '.join(DEFAULT_METRICS)} with --reference, else those needing no reference")
     parser.add_argument("--json", action="store_true", help="one JSON object per file")
-    parser.add_argument("--size", type=int, default=None, help="resize frames to SIZE x SIZE first")
+    parser.add_argument("--size", type=int, default=None, help="resize frames (and the reference) to SIZE x SIZE first")
     parser.add_argument("--max-frames", type=int, default=None, help="score only the first N frames")
     parser.add_argument("--flow", default="medium", choices=["ultrafast", "fast", "medium"], help="DIS preset")
     args = parser.parse_intermixed_args(list(argv))
+    names = [n.strip() for n in args.metrics.split(",") if n.strip()] if args.metrics else None
+    if names is None:
+        names = list(DEFAULT_METRICS) if args.reference else ["tvs", "warp_error", "flicker", "coverage"]
     failed = 0
+    suites: dict[tuple[int, int], object] = {}
+    reference = None
     for path in args.videos:
         try:
             frames = load_frames(path, args.size, args.max_frames)
+            if len(frames) < 2:
+                raise TcplugError(f"{path}: need at least 2 frames, got {len(frames)}")
+            size = tuple(frames.shape[1:3])
+            if size not in suites:
+                if args.reference and reference is None:
+                    reference = load_reference(args.reference, None, args.max_frames)
+                ref = [resize_frames(c, *size) for c in reference] if reference is not None else None
+                suites[size] = reference_suite(names, ref, args.flow)
             result = {"path": str(path), "frames": int(len(frames)),
-                      **score_frames(frames, args.flow, progress=sys.stderr.isatty() or len(frames) > 64)}
+                      **score_frames(frames, args.flow, progress=sys.stderr.isatty() or len(frames) > 64,
+                                     suite=suites[size])}
         except TcplugError as exc:
             failed += 1
             print(f"tcplug score: error: {exc}", file=sys.stderr)
+            if args.reference and reference is None and "reference" in str(exc):
+                return 2
             continue
         if args.json:
             print(json.dumps(result), flush=True)
         else:
-            print(f"{path}: frames={result['frames']} tvs={result['tvs']:.3f}% "
-                  f"warp_error={result['warp_error']:.5f} flicker={result['flicker']:.4f}", flush=True)
+            values = " ".join(f"{k}={_fmt(k, v)}" for k, v in result.items() if k not in ("path", "frames"))
+            print(f"{path}: frames={result['frames']} {values}", flush=True)
     return 1 if failed else 0
+
+
+def _fmt(name: str, value: float) -> str:
+    return f"{value:.3f}%" if name == "tvs" else f"{value:.4g}"
 
 
 def cmd_data(argv: Sequence[str]) -> int:
@@ -328,6 +362,8 @@ def cmd_data(argv: Sequence[str]) -> int:
     synth.add_argument("--gravity", type=float, default=0.0, help="pixels/frame^2 (rounded)")
     synth.add_argument("--format", choices=["npy", "mp4"], default="npy", help="frames as exact npy or mp4")
     synth.add_argument("--shard-size", type=int, default=64, help="clips per shard")
+    synth.add_argument("--world", choices=["simple", "textured"], default="simple",
+                       help="difficulty: smooth background and flat shapes, or textured ones")
     ing = sub.add_parser("ingest", help="real videos -> clips with estimated flow and occlusion")
     ing.add_argument("videos", nargs="+", metavar="VIDEO")
     ing.add_argument("--out", required=True)
@@ -350,7 +386,7 @@ def cmd_data(argv: Sequence[str]) -> int:
         if args.clips < 1 or args.frames < 2 or args.size < 8:
             raise TcplugError("need --clips >= 1, --frames >= 2, --size >= 8")
         samples = (encode_sample(f"clip{i:07d}", make_clip(args.seed, i, args.frames, args.size, args.shapes,
-                                                           args.gravity), args.format,
+                                                           args.gravity, world=args.world), args.format,
                                  {"source": "synthetic", "seed": args.seed, "index": i})
                    for i in tqdm(range(args.clips), desc="synth", unit="clip"))
         shards = write_shards(args.out, samples, maxcount=args.shard_size)
@@ -509,7 +545,7 @@ EXTRA_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "plugins": (cmd_plugins, "list plugins, their versions and components per kind"),
     "data": (cmd_data, "synth | ingest | inspect webdataset shards"),
     "sample": (cmd_sample, "sample a long video from a checkpoint, chunk by chunk (streaming K/V buffer)"),
-    "score": (cmd_score, "temporal metrics of video files: TVS, warping error, flicker"),
+    "score": (cmd_score, "metrics of video files: TVS, warping error, flicker, coverage; motion, sharpness, frame distance against --reference"),
 }
 
 USAGE = """usage: tcplug SUBCOMMAND [options]

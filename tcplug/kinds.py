@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
+from torchmetrics import Metric
 
 from tcplug.errors import TcplugError
 
@@ -28,6 +29,7 @@ __all__ = [
     "LossTerm",
     "MotionLocker",
     "Router",
+    "VideoMetric",
     "WorldConditioner",
 ]
 
@@ -302,6 +304,45 @@ class MotionLocker(nn.Module):
         raise NotImplementedError
 
 
+class VideoMetric(Metric):
+    """A measurement of clips, picked by name in a recipe (``model.metrics``) and in
+    ``tcplug score --metrics``, and computed the same way in both.
+
+    A torchmetrics :class:`~torchmetrics.Metric`: states are reduced across DDP processes, so 1
+    and N processes agree. The caller feeds it:
+
+    - ``update(video, flows=None, batch=None)``: the clips judged. ``video`` ``(B, T, C, H, W)``
+      float in ``[0, 1]``; ``flows`` the pair ``(fwd, bwd)`` of ``(B, T-1, 2, H, W)`` optical
+      flows in pixels, estimated once per clip by the caller (OpenCV DIS) and shared by every
+      metric that sets ``needs_flow``; ``batch`` what the data knows about the clips (a
+      ``static`` mask ``(B, 1, H, W)``, an object ``state``), or None.
+    - ``update_reference(video, flows=None, batch=None)``: reference clips (real footage of
+      the same world), for metrics that compare with them (``needs_reference``). Called
+      before or after ``update``; both feed the same ``compute``.
+    - ``compute()``: a scalar tensor; NaN when nothing could be measured (the caller then
+      reports nothing rather than a number).
+
+    Attributes: ``higher_is_better`` (True, False, or None when the target is 1, as for a
+    ratio to the reference); ``needs_flow``; ``needs_reference``.
+    """
+
+    full_state_update: ClassVar[bool] = False
+    higher_is_better: ClassVar[bool | None] = None
+    needs_flow: ClassVar[bool] = False
+    needs_reference: ClassVar[bool] = False
+
+    def update(self, video: Tensor, flows: tuple[Tensor, Tensor] | None = None,
+               batch: dict[str, Any] | None = None) -> None:
+        raise NotImplementedError
+
+    def update_reference(self, video: Tensor, flows: tuple[Tensor, Tensor] | None = None,
+                         batch: dict[str, Any] | None = None) -> None:
+        """Feed reference clips (default: this metric has no use for them)."""
+
+    def compute(self) -> Tensor:
+        raise NotImplementedError
+
+
 KINDS: dict[str, type[nn.Module]] = {
     "backbone": Backbone,
     "attention": AttentionVariant,
@@ -311,4 +352,5 @@ KINDS: dict[str, type[nn.Module]] = {
     "router": Router,
     "conditioner": WorldConditioner,
     "motion_lock": MotionLocker,
+    "metric": VideoMetric,
 }

@@ -27,7 +27,8 @@ def test_plugins_json_lists_builtins_and_components():
     assert comps["backbone"]["dit"] == "tcplug_backbones:DiT"
     assert comps["attention"]["per_frame"] == "tcplug_attention:PerFrame"
     assert set(comps) == {"backbone", "attention", "latent", "loss", "discriminator", "router",
-                          "conditioner", "motion_lock"}
+                          "conditioner", "motion_lock", "metric"}
+    assert comps["metric"]["motion_ratio"] == "tcplug.metrics.fidelity:MotionRatio"
 
 
 def test_plugins_text_and_python_dash_m():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from tcplug import TcplugError
 from tcplug.metrics import Flicker, TemporalVarianceScore, WarpingError, valid_mask
 from tests.conftest import run_tcplug
 
@@ -29,8 +30,8 @@ def translating_clip():
 
 
 def tvs(video, fwd=None, bwd=None, mask=None):
-    m = TemporalVarianceScore()
-    m.update(video, fwd, bwd, mask)
+    m = TemporalVarianceScore(region="all" if mask is None else "static")
+    m.update(video, None if fwd is None else (fwd, bwd), None if mask is None else {"static": mask})
     return float(m.compute())
 
 
@@ -90,7 +91,7 @@ def test_warping_error_and_flicker_known_values():
     flick = video.clone()
     flick[:, 1::2] += 0.1
     we = WarpingError()
-    we.update(flick, fwd, bwd)
+    we.update(flick, (fwd, bwd))
     assert float(we.compute()) == pytest.approx(3 * 0.1**2, rel=0.02)  # squared norm over 3 channels
     f = Flicker()
     static = video[:, :1].repeat(1, T, 1, 1, 1)
@@ -105,15 +106,15 @@ def test_flicker_on_static_region_only():
     static[:, 1::2, :, :, 32:] += 0.2  # the right half flickers
     mask = torch.zeros(1, 1, H, W)
     mask[..., :32] = 1
-    f = Flicker()
-    f.update(static.clamp(0, 1), mask=mask)
+    f = Flicker(region="static")
+    f.update(static.clamp(0, 1), batch={"static": mask})
     assert float(f.compute()) == pytest.approx(1.0)
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="at least 2 frames"):
+    with pytest.raises(TcplugError, match="at least 2 frames"):
         tvs(torch.rand(1, 1, 3, 8, 8))
-    with pytest.raises(ValueError, match=r"\(B, T, C, H, W\)"):
+    with pytest.raises(TcplugError, match=r"\(B, T, C, H, W\)"):
         tvs(torch.rand(3, 8, 8))
 
 
@@ -134,7 +135,7 @@ def test_score_command(tmp_path):
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["path"] for r in rows] == ["clip.npy", "clip.mp4"]
     for r in rows:
-        assert set(r) == {"path", "frames", "tvs", "warp_error", "flicker"}
+        assert set(r) == {"path", "frames", "tvs", "warp_error", "flicker", "coverage"}
         assert r["frames"] == T and r["tvs"] < 0.5
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 5 and "Traceback" not in proc.stderr

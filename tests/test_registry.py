@@ -26,9 +26,9 @@ class TwoKinds(AttentionVariant, LossTerm):
     pass
 
 
-def test_eight_kinds_with_base_classes():
+def test_nine_kinds_with_base_classes():
     assert list(KINDS) == ["backbone", "attention", "latent", "loss", "discriminator", "router",
-                           "conditioner", "motion_lock"]
+                           "conditioner", "motion_lock", "metric"]
     for kind, base in KINDS.items():
         assert getattr(tcplug, base.__name__) is base, kind
 

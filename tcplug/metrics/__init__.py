@@ -1,13 +1,30 @@
-"""Temporal metrics (weight-free): TVS, warping error, flicker, and the `score` core."""
+"""Metrics (weight-free): temporal (TVS, warping error, flicker, coverage), motion and fidelity
+companions (motion ratio, sharpness ratio, frame distance, trajectory error), and the
+``score`` core. Each is a :class:`~tcplug.kinds.VideoMetric` (kind ``metric``)."""
 
+from tcplug.metrics.fidelity import (
+    FrameDistance,
+    MotionRatio,
+    SharpnessRatio,
+    TrajectoryError,
+    frame_features,
+    gradient_energy,
+    mmd,
+)
 from tcplug.metrics.flow import DISFlow, valid_mask, warp
+from tcplug.metrics.suite import DEFAULT_METRICS, MetricSuite, build_metrics
 from tcplug.metrics.temporal import (
-           Flicker,
-           TemporalVarianceScore,
-           WarpingError,
-           pair_errors,
-           to_unit,
+    BackgroundFlicker,
+    Coverage,
+    Flicker,
+    TemporalVarianceScore,
+    WarpingError,
+    estimate_flows,
+    pair_errors,
+    to_unit,
 )
 
-__all__ = ["DISFlow", "Flicker", "TemporalVarianceScore", "WarpingError", "pair_errors", "to_unit",
-           "valid_mask", "warp"]
+__all__ = ["DEFAULT_METRICS", "BackgroundFlicker", "Coverage", "DISFlow", "Flicker", "FrameDistance",
+           "MetricSuite", "MotionRatio", "SharpnessRatio", "TemporalVarianceScore", "TrajectoryError",
+           "WarpingError", "build_metrics", "estimate_flows", "frame_features", "gradient_energy", "mmd",
+           "pair_errors", "to_unit", "valid_mask", "warp"]

@@ -1,4 +1,5 @@
-"""The core of ``tcplug score``: temporal metrics of video files, with estimated flow."""
+"""The core of ``tcplug score``: metrics of video files, with estimated flow, against a
+reference set (a video, a folder of videos, or shards)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import numpy as np
 import torch
 
 from tcplug.errors import TcplugError
-from tcplug.metrics.flow import DISFlow
-from tcplug.metrics.temporal import Flicker, TemporalVarianceScore, WarpingError
+
+VIDEO_SUFFIXES = (".mp4", ".gif", ".webm", ".avi", ".mov", ".mkv", ".npy")
 
 
 def load_frames(path: str | Path, size: int | None = None, max_frames: int | None = None) -> np.ndarray:
@@ -36,28 +37,95 @@ def load_frames(path: str | Path, size: int | None = None, max_frames: int | Non
     else:
         frames = read_video(path, max_frames=max_frames)
     if size:
-        import cv2
-
-        frames = np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in frames])
+        frames = resize_frames(frames, size, size)
     return frames
 
 
-def score_frames(frames: np.ndarray, flow_preset: str = "medium", progress: bool = False) -> dict:
-    """TVS (%), warping error and flicker of one clip ``(T, H, W, 3)`` uint8."""
+def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Frames ``(T, H, W, 3)`` uint8 resized to ``height x width`` (area interpolation)."""
+    import cv2
+
+    if frames.shape[1:3] == (height, width):
+        return frames
+    return np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA) for f in frames])
+
+
+def to_video(frames: np.ndarray) -> torch.Tensor:
+    """``(T, H, W, 3)`` uint8 -> ``(1, T, 3, H, W)`` float in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()[None] / 255.0
+
+
+def load_reference(ref: str | Path, size: tuple[int, int] | None = None, max_frames: int | None = None,
+                   max_clips: int = 64) -> list[np.ndarray]:
+    """Reference clips ``[(T, H, W, 3) uint8]`` from a video file, a folder of videos, or shards
+    (a folder of ``.tar`` webdataset shards or one tar); resized to ``size`` = ``(H, W)``."""
+    ref = Path(ref)
+    clips: list[np.ndarray] = []
+    if ref.is_file() and ref.suffix.lower() == ".tar" or ref.is_dir() and any(ref.glob("*.tar")):
+        from tcplug.data.shards import decode_clip, iter_tar, list_shards
+
+        for shard in list_shards(str(ref)):
+            for raw, _ in iter_tar(shard):
+                if raw is None:
+                    continue
+                try:
+                    video = decode_clip(raw)["video"]  # (T, 3, H, W) in [-1, 1]
+                except ValueError:
+                    continue
+                if max_frames:
+                    video = video[:max_frames]
+                clips.append(((video.permute(0, 2, 3, 1).numpy() + 1) * 127.5 + 0.5).clip(0, 255).astype(np.uint8))
+                if len(clips) >= max_clips:
+                    break
+            if len(clips) >= max_clips:
+                break
+    elif ref.is_dir():
+        files = sorted(p for p in ref.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+        clips = [load_frames(p, None, max_frames) for p in files[:max_clips]]
+    elif ref.is_file():
+        clips = [load_frames(ref, None, max_frames)]
+    else:
+        raise TcplugError(f"reference {ref}: no such file or folder")
+    if not clips:
+        raise TcplugError(f"reference {ref}: no readable clips (videos, .npy arrays or .tar shards)")
+    if size is not None:
+        clips = [resize_frames(c, *size) for c in clips]
+    return [c for c in clips if len(c) >= 2]
+
+
+def reference_suite(names: list[str] | None, reference: list[np.ndarray] | None, flow_preset: str = "medium"):
+    """A :class:`~tcplug.metrics.suite.MetricSuite` already fed with the reference clips."""
+    from tcplug.metrics.suite import MetricSuite, build_metrics
+
+    suite = MetricSuite(build_metrics(names), flow_preset)
+    needing = [n for n, m in suite.metrics.items() if m.needs_reference]
+    if reference is None and needing:
+        raise TcplugError(f"metrics {', '.join(needing)} compare with reference footage: give --reference REF "
+                          "(a video, a folder of videos, or shards), or pick other --metrics")
+    for clip in reference or []:
+        suite.update_reference(to_video(clip))
+    return suite
+
+
+def score_frames(frames: np.ndarray, flow_preset: str = "medium", progress: bool = False, suite=None) -> dict:
+    """Metrics of one clip ``(T, H, W, 3)`` uint8: TVS (%), warping error, flicker, coverage by
+    default; with ``suite`` (from :func:`reference_suite`), its metrics against its reference."""
+    from tcplug.metrics.suite import MetricSuite, build_metrics
     if len(frames) < 2:
         raise TcplugError(f"need at least 2 frames, got {len(frames)}")
-    estimator = DISFlow(flow_preset)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    suite = suite.fork() if suite is not None else MetricSuite(
+        build_metrics(["tvs", "warp_error", "flicker", "coverage"]), flow_preset)
+    video = to_video(frames)
+    flows = None
+    if suite.needs_flow:
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(frames) - 1, desc="flow", unit="pair", leave=False)
-    fwd, bwd = estimator(frames, progress=(lambda: bar.update(1)) if bar else None)
-    if bar:
-        bar.close()
-    video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()[None] / 255.0
-    out = {}
-    for key, metric in (("tvs", TemporalVarianceScore()), ("warp_error", WarpingError()), ("flicker", Flicker())):
-        metric.update(video, fwd[None], bwd[None])
-        out[key] = float(metric.compute())
-    return out
+            bar = tqdm(total=len(frames) - 1, desc="flow", unit="pair", leave=False)
+        fwd, bwd = suite.estimator(frames, progress=(lambda: bar.update(1)) if bar else None)
+        if bar:
+            bar.close()
+        flows = (fwd[None], bwd[None])
+    suite.update(video, flows=flows)
+    return suite.compute()

@@ -1,0 +1,37 @@
+"""Built-in metrics (kind ``metric``): the temporal metrics and their motion and fidelity
+companions, registered by name like any third party's metric would be.
+
+Names: ``tvs``, ``warp_error``, ``coverage``, ``flicker``, ``bg_flicker`` (flicker on the
+data's static region), ``motion_ratio``, ``sharpness_ratio``, ``frame_distance``,
+``trajectory_error``.
+"""
+
+from __future__ import annotations
+
+from tcplug import hookimpl
+from tcplug.metrics import (
+    BackgroundFlicker,
+    Coverage,
+    Flicker,
+    FrameDistance,
+    MotionRatio,
+    SharpnessRatio,
+    TemporalVarianceScore,
+    TrajectoryError,
+    WarpingError,
+)
+
+__version__ = "0.1.0"
+
+
+@hookimpl
+def tcplug_register_components(register):
+    register(TemporalVarianceScore, name="tvs")
+    register(WarpingError, name="warp_error")
+    register(Coverage, name="coverage")
+    register(Flicker, name="flicker")
+    register(BackgroundFlicker, name="bg_flicker")
+    register(MotionRatio, name="motion_ratio")
+    register(SharpnessRatio, name="sharpness_ratio")
+    register(FrameDistance, name="frame_distance")
+    register(TrajectoryError, name="trajectory_error")
