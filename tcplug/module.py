@@ -31,9 +31,16 @@ from tcplug.kinds import (
     LossTerm,
     MotionLocker,
     Router,
+    VideoMetric,
     WorldConditioner,
 )
-from tcplug.metrics import Flicker, TemporalVarianceScore, WarpingError, to_unit
+from tcplug.metrics import (
+    DEFAULT_METRICS,
+    MetricSuite,
+    TemporalVarianceScore,
+    build_metrics,
+    to_unit,
+)
 from tcplug.registry import get_registry, snake_case
 from tcplug.sampling import NoiseSchedule, frame_noise, locked_positions, sample_loop, stream_sample
 from tcplug.video import add_video_gif, to_uint8, write_video
@@ -53,9 +60,17 @@ class TCPlugModule(pl.LightningModule):
         conditioner: structural conditioning (kind ``conditioner``): one, or a list whose
             contexts are merged (residuals summed).
         motion_lock: static-region locking (kind ``motion_lock``).
+        metrics: what validation measures on the sampled clips (kind ``metric``), each logged
+            as ``val/<name>`` and, measured the same way on the data clips the samples were
+            conditioned on, as ``val/<name>_data`` (the data floor). Reference clips are the
+            rest of the validation batch. Default: :data:`~tcplug.metrics.DEFAULT_METRICS`
+            plus ``bg_flicker`` and ``trajectory_error`` (which report only when the data
+            has a static mask / object state).
         guidance_scale: classifier-free guidance at sampling, for conditioners with a null
             context (captions); 1 = the conditional prediction alone.
         lock_timestep: the near-zero timestep of locked tokens (training and sampling).
+        lock_copy_anchor: at the end of sampling, overwrite locked tokens with the anchor
+            frame's latents (exactly still, but copied rather than generated; off by default).
         lock_prob: fraction of training batches that get the motion lock (the others train
             the unlocked model).
         lock_loss_weight: weight of locked tokens in the denoising loss (they are given, not
@@ -89,6 +104,7 @@ class TCPlugModule(pl.LightningModule):
         router: Router | None = None,
         conditioner: WorldConditioner | list[WorldConditioner] | None = None,
         motion_lock: MotionLocker | None = None,
+        metrics: list[VideoMetric] | None = None,
         noise: Literal["ddpm", "flow_matching"] = "ddpm",
         prediction_type: Literal["epsilon", "v_prediction", "sample", "flow"] = "epsilon",
         sampler: Literal["ddim", "ddpm", "euler"] = "ddim",
@@ -107,6 +123,7 @@ class TCPlugModule(pl.LightningModule):
         sample_fps: int = 8,
         guidance_scale: float = 1.0,
         lock_timestep: float = 0.0,
+        lock_copy_anchor: bool = False,
         lock_prob: float = 0.5,
         lock_loss_weight: float = 0.0,
         preview_steps: int = 4,
@@ -148,13 +165,18 @@ class TCPlugModule(pl.LightningModule):
             raise TcplugError(f"model.lock_prob must be in [0, 1], got {lock_prob}")
         self.guidance_scale, self.lock_timestep, self.lock_prob = guidance_scale, lock_timestep, lock_prob
         self.lock_loss_weight, self.preview_steps = lock_loss_weight, preview_steps
+        self.lock_copy_anchor = lock_copy_anchor
         self.compile_backbone = compile
         self.schedule = NoiseSchedule(noise, prediction_type, num_train_timesteps, beta_schedule, sampler, shift)
         self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
         self.gradient_clip, self.disc_lr, self.disc_betas = gradient_clip, disc_lr, tuple(disc_betas)
         self.sample_steps, self.num_val_samples, self.sample_fps = sample_steps, num_val_samples, sample_fps
-        self.val_tvs, self.val_tvs_data = TemporalVarianceScore(), TemporalVarianceScore()
-        self.val_warp_error, self.val_flicker, self.val_bg_flicker = WarpingError(), Flicker(), Flicker()
+        named = build_metrics(DEFAULT_METRICS + ("bg_flicker", "trajectory_error")) if metrics is None else \
+            {self._component_name(m): m for m in metrics}
+        self.val_metrics = MetricSuite(named)
+        self.val_metrics_data = MetricSuite(copy.deepcopy(named))
+        self.val_tvs_data_gt = TemporalVarianceScore()
+        self._measured = False
         self._skipped: dict[int, int] = {}
         self._loss_names: list[str] = []
         for i, term in enumerate(self.losses):  # two terms of one kind log as name, name_2
@@ -162,7 +184,7 @@ class TCPlugModule(pl.LightningModule):
             self._loss_names.append(name if name not in self._loss_names else f"{name}_{i + 1}")
         # the component objects are saved through the CLI's config; keep plain values here
         self.save_hyperparameters(ignore=["backbone", "latent", "losses", "discriminator", "router",
-                                          "conditioner", "motion_lock"])
+                                          "conditioner", "motion_lock", "metrics"])
 
     @property
     def backbone(self) -> Backbone:
@@ -306,6 +328,7 @@ class TCPlugModule(pl.LightningModule):
                             t.float().view(-1, 1, 1, 1, 1))
             weight_mask = torch.where(locked, self.lock_loss_weight, 1.0).float()
         xt = self.schedule.add_noise(x0, noise, t)
+        self._last_timesteps = t
         pred = self.denoise(xt, t, context)
         ctx = LossContext(batch=batch, x0=x0, noise=noise, xt=xt, timesteps=t, pred=pred,
                           target=self.schedule.target(x0, noise, t), schedule=self.schedule,
@@ -343,10 +366,22 @@ class TCPlugModule(pl.LightningModule):
         for name, value in terms.items():
             self.log(f"train/loss_{name}", value.detach(), batch_size=bs)
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=bs)
+        self._log_expert_share(bs)
         if "skipped" in batch:  # running count of unreadable samples in the worker that made this batch
             self._skipped[int(batch.get("worker", 0))] = int(batch["skipped"])
             self.log("data/skipped", float(sum(self._skipped.values())), batch_size=bs, reduce_fx="max")
         return total
+
+    def _log_expert_share(self, bs: int) -> None:
+        """``train/expert_share_<e>``: the share of this batch's samples routed to expert ``e``
+        (mean routing weight), so a boundary's real split of the data is visible."""
+        n = self.router.num_experts if self.router is not None else 1
+        if n < 2 or getattr(self, "_last_timesteps", None) is None:
+            return
+        with torch.no_grad():
+            share = self.route(self._last_timesteps).float().mean(0)
+        for e in range(n):
+            self.log(f"train/expert_share_{e}", share[e], batch_size=bs)
 
     def _check_finite(self, terms: dict[str, Tensor]) -> None:
         """Stop the run, naming the term and the step, before a NaN/Inf reaches the weights.
@@ -404,7 +439,7 @@ class TCPlugModule(pl.LightningModule):
         self.log("val/loss", total, prog_bar=True, sync_dist=True, batch_size=batch["video"].shape[0])
         if batch_idx == 0 and self.num_val_samples > 0 and not self.trainer.sanity_checking:
             video, sub = self._sample_like(batch)
-            self._log_temporal_metrics(video, sub)
+            self._update_metrics(video, sub, batch)
             # trainer.log_dir is a collective under DDP: read it on every rank
             log_dir = None if self.trainer.fast_dev_run else self.trainer.log_dir
             self._write_samples(video, log_dir)
@@ -418,27 +453,41 @@ class TCPlugModule(pl.LightningModule):
         seed = self.global_rank * 1000  # each rank samples different clips
         return self.generate(n, t, h, w, batch=sub, seed=seed), sub
 
-    def _log_temporal_metrics(self, video: Tensor, sub: dict[str, Any]) -> None:
-        """TVS / warping error / flicker of generated clips, and TVS of the data ("data floor").
+    def _update_metrics(self, video: Tensor, sub: dict[str, Any], batch: dict[str, Any]) -> None:
+        """Feed the validation metrics: the sampled clips (``val/<name>``) and, measured the same
+        way (DIS flow), the data clips they were conditioned on (``val/<name>_data``, the data
+        floor), each against the same reference: the rest of the validation batch (all of it
+        when the batch holds only the sampled clips). ``val/tvs_data_gt`` is the data's TVS
+        with ground-truth flow where the data has it."""
+        gen, data = to_unit(video), to_unit(sub["video"])
+        n = gen.shape[0]
+        ref = to_unit(batch["video"][n:] if batch["video"].shape[0] > n else batch["video"])
+        ref_flows = self.val_metrics.flows(ref)
+        for suite, clips in ((self.val_metrics, gen), (self.val_metrics_data, data)):
+            suite.update_reference(ref, flows=ref_flows)
+            suite.update(clips, batch=sub)
+        if sub.get("flow") is not None and sub.get("flow_bwd") is not None:
+            self.val_tvs_data_gt.update(data, (sub["flow"], sub["flow_bwd"]))
+        self._measured = True
 
-        Flow is estimated (OpenCV DIS) for generated clips; for data clips the ground truth
-        ``flow``/``flow_bwd`` is used when the batch carries it. Metrics are torchmetrics
-        objects, reduced across DDP ranks at epoch end.
-        """
-        gen = to_unit(video)
-        data = to_unit(sub["video"])
-        static = sub.get("static")
-        self.val_tvs.update(gen)
-        self.val_warp_error.update(gen)
-        self.val_flicker.update(gen)
-        if static is not None:
-            self.val_bg_flicker.update(gen, mask=static)
-            self.log("val/bg_flicker", self.val_bg_flicker, on_epoch=True)
-        self.val_tvs_data.update(data, sub.get("flow"), sub.get("flow_bwd"))
-        self.log("val/tvs", self.val_tvs, on_epoch=True, prog_bar=True)
-        self.log("val/warp_error", self.val_warp_error, on_epoch=True)
-        self.log("val/flicker", self.val_flicker, on_epoch=True)
-        self.log("val/tvs_data", self.val_tvs_data, on_epoch=True)
+    def on_validation_epoch_end(self) -> None:
+        """Log the validation metrics (reduced across DDP processes by torchmetrics)."""
+        if not self._measured:
+            return
+        values = {f"val/{k}": v for k, v in self.val_metrics.compute().items()}
+        values.update({f"val/{k}_data": v for k, v in self.val_metrics_data.compute().items()})
+        gt = float(self.val_tvs_data_gt.compute())
+        if gt == gt:
+            values["val/tvs_data_gt"] = gt
+        steps = getattr(self, "sampler_expert_steps", [])
+        if len(steps) > 1 and sum(steps):  # share of the last validation sample's sampler steps per expert
+            values.update({f"val/expert_steps_{e}": n / sum(steps) for e, n in enumerate(steps)})
+        for name, value in values.items():
+            self.log(name, value, prog_bar=name == "val/tvs", sync_dist=True)  # equal on every rank already
+        self.val_metrics.reset()
+        self.val_metrics_data.reset()
+        self.val_tvs_data_gt.reset()
+        self._measured = False
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         total, _ = self.training_losses(batch)
@@ -476,9 +525,16 @@ class TCPlugModule(pl.LightningModule):
                                      guidance_scale=guidance_scale, lock=False)
 
             mask = self.lock_mask(cond_batch, context, shape, preview)
-        z = sample_loop(lambda x, t: self.guided(x, t, context, null, scale), noise, self.schedule,
+        self.sampler_expert_steps = [0] * (self.router.num_experts if self.router is not None else 1)
+
+        def model_fn(x: Tensor, t: Tensor) -> Tensor:
+            if self.router is not None:  # which expert takes this sampler step (first clip)
+                self.sampler_expert_steps[int(self.route(t)[0].argmax())] += 1
+            return self.guided(x, t, context, null, scale)
+
+        z = sample_loop(model_fn, noise, self.schedule,
                         steps or self.sample_steps, generator=gen, progress=progress,
-                        lock=mask, lock_timestep=self.lock_timestep)
+                        lock=mask, lock_timestep=self.lock_timestep, copy_anchor=self.lock_copy_anchor)
         return self.latent.decode(z).clamp(-1, 1)
 
     @property

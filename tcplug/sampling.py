@@ -163,6 +163,7 @@ def sample_loop(
     progress: bool = False,
     lock: Tensor | None = None,
     lock_timestep: float = 0.0,
+    copy_anchor: bool = False,
 ) -> Tensor:
     """Denoise ``noise`` (latents ``(B, T, C, h, w)``) in ``steps`` sampler steps.
 
@@ -172,8 +173,11 @@ def sample_loop(
     ``lock`` ``(B, 1, 1, h, w)`` (1 = locked) ties the locked positions of every frame after
     the anchor (frame 0) to the anchor: they start from the anchor's noise; after each step
     they hold the anchor's current clean estimate re-noised to ``lock_timestep`` (a near-zero
-    per-token timestep, which the model sees) while free positions take the full step; at the
-    end they equal the anchor exactly. Returns clean latents of the input's shape.
+    per-token timestep, which the model sees) while free positions take the full step, so
+    at the end they hold the anchor's last clean estimate re-noised to ``lock_timestep``.
+    ``copy_anchor`` then overwrites them with the anchor frame's final latents (exactly still
+    backgrounds, but a copy, not something the model produced: off by default, and a metric
+    measured with it on says so). Returns clean latents of the input's shape.
     """
     sched = schedule.make_sampler(steps)
     x = noise * getattr(sched, "init_noise_sigma", 1.0)
@@ -207,7 +211,7 @@ def sample_loop(
             x = sched.step(pred, t, x).prev_sample
         if locked is not None:
             x = torch.where(locked, schedule.add_noise(x0_anchor, anchor_noise, t_lock), x)
-    if locked is not None:
+    if locked is not None and copy_anchor:
         x = torch.where(locked, x[:, :1], x)
     return x
 

@@ -83,6 +83,24 @@ def test_first_frame_and_cross_frame_see_other_frames():
         assert not torch.allclose(a(q, k, v)[:, 3], a(q, k, v2)[:, 3])
 
 
+@pytest.mark.parametrize("anchor", [False, True])
+def test_cross_frame_window_bounds(anchor):
+    """Frame n sees frames n-window .. n (and frame 0 with the anchor), and nothing older: in
+    the fast path (strided views) and in the rule alike."""
+    w = 2
+    a = variant("cross_frame", window=w, anchor=anchor)
+    q, k, v = qkv()
+    out = a(q, k, v)
+    n = T - 1
+    for f in range(T):
+        k2, v2 = k.clone(), v.clone()
+        k2[:, f] += 1.0
+        v2[:, f] += 1.0
+        changed = not torch.allclose(a(q, k2, v2)[:, n], out[:, n], atol=1e-6)
+        visible = n - w <= f <= n or (anchor and f == 0)
+        assert changed == visible, (f, visible)
+
+
 def test_invalid_arguments():
     with pytest.raises(tcplug.TcplugError):
         variant("cross_frame", window=-1)

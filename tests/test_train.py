@@ -21,8 +21,13 @@ def test_fit_leaves_run_folder(tmp_path, tiny):
     assert len(samples) == 2  # one per validation
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["global_step"] == 4 and "val/loss" in metrics["metrics"]
-    for key in ("val/tvs", "val/tvs_data", "val/warp_error", "val/flicker", "val/bg_flicker"):
+    for key in ("val/tvs", "val/tvs_data", "val/warp_error", "val/flicker", "val/bg_flicker", "val/coverage",
+                "val/motion_ratio", "val/sharpness_ratio", "val/frame_distance", "val/trajectory_error",
+                "val/tvs_data_gt", "val/motion_ratio_data", "val/frame_distance_data", "val/expert_steps_0",
+                "train/expert_share_0", "train/expert_share_1"):
         assert key in metrics["metrics"], key
+    assert metrics["metrics"]["val/tvs_data"] > metrics["metrics"]["val/tvs_data_gt"] + 0.01  # DIS floor vs exact flow
+    assert metrics["metrics"]["val/tvs_data_gt"] < 1e-4
     assert metrics["last_checkpoint"].endswith("last.ckpt")
     from tcplug.video import read_video
 

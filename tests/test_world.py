@@ -225,7 +225,8 @@ def test_physics_state_dynamics_beat_constant_position():
 # ----- motion locking ----------------------------------------------------------------------
 def test_mask_locking_keeps_static_regions_still_and_lets_dynamic_ones_move(batch):
     torch.manual_seed(0)
-    m = TCPlugModule(dit(), motion_lock=comp("motion_lock", "mask"), lock_prob=1.0, num_val_samples=0)
+    m = TCPlugModule(dit(), motion_lock=comp("motion_lock", "mask", source="static"), lock_prob=1.0,
+                     num_val_samples=0)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     for _ in range(5):  # the per-token-timestep training path runs and trains
         loss, terms = m.training_losses(batch)
@@ -238,16 +239,53 @@ def test_mask_locking_keeps_static_regions_still_and_lets_dynamic_ones_move(batc
     assert lock.mean() > 0.3
     unit = (video + 1) / 2
     zeros = torch.zeros(2, 3, 2, 16, 16)
-    tvs = TemporalVarianceScore()
-    tvs.update(unit, zeros, zeros, mask=lock)
+    tvs = TemporalVarianceScore(region="static")
+    tvs.update(unit, (zeros, zeros), {"static": lock})
     assert float(tvs.compute()) < 0.1  # percent
     dynamic = 1 - batch["static"]
     moving = ((unit[:, 1:] - unit[:, :-1]).abs().mean(2, keepdim=True) * dynamic[:, None]).sum() / (dynamic.sum() * 3)
     assert moving > 0.01
     unlocked = (m.generate(2, 4, 16, 16, steps=5, batch=batch, lock=False) + 1) / 2
-    tvs = TemporalVarianceScore()
-    tvs.update(unlocked, zeros, zeros, mask=lock)
+    tvs = TemporalVarianceScore(region="static")
+    tvs.update(unlocked, (zeros, zeros), {"static": lock})
     assert float(tvs.compute()) > 1.0  # without the lock the same region flickers
+
+
+def test_locked_tokens_get_the_lock_timestep_in_the_sampler_and_are_not_copied_by_default():
+    """The per-token timesteps themselves: after the first step the model sees lock_timestep on
+    locked positions and the step's timestep elsewhere; without copy_anchor the locked
+    positions are what the loop made of them, not a copy of frame 0."""
+    from tcplug.sampling import NoiseSchedule, sample_loop
+
+    schedule = NoiseSchedule("ddpm", "epsilon", 1000, "squaredcos_cap_v2", "ddim", 1.0)
+    lock = torch.zeros(1, 1, 1, 8, 8)
+    lock[..., :4] = 1  # left half locked
+    seen = []
+
+    def model(x, t):
+        seen.append(t.clone())
+        return torch.zeros_like(x) + 0.01 * x.mean(1, keepdim=True)
+
+    noise = torch.randn(1, 3, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = sample_loop(model, noise, schedule, 5, lock=lock, lock_timestep=7)
+    assert seen[0].dim() == 1  # step 0: one timestep per clip
+    for t in seen[1:]:
+        assert t.shape == (1, 3, 1, 8, 8)
+        assert (t[:, 1:, ..., :4] == 7).all() and (t[:, 0] > 7).all() and (t[:, 1:, ..., 4:] > 7).all()
+    copied = sample_loop(model, noise, schedule, 5, lock=lock, lock_timestep=7, copy_anchor=True)
+    assert torch.equal(copied[:, 1:, ..., :4], copied[:, :1, ..., :4].expand(-1, 2, -1, -1, -1))
+    assert not torch.equal(out[:, 1:, ..., :4], out[:, :1, ..., :4].expand(-1, 2, -1, -1, -1))
+
+
+def test_first_frame_mask_sees_no_later_frame(batch):
+    locker = comp("motion_lock", "mask")  # default source: first_frame
+    assert not locker.oracle and comp("motion_lock", "mask", source="static").oracle
+    mask = locker(batch)
+    later = dict(batch, depth=batch["depth"].clone())
+    later["depth"][:, 1:] = 0.5  # change every later frame: the mask must not notice
+    assert torch.equal(locker(later), mask)
+    objects0 = batch["depth"][:, 0] < 0.999
+    assert (mask[objects0] == 0).all() and mask.mean() > 0.2
 
 
 def test_auto_lockers_estimate_static_regions(batch):

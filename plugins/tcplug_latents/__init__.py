@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
 
@@ -11,22 +13,33 @@ __version__ = "0.1.0"
 
 
 class Pixel(LatentDesign):
-    """Identity latent: diffusion runs on pixels ``(B, T, 3, H, W)`` in ``[-1, 1]``.
+    """Pixel latent: diffusion runs on pixels ``(B, T, 3, H, W)``, standardised.
+
+    ``encode(video) = (video - shift) * scale``; ``decode`` inverts it. Diffusion schedules
+    assume data of about unit variance; pixels in ``[-1, 1]`` of a typical clip have a standard
+    deviation of 0.2-0.35, so every noise level is far noisier for them than the schedule
+    assumes. ``scale`` brings them to about unit variance (the built-in world: std 0.34,
+    mean -0.16).
 
     Args:
         channels: image channels (3 for RGB).
+        scale: multiply pixels by this (1 = identity latent).
+        shift: subtract this first.
     """
 
-    def __init__(self, channels: int = 3) -> None:
+    def __init__(self, channels: int = 3, scale: float = 1.0, shift: float = 0.0) -> None:
         super().__init__()
+        if scale <= 0:
+            raise TcplugError(f"pixel latent scale must be > 0, got {scale}")
         self.latent_channels = channels
         self.downsample = 1
+        self.scale, self.shift = float(scale), float(shift)
 
     def encode(self, video: Tensor) -> Tensor:
-        return video
+        return (video - self.shift) * self.scale
 
     def decode(self, latents: Tensor) -> Tensor:
-        return latents
+        return latents / self.scale + self.shift
 
 
 def _load_local(cls, path: str):
@@ -47,20 +60,51 @@ def _freeze(module: nn.Module) -> None:
         p.requires_grad_(False)
 
 
+def _global_mean(value: Tensor) -> Tensor:
+    """``value`` averaged over DDP processes (itself without a process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value
+
+
 class _DiffusersAutoencoder(LatentDesign):
-    """Shared per-frame encode/decode of a diffusers autoencoder held as ``self.vae``."""
+    """Shared per-frame encode/decode of a diffusers autoencoder held as ``self.vae``.
+
+    The latent scale is the config's ``scaling_factor``, a number, or ``"data"``: measured on
+    the first batch encoded in training (``1 / std`` of its latents, averaged over DDP
+    processes) and kept in the buffer ``data_scale``, saved with the checkpoint. A random
+    or foreign autoencoder with the config's factor can give latents far from unit variance
+    (a random SD-sized encoder times 0.18215: std about 0.06), which collapses the latent
+    space against unit noise.
+    """
 
     vae: nn.Module
     scaling_factor: float
 
+    @property
+    def scale(self) -> float:
+        if self.scaling_factor != "data":
+            return self.scaling_factor
+        return float(self.data_scale)
+
     def encode(self, video: Tensor) -> Tensor:
         b, t = video.shape[:2]
-        z = self.vae.encode(video.flatten(0, 1)).latent_dist.mode() * self.scaling_factor
+        z = self.vae.encode(video.flatten(0, 1)).latent_dist.mode()
+        if self.scaling_factor == "data" and float(self.data_scale) == 0:
+            self.data_scale.fill_(float(1.0 / _global_mean(z.float().std().reshape(1)).clamp_min(1e-6)))
+        z = z * self.scale
         return z.view(b, t, *z.shape[1:])
 
     def decode(self, latents: Tensor) -> Tensor:
+        if self.scale == 0:
+            raise TcplugError("the latent scale is measured on the first training batch (scaling_factor: data): "
+                              "encode a batch before decoding")
         b, t = latents.shape[:2]
-        x = self._decode_frames(latents.flatten(0, 1) / self.scaling_factor, t)
+        x = self._decode_frames(latents.flatten(0, 1) / self.scale, t)
         return x.view(b, t, *x.shape[1:])
 
     def _decode_frames(self, z: Tensor, num_frames: int) -> Tensor:
@@ -75,11 +119,15 @@ class _DiffusersAutoencoder(LatentDesign):
                            down_block_types=["DownEncoderBlock2D"] * len(blocks), **config)
         self._configure(scaling_factor)
 
-    def _configure(self, scaling_factor: float | None) -> None:
+    def _configure(self, scaling_factor: float | str | None) -> None:
         cfg = self.vae.config
         self.latent_channels = cfg.latent_channels
         self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
-        self.scaling_factor = float(scaling_factor if scaling_factor is not None else cfg.scaling_factor)
+        if scaling_factor == "data":
+            self.scaling_factor = "data"
+        else:
+            self.scaling_factor = float(scaling_factor if scaling_factor is not None else cfg.scaling_factor)
+        self.register_buffer("data_scale", torch.zeros(()))
 
 
 class VAE(_DiffusersAutoencoder):
@@ -99,7 +147,8 @@ class VAE(_DiffusersAutoencoder):
         norm_num_groups: random init: GroupNorm groups.
     """
 
-    def __init__(self, pretrained: str | None = None, trainable: bool = False, scaling_factor: float | None = None,
+    def __init__(self, pretrained: str | None = None, trainable: bool = False,
+                 scaling_factor: float | Literal["data"] | None = None,
                  block_out_channels: list[int] | None = None, latent_channels: int = 4, layers_per_block: int = 1,
                  norm_num_groups: int = 16) -> None:
         super().__init__()
@@ -132,14 +181,15 @@ class VideoLDM(_DiffusersAutoencoder):
     Args:
         pretrained: a local folder written by ``save_pretrained``; None = small random init.
         train_decoder: fine-tune the temporal decoder.
-        scaling_factor: latent scale; None = the model config's.
+        scaling_factor: latent scale; None = the model config's; ``data`` = ``1 / std`` of
+            the first training batch's latents (use it with a random or untuned encoder).
         block_out_channels: random init: channels per encoder level.
         latent_channels: random init: latent channels.
         layers_per_block: random init: res-blocks per level.
     """
 
     def __init__(self, pretrained: str | None = None, train_decoder: bool = False,
-                 scaling_factor: float | None = None, block_out_channels: list[int] | None = None,
+                 scaling_factor: float | Literal["data"] | None = None, block_out_channels: list[int] | None = None,
                  latent_channels: int = 4, layers_per_block: int = 1) -> None:
         super().__init__()
         from diffusers import AutoencoderKLTemporalDecoder
@@ -191,16 +241,22 @@ class TwoTier(LatentDesign):
         width: conv width.
         downsample_layers: stride-2 layers (``f = 2 ** downsample_layers``).
         trainable: train the autoencoder (use the ``reconstruction`` loss term).
+        normalize: standardise both codes per channel (batch statistics in training, running
+            statistics in evaluation, no affine part), so diffusion sees latents of unit
+            variance while the autoencoder trains; without it the codes' scale drifts freely.
     """
 
     def __init__(self, global_channels: int = 2, frame_channels: int = 2, width: int = 32,
-                 downsample_layers: int = 1, trainable: bool = True) -> None:
+                 downsample_layers: int = 1, trainable: bool = True, normalize: bool = True) -> None:
         super().__init__()
         self.global_channels, self.frame_channels = global_channels, frame_channels
         self.latent_channels = global_channels + frame_channels
         self.downsample = 2 ** downsample_layers
         self.enc_global = _conv_stack(3, global_channels, width, downsample_layers)
         self.enc_frame = _conv_stack(3, frame_channels, width, downsample_layers)
+        if normalize:
+            self.enc_global.append(nn.BatchNorm2d(global_channels, affine=False))
+            self.enc_frame.append(nn.BatchNorm2d(frame_channels, affine=False))
         self.dec = _conv_stack(self.latent_channels, 3, width, downsample_layers, up=True)
         if not trainable:
             _freeze(self)

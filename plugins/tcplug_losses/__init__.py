@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from tcplug import LossContext, LossTerm, TcplugError, hookimpl
 
@@ -153,20 +153,36 @@ class PerceptualTemporal(LossTerm):
 
     Args:
         weight: multiplier in the total loss.
-        features: ``latent_encoder`` (the latent design's encoder), ``discriminator`` (the
-            trunk of the module's discriminator, which must define ``trunk``), or ``path``
-            (a TorchScript network saved with ``torch.jit.save``, loaded from ``network_path``).
+        features: the feature space, from most to least meaningful:
+
+            - ``path``: a feature network the user gives (a TorchScript file saved with
+              ``torch.jit.save``, loaded from ``network_path``; e.g. a VGG or DINO trunk):
+              the only truly *perceptual* choice, since nothing can be downloaded here;
+            - ``latent_encoder``: the latent design's encoder, learned by its autoencoder
+              (``two_tier``, ``vae``, ``video_ldm``); on ``pixel`` latents it is the identity
+              and the term equals ``flow_warp``;
+            - ``discriminator``: the trunk of the module's discriminator, learned only when an
+              ``adversarial`` term trains it (otherwise it is a fixed random trunk);
+            - ``random_trunk``: a fixed, randomly initialized two-layer conv net (seed 0)
+              owned by the term: random features, not perceptual, kept as a control.
         network_path: local file of the user-supplied feature network (``features: path``);
             it maps ``(N, 3, H, W)`` in ``[-1, 1]`` to ``(N, C, h, w)``. Never downloaded.
         weighting: ``none`` or ``snr`` (see ``flow_warp``).
     """
 
     def __init__(self, weight: float = 1.0,
-                 features: Literal["latent_encoder", "discriminator", "path"] = "latent_encoder",
+                 features: Literal["path", "latent_encoder", "discriminator", "random_trunk"] = "latent_encoder",
                  network_path: str | None = None, weighting: Literal["none", "snr"] = "snr") -> None:
         super().__init__(weight)
         self.features, self.network_path, self.weighting = features, network_path, weighting
         self.net = None
+        if features == "random_trunk":
+            gen = torch.Generator().manual_seed(0)
+            self.net = nn.Sequential(nn.Conv2d(3, 16, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(16, 32, 3, 1, 1))
+            with torch.no_grad():
+                for p in self.net.parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen) * (0.1 if p.dim() == 1 else (1.0 / p[0].numel()) ** 0.5))
+                    p.requires_grad_(False)
         if features == "path":
             if not network_path:
                 raise TcplugError("perceptual_temporal with features: path needs network_path (a local file)")

@@ -44,21 +44,42 @@ class NoLock(MotionLocker):
 
 
 class Mask(MotionLocker):
-    """A given mask: the data's static mask (batch key ``static``, ``(B, 1, H, W)``), or a user
-    image (white = locked), resized to the frame size.
+    """A given mask (1 = locked), from one of three sources:
+
+    - ``first_frame`` (default): what frame 0 shows as background, less a ``margin`` around
+      every object there: the data's first-frame depth (batch key ``depth``, background = 1;
+      the synthetic world carries it) or, without depth, its first-frame object mask. It sees
+      no later frame, so it is what a user could give at sampling time from a first frame.
+    - ``image``: a user image (white = locked), resized to the frame size.
+    - ``static``: the data's ``static`` mask, the union over **all** frames of where no
+      object ever goes. **An oracle**: it encodes the clip's future motion, so a recipe using
+      it is not comparable with an unconditional one (``oracle`` is True; the ablation marks it).
 
     Args:
-        image: path of a grayscale/RGB image; pixels brighter than ``threshold`` are locked.
-            Without it the batch's ``static`` mask is used.
+        source: ``first_frame``, ``image`` or ``static``.
+        image: path of a grayscale/RGB image for ``source: image`` (giving it selects that
+            source); pixels brighter than ``threshold`` are locked.
         threshold: in ``[0, 1]``.
+        margin: ``first_frame``: pixels kept free around each object of frame 0 (objects move
+            into them).
     """
 
-    def __init__(self, image: str | None = None, threshold: float = 0.5) -> None:
+    def __init__(self, source: Literal["first_frame", "image", "static"] = "first_frame",
+                 image: str | None = None, threshold: float = 0.5, margin: int = 3) -> None:
         super().__init__()
-        self.image, self.threshold = image, threshold
+        if image is not None:
+            source = "image"
+        if source == "image" and image is None:
+            raise TcplugError("motion lock mask(source=image) needs image=PATH")
+        self.source, self.image, self.threshold, self.margin = source, image, threshold, margin
         self._cached: Tensor | None = None
         if image is not None and not Path(image).is_file():
             raise TcplugError(f"motion lock mask image {image!r} does not exist")
+
+    @property
+    def oracle(self) -> bool:
+        """True when the mask is read from the clip's future (the data's all-frame static mask)."""
+        return self.source == "static"
 
     def _load(self) -> Tensor:
         if self._cached is None:
@@ -68,13 +89,20 @@ class Mask(MotionLocker):
         return self._cached
 
     def forward(self, batch: dict[str, Any], context: dict[str, Any] | None = None, preview: Any = None) -> Tensor:
-        if self.image is not None:
+        if self.source == "image":
             b, h, w = _frame_size(batch)
             img = F.interpolate(self._load(), size=(h, w), mode="area")
             return (img >= self.threshold).float().expand(b, 1, h, w)
+        if self.source == "first_frame":
+            depth = batch.get("depth")
+            if depth is None:
+                raise TcplugError("motion lock mask(source=first_frame) needs the data's depth (batch key 'depth', "
+                                  "background = 1; the synthetic world carries it): use source=image or auto")
+            objects = (depth[:, 0].float() < 0.999).float()  # (B, 1, H, W): what frame 0 shows in front
+            return 1 - _dilate(objects, self.margin)
         if batch.get("static") is None:
-            raise TcplugError("motion lock 'mask' needs the data's static mask (batch key 'static'; "
-                              "the synthetic world carries it) or image=PATH")
+            raise TcplugError("motion lock mask(source=static) needs the data's static mask (batch key 'static'; "
+                              "the synthetic world carries it), or use source=first_frame or image=PATH")
         return (batch["static"].float() >= self.threshold).float()
 
 

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset
@@ -25,10 +26,13 @@ def default_cache_dir() -> Path:
 
 
 def synth_params(frames: int, size: int, clips: int, val_clips: int, num_shapes: int, gravity: float,
-                 seed: int, video_format: str, shard_size: int) -> dict:
-    return {"version": SYNTH_VERSION, "frames": frames, "size": size, "clips": clips, "val_clips": val_clips,
-            "num_shapes": num_shapes, "gravity": gravity, "seed": seed, "video_format": video_format,
-            "shard_size": shard_size}
+                 seed: int, video_format: str, shard_size: int, world: str = "textured") -> dict:
+    params = {"version": SYNTH_VERSION, "frames": frames, "size": size, "clips": clips, "val_clips": val_clips,
+              "num_shapes": num_shapes, "gravity": gravity, "seed": seed, "video_format": video_format,
+              "shard_size": shard_size}
+    if world != "textured":  # the textured world keeps the cache folders it always had
+        params["world"] = world
+    return params
 
 
 def synth_cache_path(cache_dir: Path, params: dict) -> Path:
@@ -52,7 +56,8 @@ def generate_synthetic(out: Path, params: dict, progress: bool = True) -> Path:
         for split, n, seed in (("train", p["clips"], p["seed"]), ("val", p["val_clips"], p["seed"] + 1_000_003)):
             bar = tqdm(range(n), desc=f"synthetic world ({split})", disable=not progress, leave=False)
             samples = (encode_sample(f"{split}{i:07d}", make_clip(seed, i, p["frames"], p["size"], p["num_shapes"],
-                                                                  p["gravity"]), p["video_format"],
+                                                                  p["gravity"], world=p.get("world", "textured")),
+                                     p["video_format"],
                                      {"source": "synthetic", "seed": seed, "index": i}) for i in bar)
             write_shards(tmp / split, samples, prefix=split, maxcount=p["shard_size"])
         (tmp / "params.json").write_text(json.dumps(p, indent=2))
@@ -166,6 +171,9 @@ class VideoDataModule(pl.LightningDataModule):
         train_clips: synthetic world: training clips.
         num_shapes: synthetic world: moving shapes per clip.
         gravity: synthetic world: downward acceleration in pixels/frame^2.
+        world: synthetic world: ``simple`` (smooth striped background, flat shapes: a small
+            model learns it in minutes) or ``textured`` (high-frequency background and
+            striped shapes: harder).
         video_format: synthetic world: frames stored as ``npy`` (exact) or ``mp4``.
         shard_size: synthetic world: clips per shard.
         cache_dir: where the synthetic world is cached (default ``$TCPLUG_CACHE`` or
@@ -188,6 +196,7 @@ class VideoDataModule(pl.LightningDataModule):
         train_clips: int = 1024,
         num_shapes: int = 2,
         gravity: float = 0.0,
+        world: Literal["simple", "textured"] = "simple",
         video_format: str = "npy",
         shard_size: int = 64,
         cache_dir: str | None = None,
@@ -208,7 +217,7 @@ class VideoDataModule(pl.LightningDataModule):
         self.batch_size, self.epoch_batches, self.val_clips = batch_size, epoch_batches, val_clips
         self.keys, self.num_workers, self.shuffle_buffer, self.seed = keys, num_workers, shuffle_buffer, seed
         self.synth = synth_params(frames, size, train_clips, val_clips, num_shapes, gravity, seed, video_format,
-                                  shard_size)
+                                  shard_size, world)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._val: ClipList | None = None
 

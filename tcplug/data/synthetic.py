@@ -1,4 +1,9 @@
-"""The synthetic world: moving, occluding shapes over a textured static background.
+"""The synthetic world: moving, occluding shapes over a static background.
+
+Two difficulties (``world``): ``simple`` (the default for training recipes) has a smooth
+background (a base colour and one low-frequency stripe pattern) and flat-coloured shapes;
+``textured`` has a background of three sinusoids plus a checker and shapes with an
+object-local stripe texture, which a small model needs far longer to learn.
 
 Each clip is generated from ``(seed, index)`` alone, reproducible anywhere. Shapes
 (circle, square, triangle, diamond) have random colours, sizes, depths and an object-local
@@ -35,10 +40,19 @@ COLOURS = {
 }
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Static texture ``(S, S, 3)`` float in [0, 255]: a few random sinusoids and a checker."""
+WORLDS = ("simple", "textured")
+
+
+def _background(rng: np.random.Generator, size: int, world: str = "textured") -> np.ndarray:
+    """Static background ``(S, S, 3)`` float in [0, 255]: ``textured``: a few random sinusoids
+    and a checker; ``simple``: one low-frequency stripe pattern over a base colour."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     base = rng.uniform(60, 140, size=3).astype(np.float32)
+    if world == "simple":
+        fx, fy = rng.uniform(0.5, 1.5, size=2)
+        phase = rng.uniform(0, 2 * np.pi)
+        wave = np.sin(2 * np.pi * (fx * xx + fy * yy) + phase)[..., None]
+        return np.clip(base + rng.uniform(15, 30, size=3) * wave, 0, 255)
     tex = np.zeros((size, size, 3), np.float32)
     for _ in range(3):
         fx, fy = rng.uniform(1, 5, size=2)
@@ -69,11 +83,15 @@ def _gauss(size: int, points: list[tuple[float, float]], sigma: float = 1.0) -> 
 
 
 def make_clip(seed: int, index: int, frames: int = 8, size: int = 32, num_shapes: int = 2,
-              gravity: float = 0.0, max_speed: int | None = None) -> dict:
-    """Generate clip ``index`` of the world seeded by ``seed`` (see the module docstring)."""
+              gravity: float = 0.0, max_speed: int | None = None, world: str = "textured") -> dict:
+    """Generate clip ``index`` of the world seeded by ``seed`` (see the module docstring).
+
+    ``world``: ``simple`` or ``textured`` (the difficulty, see the module docstring)."""
+    if world not in WORLDS:
+        raise ValueError(f"world must be one of {WORLDS}, got {world!r}")
     rng = np.random.default_rng([seed, index])
     max_speed = max_speed or max(1, size // 16)
-    bg = _background(rng, size)
+    bg = _background(rng, size, world)
     names = list(COLOURS)
     objs = []
     for _ in range(num_shapes):
@@ -121,7 +139,8 @@ def make_clip(seed: int, index: int, frames: int = 8, size: int = 32, num_shapes
             dx, dy = xx - cx, yy - cy
             m = _shape_mask(o["class"], dx, dy, o["size"])
             colour = np.array(COLOURS[o["colour_name"]], np.float32)
-            shade = 0.8 + 0.2 * np.sin((dx + dy) * o["stripe"])  # object-local texture
+            # object-local texture (flat colour in the simple world)
+            shade = 0.8 + 0.2 * np.sin((dx + dy) * o["stripe"]) if world == "textured" else np.ones_like(dx, np.float32)
             img[m] = colour * shade[m][:, None]
             ids[m], depth[m] = i, o["depth"]
             r = o["size"]
@@ -157,7 +176,7 @@ def make_clip(seed: int, index: int, frames: int = 8, size: int = 32, num_shapes
     desc = [f"a {o['colour_name']} {o['class']}" for o in objs]
     motion = "bounce and fall" if g else "move"
     caption = (", ".join(desc[:-1]) + " and " + desc[-1] if len(desc) > 1 else desc[0]) + \
-        f" {motion} over a textured background"
+        f" {motion} over a {'textured' if world == 'textured' else 'striped'} background"
     return {
         "frames": np.stack(out["frames"]), "flow": flow, "flow_bwd": flow_bwd, "occ": occ,
         "depth": np.stack(out["depth"]).astype(np.float16), "skeleton": np.stack(out["skeleton"]).astype(np.float16),
