@@ -345,10 +345,13 @@ class TCPlugModule(pl.LightningModule):
             total = total + weight * value
         return (total, terms, ctx) if return_context else (total, terms)
 
-    def configure_model(self) -> None:
-        if self.compile_backbone:
+    def setup(self, stage: str) -> None:
+        # in setup rather than configure_model: Lightning's weight averaging (EMA) warns about
+        # any model that overrides configure_model (it cannot average sharded layers)
+        if self.compile_backbone and not getattr(self, "_compiled", False):
             for expert in self.experts:
                 expert.compile()
+            self._compiled = True
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Seed this step's randomness (noise, timesteps, dropout) from ``(seed, step, rank)``:

@@ -31,10 +31,11 @@ def warp_error(clip):
     return float(((warped - fr[:-1]).abs() * valid).sum() / (valid.sum() * 3)), float(valid.mean())
 
 
+@pytest.mark.parametrize("world", ["textured", "simple"])
 @pytest.mark.parametrize("seed,gravity,size", [(0, 0, 32), (1, 1, 48), (2, 0, 64), (3, 1, 24)])
-def test_flow_is_exact(seed, gravity, size):
+def test_flow_is_exact(seed, gravity, size, world):
     for index in range(4):
-        clip = make_clip(seed, index, frames=12, size=size, num_shapes=3, gravity=gravity, max_speed=3)
+        clip = make_clip(seed, index, frames=12, size=size, num_shapes=3, gravity=gravity, max_speed=3, world=world)
         err, valid = warp_error(clip)
         assert err < 1 / 255 and valid > 0.5, (index, err, valid)
 
@@ -66,6 +67,21 @@ def test_ground_truth_contents_and_reproducibility():
     assert a["skeleton"][0, 0, cy, cx] == pytest.approx(1.0)
 
 
+def test_simple_world_is_smooth_and_its_shapes_flat():
+    simple, textured = make_clip(0, 0, 8, 32, world="simple"), make_clip(0, 0, 8, 32, world="textured")
+
+    def background_roughness(clip):
+        f = clip["frames"][0].astype(float)
+        return float(np.abs(np.diff(f, axis=1))[clip["static"][:, 1:] > 0].mean())
+
+    assert background_roughness(simple) < 0.5 * background_roughness(textured)
+    ids = (simple["depth"][0] < 1)  # object pixels of frame 0: flat colours, few distinct values
+    assert len(np.unique(simple["frames"][0][ids].reshape(-1, 3), axis=0)) <= 2
+    assert simple["txt"].endswith("over a striped background")
+    with pytest.raises(ValueError, match="world"):
+        make_clip(0, 0, world="hard")
+
+
 def test_gravity_accelerates_downwards():
     clip = make_clip(0, 0, frames=6, size=64, num_shapes=1, gravity=1)
     vy = np.array(clip["state"]["velocity"])[:, 0, 1]
@@ -87,7 +103,7 @@ def test_synth_inspect_roundtrip(tmp_path):
     # decoded values equal the generator's
     decoder = SampleDecoder(["flow"], 4, 16)
     first = next(decoder(TarSamples(decoder)([{"url": str(sorted(out.glob("*.tar"))[0])}])))
-    ref = make_clip(3, 0, 4, 16, 2)
+    ref = make_clip(3, 0, 4, 16, 2, world="simple")  # the CLI writes the simple world by default
     assert torch.equal(first["flow"], torch.from_numpy(ref["flow"]).permute(0, 3, 1, 2))
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import tcplug
 from tcplug import TcplugError, get_component, list_components
 from tcplug.data.synthetic import make_clip
 from tcplug.metrics import MetricSuite, TemporalVarianceScore, build_metrics, pair_errors
@@ -162,3 +163,50 @@ def test_score_reads_shards_as_reference(tmp_path):
 def test_unknown_metric_name_in_suite():
     with pytest.raises(TcplugError):
         build_metrics(["no_such_metric"])
+
+
+class MeanBrightness(tcplug.VideoMetric):
+    """A third party's metric: the clips' mean brightness."""
+
+    higher_is_better = None
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("n", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, video, flows=None, batch=None):
+        self.total += video.float().mean() * video.shape[0]
+        self.n += video.shape[0]
+
+    def compute(self):
+        return self.total / self.n
+
+
+class _MetricPlugin:
+    @tcplug.hookimpl
+    def tcplug_register_components(self, register):
+        register(MeanBrightness, name="mean_brightness")
+
+
+def test_third_party_metric_by_name_in_validation_and_score(tmp_path):
+    """A registered metric is picked by name in model.metrics and in the score core, and reads
+    the same on the same clip in both."""
+    from tcplug.metrics.score import reference_suite, score_frames
+    from tcplug.module import TCPlugModule
+
+    name = tcplug.register_plugin(_MetricPlugin(), name="metric-test")
+    try:
+        clip = make_clip(2, 0, 4, 16, world="simple")["frames"]
+        row = score_frames(clip, suite=reference_suite(["mean_brightness", "tvs"], None))
+        expected = float(torch.from_numpy(clip).float().mean() / 255)
+        assert row["mean_brightness"] == pytest.approx(expected, rel=1e-5) and "tvs" in row
+        backbone = get_component("backbone", "dit")(in_channels=3, patch_size=2, dim=16, depth=1, heads=2)
+        module = TCPlugModule(backbone, metrics=[MeanBrightness()])
+        assert list(module.val_metrics.metrics) == ["mean_brightness"]
+        video = torch.from_numpy(clip).permute(0, 3, 1, 2)[None].float() / 127.5 - 1
+        batch = {"video": torch.cat([video, video])}
+        module._update_metrics(video, {"video": video}, batch)
+        assert module.val_metrics.compute()["mean_brightness"] == pytest.approx(expected, rel=1e-5)
+    finally:
+        tcplug.unregister_plugin(name)

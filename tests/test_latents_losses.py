@@ -137,6 +137,16 @@ def test_two_tier_shares_one_global_code():
     z3 = z.clone()
     z3[:, 1, :2] += 1.0  # a different global code in one frame is averaged: every frame changes alike
     assert not torch.allclose(lat.decode(z3)[:, 0], out[:, 0])
+    # codes standardised: unit variance per frame whatever the encoder's scale
+    assert float(z[:, :, 2:].std()) == pytest.approx(1.0, abs=0.05)
+    raw = comp("latent", "two_tier", global_channels=2, frame_channels=3, normalize=False).encode(video * 0.1)
+    assert abs(float(raw[:, :, 2:].std()) - 1) > 0.3
+
+
+def test_pixel_latent_scale_round_trips():
+    lat = comp("latent", "pixel", scale=3.0, shift=-0.2)
+    video = torch.rand(1, 2, 3, 8, 8) * 2 - 1
+    assert torch.allclose(lat.encode(video), (video + 0.2) * 3) and torch.allclose(lat.decode(lat.encode(video)), video)
 
 
 def test_video_ldm_encoder_is_per_frame_and_decoder_temporal():

@@ -109,9 +109,12 @@ class MapConditioner(WorldConditioner):
 
 class Depth(MapConditioner):
     """Depth maps (batch key ``depth``, ``(B, T, 1, H, W)``, 0 near .. 1 far) through a
-    zero-initialized adapter. Reference: ControlNet depth, Cosmos Transfer."""
+    zero-initialized adapter. Reference: ControlNet depth, Cosmos Transfer.
+
+    ``oracle`` is true: every frame's depth is given, so the clip's motion is given too."""
 
     channels = 1
+    oracle = True
 
     def maps(self, batch: dict[str, Any], latent_shape: tuple[int, ...]) -> Tensor:
         return _need(batch, "depth", "depth").float() * 2 - 1
@@ -119,12 +122,15 @@ class Depth(MapConditioner):
 
 class Skeleton(MapConditioner):
     """Keypoint heatmaps (batch key ``skeleton``, ``(B, T, K, H, W)`` in ``[0, 1]``; the
-    synthetic world gives object centres and bounding-box corners, ``K = 2``).
+    synthetic world gives object centres and bounding-box corners, ``K = 2``). ``oracle`` is
+    true: every frame's keypoints are given, so the clip's motion is given too.
 
     Args:
         channels: ``K``, the number of heatmap channels.
         scale: residual multiplier.
     """
+
+    oracle = True
 
     def __init__(self, channels: int = 2, scale: float = 1.0) -> None:
         super().__init__(scale)

@@ -241,9 +241,10 @@ class TwoTier(LatentDesign):
         width: conv width.
         downsample_layers: stride-2 layers (``f = 2 ** downsample_layers``).
         trainable: train the autoencoder (use the ``reconstruction`` loss term).
-        normalize: standardise both codes per channel (batch statistics in training, running
-            statistics in evaluation, no affine part), so diffusion sees latents of unit
-            variance while the autoencoder trains; without it the codes' scale drifts freely.
+        normalize: standardise each frame's codes (zero mean, unit variance over channels and
+            positions, no affine part: ``GroupNorm`` with one group), so diffusion sees latents
+            of unit variance while the autoencoder trains; without it the codes' scale drifts
+            freely. No running statistics: training and evaluation encode alike.
     """
 
     def __init__(self, global_channels: int = 2, frame_channels: int = 2, width: int = 32,
@@ -255,8 +256,8 @@ class TwoTier(LatentDesign):
         self.enc_global = _conv_stack(3, global_channels, width, downsample_layers)
         self.enc_frame = _conv_stack(3, frame_channels, width, downsample_layers)
         if normalize:
-            self.enc_global.append(nn.BatchNorm2d(global_channels, affine=False))
-            self.enc_frame.append(nn.BatchNorm2d(frame_channels, affine=False))
+            self.enc_global.append(nn.GroupNorm(1, global_channels, affine=False))
+            self.enc_frame.append(nn.GroupNorm(1, frame_channels, affine=False))
         self.dec = _conv_stack(self.latent_channels, 3, width, downsample_layers, up=True)
         if not trainable:
             _freeze(self)

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from tcplug.data.shards import ALL_KEYS, SampleDecoder, TarSamples, collate, iter_tar, list_shards
 from tcplug.errors import TcplugError
 
-SYNTH_VERSION = 1  # bump when the synthetic world changes, to invalidate caches
+SYNTH_VERSION = 2  # bump when the synthetic world changes, to invalidate caches
 
 
 def default_cache_dir() -> Path:

@@ -1,7 +1,7 @@
 """The synthetic world: moving, occluding shapes over a static background.
 
 Two difficulties (``world``): ``simple`` (the default for training recipes) has a smooth
-background (a base colour and one low-frequency stripe pattern) and flat-coloured shapes;
+background (a base colour and one low-frequency stripe pattern) and larger flat-coloured shapes;
 ``textured`` has a background of three sinusoids plus a checker and shapes with an
 object-local stripe texture, which a small model needs far longer to learn.
 
@@ -95,7 +95,10 @@ def make_clip(seed: int, index: int, frames: int = 8, size: int = 32, num_shapes
     names = list(COLOURS)
     objs = []
     for _ in range(num_shapes):
-        r = int(rng.integers(max(2, size // 10), max(3, size // 5) + 1))
+        if world == "simple":  # larger shapes: several backbone patches across
+            r = int(rng.integers(max(2, size // 7), max(3, size // 4) + 1))
+        else:
+            r = int(rng.integers(max(2, size // 10), max(3, size // 5) + 1))
         objs.append({
             "class": CLASSES[int(rng.integers(len(CLASSES)))],
             "colour_name": names[int(rng.integers(len(names)))],
