@@ -1,0 +1,92 @@
+"""README command 1 measured: samples of a trained run beside the data, with the figures.
+
+Loads a run's ``last.ckpt`` (the EMA weights when the recipe averages them), samples
+``--clips`` clips conditioned on the first validation clips (their pixels withheld), scores
+them and the data clips they were conditioned on (the data floor) with the same code and DIS
+flow as ``benchmarks/ablation.py``, against a reference set of other clips of the same world,
+and renders a strip: data clip, sample, data clip, sample, ... (frames left to right).
+Prints one JSON line.
+
+Usage:
+  tcplug fit --config recipes/full.yaml                       # README command 1
+  python benchmarks/main_job.py --run runs/full/version_0 --img docs/img/main_job.png
+  python benchmarks/main_job.py --smoke                        # trains a tiny run first
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ablation import SMOKE, aggregate, data_clips, per_clip, reference_clips, sample  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def strip(data: torch.Tensor, gen: torch.Tensor, path: Path, rows: int = 3) -> None:
+    """Interleaved rows (data clip i, sample i), frames left to right, 3x upscaled PNG."""
+    from PIL import Image
+
+    to_u8 = lambda v: (v.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()  # noqa: E731
+    d, g = to_u8(data[:rows]), to_u8(gen[:rows])
+    sep = np.full((2, d.shape[1] * d.shape[3], 3), 255, np.uint8)
+    lines = []
+    for a, b in zip(d, g):
+        lines += [np.concatenate(list(a), axis=1), np.concatenate(list(b), axis=1), sep]
+    img = np.concatenate(lines[:-1], axis=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).resize((img.shape[1] * 3, img.shape[0] * 3), Image.NEAREST).save(path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default=None, help="a run folder of `tcplug fit` (holding checkpoints/last.ckpt)")
+    p.add_argument("--clips", type=int, default=32)
+    p.add_argument("--reference", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--img", default=None, help="write the strip here (PNG)")
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(args.run) if args.run else None
+        if args.smoke:
+            args.clips, args.reference = 2, 4
+            proc = subprocess.run([sys.executable, "-m", "tcplug", "fit", "--config", str(ROOT / "recipes" / "full.yaml"),
+                                   *SMOKE, f"--trainer.logger.init_args.save_dir={tmp}"], cwd=tmp,
+                                  capture_output=True, text=True)
+            if proc.returncode:
+                raise SystemExit(proc.stderr[-2000:])
+            run = next(Path(tmp).rglob("version_0"))
+        if run is None:
+            raise SystemExit("give --run RUN_FOLDER (or --smoke)")
+        ckpt = run / "checkpoints" / "last.ckpt"
+        if not ckpt.is_file():
+            raise SystemExit(f"{ckpt}: no checkpoint")
+        import yaml
+
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        t0 = time.perf_counter()
+        batch = data_clips(cfg["data"], args.clips)
+        ref = per_clip(reference_clips(cfg["data"], args.reference), {})
+        video, oracle = sample(ckpt, batch, args.seed)
+        data = (batch["video"].float() + 1) / 2
+        gen_m, data_m = aggregate([per_clip(video, batch)], ref), aggregate([per_clip(data, batch)], ref)
+        if args.img:
+            strip(data, video, Path(args.img))
+        metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+        print(json.dumps({"bench": "main_job", "run": str(run), "global_step": metrics.get("global_step"),
+                          "clips": args.clips, "reference": args.reference, "oracle": oracle,
+                          "generated": gen_m, "data_floor": data_m, "score_s": round(time.perf_counter() - t0, 1)}))
+
+
+if __name__ == "__main__":
+    main()
