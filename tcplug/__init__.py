@@ -35,7 +35,12 @@ from tcplug.sampling import FrameStream
 
 __version__ = "0.1.0"
 
+#: the built-in metric classes, importable from ``tcplug`` (a built-in plugin registers them by name)
+_METRICS = ("BackgroundFlicker", "Coverage", "Flicker", "FrameDistance", "MotionRatio", "SharpnessRatio",
+            "TemporalVarianceScore", "TrajectoryError", "WarpingError")
+
 __all__ = [
+    *_METRICS,
     "KINDS",
     "AttentionVariant",
     "Backbone",
@@ -76,6 +81,10 @@ def __getattr__(name: str):
         from tcplug.data import VideoDataModule
 
         return VideoDataModule
+    if name in _METRICS:  # the built-in metrics (their flow estimator needs OpenCV when used)
+        import tcplug.metrics
+
+        return getattr(tcplug.metrics, name)
     if name == "read_mask":  # video I/O (PyAV) only when asked for
         from tcplug.video import read_mask
 

@@ -22,7 +22,7 @@ def test_fit_leaves_run_folder(tmp_path, tiny):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["global_step"] == 4 and "val/loss" in metrics["metrics"]
     for key in ("val/tvs", "val/tvs_data", "val/warp_error", "val/flicker", "val/bg_flicker", "val/coverage",
-                "val/motion_ratio", "val/sharpness_ratio", "val/frame_distance", "val/trajectory_error",
+                "val/motion_ratio", "val/sharpness_ratio", "val/frame_distance", "val/trajectory_error_data",
                 "val/tvs_data_gt", "val/motion_ratio_data", "val/frame_distance_data", "val/expert_steps_0",
                 "train/expert_share_0", "train/expert_share_1"):
         assert key in metrics["metrics"], key

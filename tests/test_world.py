@@ -336,7 +336,10 @@ def test_sample_command_with_conditions(tmp_path, tiny):
     from tcplug.video import read_video
     from tests.conftest import RECIPES, run_tcplug
 
-    proc = run_tcplug("fit", "--config", RECIPES / "full.yaml", *tiny, cwd=tmp_path)
+    # full.yaml locks from the world model's rollout; a static-mask image needs the `mask` locker
+    (tmp_path / "lock.yaml").write_text("model:\n  motion_lock:\n    class_path: mask\n    init_args:\n"
+                                        "      source: static\n")
+    proc = run_tcplug("fit", "--config", RECIPES / "full.yaml", "--config", tmp_path / "lock.yaml", *tiny, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
     proc = run_tcplug("sample", "--ckpt", ckpt, "--frames", 6, "--out", tmp_path / "a.mp4", "--clip", 1,

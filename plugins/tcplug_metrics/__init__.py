@@ -8,8 +8,7 @@ data's static region), ``motion_ratio``, ``sharpness_ratio``, ``frame_distance``
 
 from __future__ import annotations
 
-from tcplug import hookimpl
-from tcplug.metrics import (
+from tcplug import (
     BackgroundFlicker,
     Coverage,
     Flicker,
@@ -19,6 +18,7 @@ from tcplug.metrics import (
     TemporalVarianceScore,
     TrajectoryError,
     WarpingError,
+    hookimpl,
 )
 
 __version__ = "0.1.0"
