@@ -290,7 +290,7 @@ def cmd_score(argv: Sequence[str]) -> int:
         resize_frames,
         score_frames,
     )
-    from tcplug.metrics.suite import DEFAULT_METRICS
+    from tcplug.metrics.suite import DEFAULT_METRICS, NO_REFERENCE_METRICS
 
     parser = argparse.ArgumentParser(
         prog="tcplug score",
@@ -311,10 +311,11 @@ def cmd_score(argv: Sequence[str]) -> int:
     args = parser.parse_intermixed_args(list(argv))
     names = [n.strip() for n in args.metrics.split(",") if n.strip()] if args.metrics else None
     if names is None:
-        names = list(DEFAULT_METRICS) if args.reference else ["tvs", "warp_error", "flicker", "coverage"]
+        names = list(DEFAULT_METRICS if args.reference else NO_REFERENCE_METRICS)
+    # an unreadable reference stops the command (exit 2); a bad video only fails its own line
+    reference = load_reference(args.reference, args.max_frames) if args.reference else None
     failed = 0
-    suites: dict[tuple[int, int], object] = {}
-    reference = None
+    suites: dict[tuple[int, int], object] = {}  # one suite per frame size, fed with the resized reference
     for path in args.videos:
         try:
             frames = load_frames(path, args.size, args.max_frames)
@@ -322,8 +323,6 @@ def cmd_score(argv: Sequence[str]) -> int:
                 raise TcplugError(f"{path}: need at least 2 frames, got {len(frames)}")
             size = tuple(frames.shape[1:3])
             if size not in suites:
-                if args.reference and reference is None:
-                    reference = load_reference(args.reference, None, args.max_frames)
                 ref = [resize_frames(c, *size) for c in reference] if reference is not None else None
                 suites[size] = reference_suite(names, ref, args.flow)
             result = {"path": str(path), "frames": int(len(frames)),
@@ -332,8 +331,6 @@ def cmd_score(argv: Sequence[str]) -> int:
         except TcplugError as exc:
             failed += 1
             print(f"tcplug score: error: {exc}", file=sys.stderr)
-            if args.reference and reference is None and "reference" in str(exc):
-                return 2
             continue
         if args.json:
             print(json.dumps(result), flush=True)

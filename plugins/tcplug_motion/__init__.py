@@ -47,9 +47,9 @@ class Mask(MotionLocker):
     """A given mask (1 = locked), from one of three sources:
 
     - ``first_frame`` (default): what frame 0 shows as background, less a ``margin`` around
-      every object there: the data's first-frame depth (batch key ``depth``, background = 1;
-      the synthetic world carries it) or, without depth, its first-frame object mask. It sees
-      no later frame, so it is what a user could give at sampling time from a first frame.
+      every object there, read from the data's first-frame depth (batch key ``depth``,
+      background = 1; the synthetic world carries it). It sees no later frame, so it is what a
+      user could give at sampling time from a first frame.
     - ``image``: a user image (white = locked), resized to the frame size.
     - ``static``: the data's ``static`` mask, the union over **all** frames of where no
       object ever goes. **An oracle**: it encodes the clip's future motion, so a recipe using

@@ -55,30 +55,29 @@ def to_video(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()[None] / 255.0
 
 
-def load_reference(ref: str | Path, size: tuple[int, int] | None = None, max_frames: int | None = None,
-                   max_clips: int = 64) -> list[np.ndarray]:
-    """Reference clips ``[(T, H, W, 3) uint8]`` from a video file, a folder of videos, or shards
-    (a folder of ``.tar`` webdataset shards or one tar); resized to ``size`` = ``(H, W)``."""
-    ref = Path(ref)
-    clips: list[np.ndarray] = []
-    if ref.is_file() and ref.suffix.lower() == ".tar" or ref.is_dir() and any(ref.glob("*.tar")):
-        from tcplug.data.shards import decode_clip, iter_tar, list_shards
+def _shard_clips(ref: Path, max_frames: int | None):
+    """Clips ``(T, H, W, 3)`` uint8 of every readable sample in the shards at ``ref``."""
+    from tcplug.data.shards import decode_clip, iter_tar, list_shards
 
-        for shard in list_shards(str(ref)):
-            for raw, _ in iter_tar(shard):
-                if raw is None:
-                    continue
-                try:
-                    video = decode_clip(raw)["video"]  # (T, 3, H, W) in [-1, 1]
-                except ValueError:
-                    continue
-                if max_frames:
-                    video = video[:max_frames]
-                clips.append(((video.permute(0, 2, 3, 1).numpy() + 1) * 127.5 + 0.5).clip(0, 255).astype(np.uint8))
-                if len(clips) >= max_clips:
-                    break
-            if len(clips) >= max_clips:
-                break
+    for shard in list_shards(str(ref)):
+        for raw, _ in iter_tar(shard):
+            if raw is None:
+                continue
+            try:
+                video = decode_clip(raw)["video"][:max_frames]  # (T, 3, H, W) in [-1, 1]
+            except ValueError:
+                continue
+            yield ((video.permute(0, 2, 3, 1).numpy() + 1) * 127.5 + 0.5).clip(0, 255).astype(np.uint8)
+
+
+def load_reference(ref: str | Path, max_frames: int | None = None, max_clips: int = 64) -> list[np.ndarray]:
+    """Reference clips ``[(T, H, W, 3) uint8]`` (at least 2 frames each) from a video file, a
+    folder of videos or ``.npy`` arrays, or webdataset shards (a folder of ``.tar`` or one tar)."""
+    from itertools import islice
+
+    ref = Path(ref)
+    if ref.is_file() and ref.suffix.lower() == ".tar" or ref.is_dir() and any(ref.glob("*.tar")):
+        clips = list(islice(_shard_clips(ref, max_frames), max_clips))
     elif ref.is_dir():
         files = sorted(p for p in ref.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
         clips = [load_frames(p, None, max_frames) for p in files[:max_clips]]
@@ -88,8 +87,6 @@ def load_reference(ref: str | Path, size: tuple[int, int] | None = None, max_fra
         raise TcplugError(f"reference {ref}: no such file or folder")
     if not clips:
         raise TcplugError(f"reference {ref}: no readable clips (videos, .npy arrays or .tar shards)")
-    if size is not None:
-        clips = [resize_frames(c, *size) for c in clips]
     return [c for c in clips if len(c) >= 2]
 
 
@@ -110,11 +107,12 @@ def reference_suite(names: list[str] | None, reference: list[np.ndarray] | None,
 def score_frames(frames: np.ndarray, flow_preset: str = "medium", progress: bool = False, suite=None) -> dict:
     """Metrics of one clip ``(T, H, W, 3)`` uint8: TVS (%), warping error, flicker, coverage by
     default; with ``suite`` (from :func:`reference_suite`), its metrics against its reference."""
-    from tcplug.metrics.suite import MetricSuite, build_metrics
+    from tcplug.metrics.suite import NO_REFERENCE_METRICS, MetricSuite, build_metrics
+
     if len(frames) < 2:
         raise TcplugError(f"need at least 2 frames, got {len(frames)}")
     suite = suite.fork() if suite is not None else MetricSuite(
-        build_metrics(["tvs", "warp_error", "flicker", "coverage"]), flow_preset)
+        build_metrics(NO_REFERENCE_METRICS), flow_preset)
     video = to_video(frames)
     flows = None
     if suite.needs_flow:

@@ -20,6 +20,8 @@ from tcplug.metrics.temporal import estimate_flows
 #: the metrics validation logs and ``tcplug score`` prints when none are named
 DEFAULT_METRICS = ("tvs", "warp_error", "flicker", "coverage", "motion_ratio", "sharpness_ratio",
                    "frame_distance")
+#: the defaults that need no reference footage (``tcplug score`` without ``--reference``)
+NO_REFERENCE_METRICS = ("tvs", "warp_error", "flicker", "coverage")
 
 
 def build_metrics(names: list[str] | tuple[str, ...] | None = None) -> dict[str, VideoMetric]:
