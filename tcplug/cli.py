@@ -344,6 +344,12 @@ def _fmt(name: str, value: float) -> str:
     return f"{value:.3f}%" if name == "tvs" else f"{value:.4g}"
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def cmd_data(argv: Sequence[str]) -> int:
     import argparse
 
@@ -369,6 +375,16 @@ def cmd_data(argv: Sequence[str]) -> int:
     ing.add_argument("--stride", type=int, default=1, help="take every STRIDE-th source frame")
     ing.add_argument("--format", choices=["npy", "mp4"], default="npy")
     ing.add_argument("--shard-size", type=int, default=64)
+    enc = sub.add_parser("encode", help="precompute a recipe's VAE latents and text embeddings into new shards")
+    enc.add_argument("--config", action="append", required=True, metavar="RECIPE",
+                     help="the recipe whose latent design and conditioners encode (repeat to overlay)")
+    enc.add_argument("--shards", required=True, help="input shards (a folder, a tar, or a brace pattern)")
+    enc.add_argument("--out", required=True, help="output folder (finished shards there are skipped: resumable)")
+    enc.add_argument("--batch-size", type=int, default=4)
+    enc.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="stored precision")
+    enc.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    enc.add_argument("--rank", type=int, default=None, help="this process's rank (default: $RANK or 0)")
+    enc.add_argument("--world", type=int, default=None, help="number of processes (default: $WORLD_SIZE or 1)")
     ins = sub.add_parser("inspect", help="clip count, keys, shapes, unreadable samples")
     ins.add_argument("dir")
     ins.add_argument("--json", action="store_true")
@@ -389,6 +405,22 @@ def cmd_data(argv: Sequence[str]) -> int:
         shards = write_shards(args.out, samples, maxcount=args.shard_size)
         print(f"wrote {args.clips} clips in {len(shards)} shard(s) to {args.out}")
         return 0
+    if args.action == "encode":
+        import os
+
+        from tcplug.data.encode import encode_shards
+
+        rank = args.rank if args.rank is not None else int(os.environ.get("RANK", 0))
+        world = args.world if args.world is not None else int(os.environ.get("WORLD_SIZE", 1))
+        if not 0 <= rank < world or args.batch_size < 1:
+            raise TcplugError(f"need 0 <= --rank < --world and --batch-size >= 1 (got rank {rank}, world {world})")
+        report = encode_shards(args.config, args.shards, args.out, args.batch_size, args.dtype, rank, world,
+                               args.device)
+        for bad in report["bad"]:
+            print(f"  BAD {bad['shard']} key={bad.get('key')}: {bad['error']}")
+        print(f"encoded {report['clips']} clips into {report['shards']} shard(s) in {args.out}"
+              f" ({report['skipped_shards']} already done)")
+        return 1 if report["bad"] else 0
     if args.action == "ingest":
         from tcplug.data.ingest import ingest
 
@@ -445,6 +477,7 @@ def model_from_checkpoint(path: str):
         raise TcplugError(f"{path}: no recipe inside (not written by `tcplug fit`)")
     cfg = yaml.safe_load(text)
     model = instantiate_recipe(cfg).model
+    model.on_load_checkpoint(ckpt)  # weights left out because a model folder holds them
     model.load_state_dict(ckpt["state_dict"])
     model.tcplug_config = text
     return model.eval(), cfg
@@ -538,10 +571,32 @@ def cmd_sample(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_export(argv: Sequence[str]) -> int:
+    import argparse
+
+    from tcplug.lora import export_lora
+
+    parser = argparse.ArgumentParser(
+        prog="tcplug export", description="write a checkpoint's trained weights in the model family's own format")
+    parser.add_argument("ckpt", help="a checkpoint of `tcplug fit` (e.g. RUN/checkpoints/last.ckpt)")
+    parser.add_argument("--lora", metavar="OUT", required=True,
+                        help="write the LoRA adapters to the folder OUT (e.g. what WanPipeline.load_lora_weights reads)")
+    args = parser.parse_args(argv)
+    model, _ = model_from_checkpoint(args.ckpt)
+    if getattr(model, "lora", None) is None:
+        raise TcplugError(f"{args.ckpt}: the recipe trained no LoRA adapters (model.lora is not set)")
+    if len(model.experts) > 1:
+        raise TcplugError("exporting the adapters of several expert backbones is not supported yet")
+    count = export_lora(model.backbone, args.lora)
+    print(f"wrote {count} LoRA tensors to {args.lora}")
+    return 0
+
+
 EXTRA_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "plugins": (cmd_plugins, "list plugins, their versions and components per kind"),
     "data": (cmd_data, "synth | ingest | inspect webdataset shards"),
     "sample": (cmd_sample, "sample a long video from a checkpoint, chunk by chunk (streaming K/V buffer)"),
+    "export": (cmd_export, "write a checkpoint's LoRA adapters in the model family's format (--lora OUT)"),
     "score": (cmd_score, "metrics of video files: TVS, warping error, flicker, coverage; motion, sharpness, frame distance against --reference"),
 }
 

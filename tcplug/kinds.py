@@ -111,15 +111,35 @@ class AttentionVariant(nn.Module):
 class LatentDesign(nn.Module):
     """Encodes video to the space diffusion runs in, and back.
 
-    - ``encode(video (B, T, 3, H, W)) -> latents (B, T, latent_channels, H/f, W/f)``
+    - ``encode(video (B, T, 3, H, W)) -> latents (B, T', latent_channels, H/f, W/f)``
     - ``decode(latents) -> video (B, T, 3, H, W)`` in ``[-1, 1]``
-    - ``downsample`` is ``f``; ``decodable`` is false for designs whose decode is lossy
+    - ``downsample`` is ``f``; ``temporal_compression`` is the time factor (``T' < T`` when > 1,
+      see :meth:`latent_frames`; the engine asks the design, never assumes ``T' == T``);
+      ``decodable`` is false for designs whose decode is lossy
       enough that pixel-space losses should not be applied to it.
     """
 
     latent_channels: int = 3
     downsample: int = 1
+    temporal_compression: int = 1
     decodable: ClassVar[bool] = True
+
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames ``T'`` for ``frames`` pixel frames; raises a clear error for a count the
+        design cannot take. With ``temporal_compression`` ``c > 1`` (a causal video VAE: the first
+        frame alone, then groups of ``c``) ``T`` must be ``c*k + 1`` and ``T' = (T - 1)/c + 1``."""
+        c = self.temporal_compression
+        if frames < 1:
+            raise TcplugError(f"need at least 1 frame, got {frames}")
+        if c == 1:
+            return frames
+        if (frames - 1) % c:
+            lo = (frames - 1) // c * c + 1
+            raise TcplugError(
+                f"{type(self).__name__} compresses time {c}x: a clip needs {c}k+1 frames (e.g. {lo} or {lo + c}), "
+                f"got {frames}"
+            )
+        return (frames - 1) // c + 1
 
     def encode(self, video: Tensor) -> Tensor:
         raise NotImplementedError

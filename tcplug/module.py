@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from tcplug.errors import TcplugError
+from tcplug.lora import LoraSpec, apply_lora
 from tcplug.kinds import (
     Backbone,
     Discriminator,
@@ -86,6 +87,15 @@ class TCPlugModule(pl.LightningModule):
         beta_schedule: diffusers beta schedule name for ddpm.
         shift: flow-matching timestep shift (``1`` = none), used identically in training
             and sampling.
+        scheduler: sample with this diffusers scheduler instead: a local scheduler folder (a
+            model folder's ``scheduler/``, e.g. Wan's UniPC with its ``flow_shift``) or a config
+            dict with ``_class_name``. It must parameterise the model as training does
+            (``flow_matching`` for a ``flow_prediction`` scheduler); set ``shift`` to its shift.
+        lora: train LoRA adapters (peft) instead of the whole backbone: ``{rank, alpha,
+            target_modules, dropout}`` (:class:`tcplug.lora.LoraSpec`). Every other backbone weight
+            is frozen; weights a component loaded from a local model folder and keeps frozen are
+            left out of checkpoints (they are reloaded from the folder). ``tcplug export CKPT
+            --lora OUT`` writes the adapters in the family's pipeline format.
         lr: AdamW learning rate; weight_decay, betas: AdamW settings.
         warmup_steps: linear learning-rate warm-up.
         gradient_clip: max gradient norm (None = no clipping), for every optimizer.
@@ -111,6 +121,7 @@ class TCPlugModule(pl.LightningModule):
         num_train_timesteps: int = 1000,
         beta_schedule: str = "squaredcos_cap_v2",
         shift: float = 1.0,
+        scheduler: str | dict | None = None,
         lr: float = 3e-4,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.99),
@@ -128,6 +139,7 @@ class TCPlugModule(pl.LightningModule):
         lock_loss_weight: float = 0.0,
         preview_steps: int = 4,
         compile: bool = False,
+        lora: LoraSpec | None = None,
     ) -> None:
         super().__init__()
         registry = get_registry()
@@ -160,6 +172,10 @@ class TCPlugModule(pl.LightningModule):
             backbone.add_ffn_experts(n_experts)
             n_experts = 1
         self.experts = nn.ModuleList([backbone] + [copy.deepcopy(backbone) for _ in range(n_experts - 1)])
+        self.lora = lora
+        if lora is not None:  # adapters only: every other backbone weight is frozen
+            for expert in self.experts:
+                apply_lora(expert, lora)
         self.motion_lock = motion_lock
         if not 0 <= lock_prob <= 1:
             raise TcplugError(f"model.lock_prob must be in [0, 1], got {lock_prob}")
@@ -167,7 +183,8 @@ class TCPlugModule(pl.LightningModule):
         self.lock_loss_weight, self.preview_steps = lock_loss_weight, preview_steps
         self.lock_copy_anchor = lock_copy_anchor
         self.compile_backbone = compile
-        self.schedule = NoiseSchedule(noise, prediction_type, num_train_timesteps, beta_schedule, sampler, shift)
+        self.schedule = NoiseSchedule(noise, prediction_type, num_train_timesteps, beta_schedule, sampler, shift,
+                                      scheduler)
         self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
         self.gradient_clip, self.disc_lr, self.disc_betas = gradient_clip, disc_lr, tuple(disc_betas)
         self.sample_steps, self.num_val_samples, self.sample_fps = sample_steps, num_val_samples, sample_fps
@@ -310,8 +327,18 @@ class TCPlugModule(pl.LightningModule):
         video = batch["video"]
         if video.dim() != 5:
             raise TcplugError(f"batch['video'] must be (B, T, C, H, W), got shape {tuple(video.shape)}")
-        with torch.no_grad():  # diffusion never moves the latent space; its own terms train it
-            x0 = self.latent.encode(video)
+        if batch.get("latents") is not None:  # precomputed (tcplug data encode): the encoder never runs
+            x0 = batch["latents"].float()
+            want = self.latent.latent_frames(video.shape[1])
+            if x0.dim() != 5 or x0.shape[1] != want or x0.shape[2] != self.latent.latent_channels:
+                raise TcplugError(
+                    f"precomputed latents of shape {tuple(x0.shape)} do not fit this recipe's latent design "
+                    f"({want} latent frames of {self.latent.latent_channels} channels for {video.shape[1]} frames): "
+                    "were the shards encoded with another VAE or frame count? Re-run `tcplug data encode`"
+                )
+        else:
+            with torch.no_grad():  # diffusion never moves the latent space; its own terms train it
+                x0 = self.latent.encode(video)
         noise = torch.randn_like(x0)
         t = self.schedule.sample_timesteps(x0.shape[0], x0.device)
         context = self.context(batch, tuple(x0.shape))
@@ -505,18 +532,24 @@ class TCPlugModule(pl.LightningModule):
     @torch.no_grad()
     def generate(self, num: int, frames: int, height: int, width: int, steps: int | None = None,
                  seed: int = 0, batch: dict[str, Any] | None = None, progress: bool = False,
-                 guidance_scale: float | None = None, lock: bool = True) -> Tensor:
+                 guidance_scale: float | None = None, lock: bool = True, latents: Tensor | None = None) -> Tensor:
         """Sample ``num`` clips; returns video ``(num, frames, 3, height, width)`` in [-1, 1].
 
         ``batch`` carries what the conditioners and the motion locker read (a data clip's
         depth/skeleton/state/static mask, a caption ``txt``, an initial ``state``).
         ``guidance_scale`` defaults to ``model.guidance_scale``; ``lock=False`` samples
-        without the motion lock (the locker's cheap first pass does).
+        without the motion lock (the locker's cheap first pass does). ``latents`` ``(num, T', C,
+        h, w)`` replaces the seeded initial noise (to compare with another sampler on the same input).
         """
         f = self.latent.downsample
-        shape = (num, frames, self.latent.latent_channels, height // f, width // f)
+        shape = (num, self.latent.latent_frames(frames), self.latent.latent_channels, height // f, width // f)
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        noise = torch.stack([frame_noise(seed, c, range(frames), shape[2:]) for c in range(num)]).to(self.device)
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise TcplugError(f"initial latents of shape {tuple(latents.shape)}; this model needs {shape}")
+            noise = latents.to(self.device)
+        else:
+            noise = torch.stack([frame_noise(seed, c, range(shape[1]), shape[2:]) for c in range(num)]).to(self.device)
         cond_batch = {**(batch or {}), "frame_size": (height, width), "num_clips": num}
         context = self.context(cond_batch, shape)
         null = self.null_context(context)
@@ -588,12 +621,41 @@ class TCPlugModule(pl.LightningModule):
     tcplug_config: str | None = None  # the resolved recipe (YAML), set by the CLI
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The recipe travels inside the checkpoint, so ``tcplug sample --ckpt`` needs nothing else."""
+        """The recipe travels inside the checkpoint, so ``tcplug sample --ckpt`` needs nothing else.
+        Frozen weights loaded from a local model folder are left out: the folder has them."""
         if self.tcplug_config:
             checkpoint["tcplug_config"] = self.tcplug_config
+        skip = self.folder_weights()
+        if skip:
+            state = checkpoint.get("state_dict", {})
+            for key in skip:
+                state.pop(key, None)
+            checkpoint["tcplug_folder_weights"] = sorted(skip)
+
+    def folder_weights(self) -> set[str]:
+        """State-dict keys of frozen parameters that a component loaded from a local model folder
+        (a component that did sets ``pretrained`` to that folder)."""
+        keys: set[str] = set()
+        for prefix, module in self.named_modules():
+            if not getattr(module, "pretrained", None) or not isinstance(getattr(module, "pretrained"), str):
+                continue
+            for name, p in module.named_parameters():
+                if not p.requires_grad:
+                    keys.add(f"{prefix}.{name}" if prefix else name)
+        return keys
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tcplug_config = checkpoint.get("tcplug_config", self.tcplug_config)
+        left_out = checkpoint.get("tcplug_folder_weights")
+        if left_out:  # fill them from the weights the components just loaded from their folders
+            own = self.state_dict()
+            missing = [k for k in left_out if k not in own]
+            if missing:
+                raise TcplugError(f"checkpoint leaves out {len(missing)} folder weights this model does not have "
+                                  f"(e.g. {missing[0]}): was it made with another recipe?")
+            state = checkpoint.setdefault("state_dict", {})
+            for key in left_out:
+                state[key] = own[key]
 
     # ----- optimization ------------------------------------------------------------------
     def configure_optimizers(self):

@@ -53,6 +53,7 @@ class NoiseSchedule:
         beta_schedule: str = "squaredcos_cap_v2",
         sampler: SamplerName = "ddim",
         shift: float = 1.0,
+        scheduler: str | dict | None = None,
     ) -> None:
         if kind == "flow_matching":
             if prediction_type not in ("flow", "epsilon"):
@@ -67,6 +68,7 @@ class NoiseSchedule:
             raise TcplugError("sampler 'euler' is the flow-matching sampler; use 'ddim' or 'ddpm'")
         self.kind, self.prediction_type, self.sampler = kind, prediction_type, sampler
         self.num_train_timesteps, self.beta_schedule, self.shift = num_train_timesteps, beta_schedule, shift
+        self.scheduler_config = load_scheduler_config(scheduler) if scheduler is not None else None
         if kind == "ddpm":
             ref = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
             self.alphas_cumprod = ref.alphas_cumprod.float()
@@ -129,7 +131,11 @@ class NoiseSchedule:
     def make_sampler(self, steps: int):
         """A fresh diffusers scheduler set to ``steps`` inference steps."""
         n = self.num_train_timesteps
-        if self.kind == "flow_matching":
+        if self.scheduler_config is not None:  # the one the model folder names (e.g. Wan's UniPC)
+            import diffusers
+
+            sched = getattr(diffusers, self.scheduler_config["_class_name"]).from_config(self.scheduler_config)
+        elif self.kind == "flow_matching":
             sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=n, shift=self.shift)
         elif self.sampler == "ddim":
             sched = DDIMScheduler(
@@ -143,6 +149,32 @@ class NoiseSchedule:
             )
         sched.set_timesteps(steps)
         return sched
+
+
+def load_scheduler_config(scheduler: str | dict) -> dict:
+    """A diffusers scheduler config: from a local scheduler folder (``scheduler_config.json``,
+    e.g. a model folder's ``scheduler/``) or a dict with ``_class_name``. Checked here, so a bad
+    one fails when the model is built, not at the first validation."""
+    import json
+    from pathlib import Path
+
+    import diffusers
+
+    if isinstance(scheduler, str):
+        path = Path(scheduler).expanduser()
+        file = path / "scheduler_config.json" if path.is_dir() else path
+        if not file.is_file():
+            raise TcplugError(f"scheduler {scheduler!r}: no scheduler_config.json there (give a model folder's scheduler/)")
+        try:
+            config = json.loads(file.read_text())
+        except ValueError as exc:
+            raise TcplugError(f"scheduler {file}: not valid JSON ({exc})") from None
+    else:
+        config = dict(scheduler)
+    name = config.get("_class_name")
+    if not name or not isinstance(getattr(diffusers, name, None), type) or not hasattr(getattr(diffusers, name), "step"):
+        raise TcplugError(f"scheduler config names no diffusers scheduler class (_class_name={name!r})")
+    return config
 
 
 @torch.no_grad()

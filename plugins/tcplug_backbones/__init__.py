@@ -130,6 +130,11 @@ class DiT(Backbone):
         attention: one variant for every block (copied per block), or a list with one per
             block; default ``per_frame``.
         gradient_checkpointing: recompute block activations in the backward pass.
+        conv_channels: if > 0, a per-frame convolutional stem and head at full latent
+            resolution around the transformer (a U-ViT-style hourglass): the stem's features are
+            patchified, and the head sees them again beside the unpatchified tokens, so fine
+            detail need not pass through the patch bottleneck. Convolutions never mix frames:
+            frames still meet only in the attention variant.
 
     Timesteps may be per clip ``(B,)``, per frame ``(B, T)`` or per token ``(B, T, N)``.
     ``context["residuals"]``, if present, is a list (one per block) of tensors broadcastable
@@ -154,6 +159,7 @@ class DiT(Backbone):
         mlp_ratio: float = 4.0,
         attention: AttentionVariant | list[AttentionVariant] | None = None,
         gradient_checkpointing: bool = False,
+        conv_channels: int = 0,
     ) -> None:
         super().__init__()
         if depth < 1 or patch_size < 1:
@@ -169,15 +175,30 @@ class DiT(Backbone):
             variants = list(attention)
             if len(variants) != depth:
                 raise TcplugError(f"dit got {len(variants)} attention variants for depth {depth}; give one or {depth}")
-        self.patch = nn.Linear(in_channels * patch_size * patch_size, dim)
+        self.conv_channels = conv_channels
+        feat = conv_channels if conv_channels > 0 else in_channels
+        if conv_channels > 0:
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, conv_channels, 3, padding=1), nn.SiLU(),
+                nn.Conv2d(conv_channels, conv_channels, 3, padding=1),
+            )
+            self.head = nn.Sequential(
+                nn.Conv2d(2 * conv_channels, conv_channels, 3, padding=1), nn.SiLU(),
+                nn.Conv2d(conv_channels, in_channels, 3, padding=1),
+            )
+            nn.init.zeros_(self.head[2].weight)
+            nn.init.zeros_(self.head[2].bias)
+        self.patch = nn.Linear(feat * patch_size * patch_size, dim)
         self.t_embed = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.blocks = nn.ModuleList(DiTBlock(dim, heads, mlp_ratio, a) for a in variants)
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-        self.out = nn.Linear(dim, in_channels * patch_size * patch_size)
+        self.out = nn.Linear(dim, feat * patch_size * patch_size)
         for layer in (self.ada_out[1], self.out):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if conv_channels > 0:  # the head must see the tokens from the start
+            nn.init.normal_(self.out.weight, std=0.02)
 
     def add_cross_attention(self) -> None:
         """Every block gets a zero-initialized cross-attention to ``context["text"]``."""
@@ -215,7 +236,13 @@ class DiT(Backbone):
             raise TcplugError(f"dit expects {self.in_channels} latent channels, got {c}")
         if h % p or w % p:
             raise TcplugError(f"latent size {h}x{w} is not a multiple of dit patch_size {p}")
-        tokens = rearrange(x, "b t c (hh p1) (ww p2) -> b t (hh ww) (p1 p2 c)", p1=p, p2=p)
+        feats = None
+        if self.conv_channels > 0:
+            feats = self.stem(x.flatten(0, 1))
+            x_in = feats.view(b, t, *feats.shape[1:])
+        else:
+            x_in = x
+        tokens = rearrange(x_in, "b t c (hh p1) (ww p2) -> b t (hh ww) (p1 p2 c)", p1=p, p2=p)
         hh, ww = h // p, w // p
         tokens = self.patch(tokens) + sincos_2d(hh, ww, self.dim, x.device).to(tokens.dtype)
         cond = self.embed_timesteps(timesteps, b, t, hh * ww)
@@ -231,7 +258,11 @@ class DiT(Backbone):
                 tokens = tokens + residuals[i]
         shift, scale = self.ada_out(cond).chunk(2, dim=-1)
         tokens = self.out(modulate(self.norm_out(tokens), shift, scale))
-        return rearrange(tokens, "b t (hh ww) (p1 p2 c) -> b t c (hh p1) (ww p2)", hh=hh, p1=p, p2=p)
+        out = rearrange(tokens, "b t (hh ww) (p1 p2 c) -> b t c (hh p1) (ww p2)", hh=hh, p1=p, p2=p)
+        if feats is None:
+            return out
+        out = self.head(torch.cat([out.flatten(0, 1), feats], dim=1))
+        return out.view(b, t, c, h, w)
 
 
 @hookimpl

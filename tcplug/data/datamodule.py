@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
+import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tcplug.data.shards import ALL_KEYS, SampleDecoder, TarSamples, collate, iter_tar, list_shards
@@ -295,6 +297,28 @@ class VideoDataModule(pl.LightningDataModule):
                 c.pop("__skipped__", None)
             self._val = ClipList(clips[: self.val_clips])
         return self._val
+
+    def shared_arrays(self) -> dict[str, torch.Tensor]:
+        """Arrays ``tcplug data encode`` wrote once for all clips (e.g. the negative prompt's
+        embedding), listed as ``shared`` in the shards folder's ``encode.json``; every batch
+        carries them with a leading batch dimension of 1."""
+        if getattr(self, "_shared", None) is None:
+            self._shared = {}
+            folder = Path(self.shards) if self.shards and Path(self.shards).is_dir() else None
+            info = folder / "encode.json" if folder is not None else None
+            if info is not None and info.is_file():
+                for key in json.loads(info.read_text()).get("shared", []):
+                    path = folder / f"{key}.npy"
+                    if not path.is_file():
+                        raise TcplugError(f"{info} lists {key} but {path} is missing: re-run `tcplug data encode`")
+                    self._shared[key] = torch.from_numpy(np.load(path)).float().unsqueeze(0)
+        return self._shared
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        for key, value in self.shared_arrays().items():
+            if isinstance(batch, dict) and key not in batch:
+                batch[key] = value.to(batch["video"].device)
+        return batch
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self._val_set(), batch_size=self.batch_size, shuffle=False, num_workers=0, collate_fn=collate)

@@ -2,7 +2,9 @@
 
 A sample is one clip. Keys (ARCHITECTURE.md, Data): ``frames.npy`` or ``frames.mp4``
 (uint8 ``T x H x W x 3``), ``flow.npy`` (forward), ``flow_bwd.npy``, ``occ.npy``,
-``depth.npy``, ``skeleton.npy``, ``static.npy``, ``state.json``, ``txt``, ``json``.
+``depth.npy``, ``skeleton.npy``, ``static.npy``, ``state.json``, ``txt``, ``json``; and, in
+shards written by ``tcplug data encode``, ``latents.npy`` (float ``T' x C x h x w``) and
+``text_emb.npy`` (float ``L x D``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import torch
 from tcplug.errors import TcplugError
 
 ARRAY_KEYS = ("flow", "flow_bwd", "occ", "depth", "skeleton", "static")
-ALL_KEYS = ARRAY_KEYS + ("state", "txt")
+# written by `tcplug data encode`: VAE latents (T', C, h, w) and text embeddings (L, D), float
+PRECOMPUTED_KEYS = ("latents", "text_emb")
+ALL_KEYS = ARRAY_KEYS + ("state", "txt") + PRECOMPUTED_KEYS
 
 
 class DataSkipWarning(UserWarning):
@@ -56,6 +60,9 @@ def encode_sample(key: str, clip: dict, video_format: str = "npy", meta: dict | 
             sample[f"{k}.npy"] = _npy_bytes(np.asarray(clip[k]))
     if "state" in clip:
         sample["state.json"] = json.dumps(clip["state"]).encode()
+    for k in PRECOMPUTED_KEYS:
+        if k in clip:
+            sample[f"{k}.npy"] = _npy_bytes(np.asarray(clip[k]))
     if "txt" in clip:
         sample["txt"] = clip["txt"].encode()
     sample["json"] = json.dumps(meta or {}).encode()
@@ -139,6 +146,16 @@ def decode_clip(sample: dict, keys: Iterable[str] = (), frames: int | None = Non
             elif k == "static":
                 ten = ten[None]
             out[k] = ten
+        elif k in PRECOMPUTED_KEYS:
+            if f"{k}.npy" not in sample:
+                raise ValueError(f"missing key {k}.npy")
+            try:
+                arr = _load_npy(sample[f"{k}.npy"])
+            except Exception as exc:
+                raise ValueError(f"{k}.npy: cannot decode ({type(exc).__name__}: {exc})") from None
+            if arr.ndim != (4 if k == "latents" else 2):
+                raise ValueError(f"{k}.npy: shape {arr.shape}, expected {'(T, C, h, w)' if k == 'latents' else '(L, D)'}")
+            out[k] = torch.from_numpy(np.ascontiguousarray(arr)).float()
         elif k == "state":
             if "state.json" not in sample:
                 raise ValueError("missing key state.json")
