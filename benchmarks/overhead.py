@@ -1,10 +1,13 @@
-"""Framework overhead: the same `dit` model and data trained by `tcplug fit` and by a plain
+"""Framework overhead: the same model and data trained by `tcplug fit` and by a plain
 PyTorch loop. Time per step = wall clock between consecutive steps (data loading, forward,
 backward, clipping, optimizer, logging: everything), median after warm-up.
 
+`--recipe baseline` is the `dit` of recipes/baseline.yaml; `--recipe wan` the tiny random Wan of
+recipes/wan/tiny.yaml (its VAE encodes every batch, as in a run without precomputed shards).
+
 Prints one JSON line. Usage:
-  python benchmarks/overhead.py [--steps 200] [--warmup 20]
-  python benchmarks/overhead.py --smoke
+  python benchmarks/overhead.py [--recipe baseline|wan] [--steps 200] [--warmup 20]
+  python benchmarks/overhead.py --smoke [--recipe wan]
 """
 
 from __future__ import annotations
@@ -23,15 +26,18 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "baseline.yaml"
+RECIPES = {"baseline": ROOT / "recipes" / "baseline.yaml", "wan": ROOT / "recipes" / "wan" / "tiny.yaml"}
+RECIPE = RECIPES["baseline"]
 
 
 def overrides(steps: int, smoke: bool) -> list[str]:
     out = [f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
            "--trainer.enable_model_summary=false", f"--data.epoch_batches={steps + 5}", "--data.num_workers=0"]
-    if smoke:
+    if smoke and RECIPE == RECIPES["baseline"]:
         out += ["--data.frames=4", "--data.size=16", "--data.batch_size=2", "--data.train_clips=8",
                 "--model.backbone.init_args.dim=32", "--model.backbone.init_args.depth=1"]
+    elif smoke:
+        out += ["--data.frames=5", "--data.size=32", "--data.batch_size=2", "--data.train_clips=8"]
     return out
 
 
@@ -84,7 +90,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="baseline")
     args = p.parse_args()
+    global RECIPE
+    RECIPE = RECIPES[args.recipe]
     if args.smoke:
         args.steps, args.warmup = 6, 2
     with tempfile.TemporaryDirectory() as d:
@@ -93,7 +102,7 @@ def main() -> None:
         fit = tcplug_fit(args.steps, args.smoke, work)[args.warmup:]
     mp, mf = statistics.median(plain), statistics.median(fit)
     print(json.dumps({"bench": "overhead", "machine": platform.machine(), "threads": torch.get_num_threads(),
-                      "recipe": RECIPE.name, "steps": args.steps, "warmup": args.warmup,
+                      "recipe": str(RECIPE.relative_to(ROOT)), "steps": args.steps, "warmup": args.warmup,
                       "plain_ms_per_step": round(mp * 1000, 2), "tcplug_fit_ms_per_step": round(mf * 1000, 2),
                       "overhead_pct": round(100 * (mf - mp) / mp, 1)}))
 

@@ -585,10 +585,16 @@ def cmd_export(argv: Sequence[str]) -> int:
     model, _ = model_from_checkpoint(args.ckpt)
     if getattr(model, "lora", None) is None:
         raise TcplugError(f"{args.ckpt}: the recipe trained no LoRA adapters (model.lora is not set)")
-    if len(model.experts) > 1:
-        raise TcplugError("exporting the adapters of several expert backbones is not supported yet")
-    count = export_lora(model.backbone, args.lora)
-    print(f"wrote {count} LoRA tensors to {args.lora}")
+    if len(model.experts) == 1:
+        count = export_lora(model.backbone, args.lora)
+        print(f"wrote {count} LoRA tensors to {args.lora}")
+        return 0
+    from pathlib import Path
+
+    for i, expert in enumerate(model.experts):  # expert 0 takes the highest noise
+        out = Path(args.lora) / f"expert_{i}"
+        count = export_lora(expert, str(out))
+        print(f"wrote {count} LoRA tensors of expert {i} to {out}")
     return 0
 
 

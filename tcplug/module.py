@@ -51,7 +51,10 @@ class TCPlugModule(pl.LightningModule):
     """Video diffusion over injected components.
 
     Args:
-        backbone: the denoiser (kind ``backbone``), carrying its attention variant(s).
+        backbone: the denoiser (kind ``backbone``), carrying its attention variant(s); or a list
+            of backbones, one per expert of a router with ``experts: backbone`` (expert 0 takes
+            the highest noise), e.g. Wan 2.2's ``transformer/`` and ``transformer_2/`` instead of
+            copies of one.
         latent: the latent design (kind ``latent``); default ``pixel``.
         losses: loss terms (kind ``loss``); default ``[denoise]``.
         discriminator: judges clips for an adversarial term (kind ``discriminator``).
@@ -96,6 +99,8 @@ class TCPlugModule(pl.LightningModule):
             is frozen; weights a component loaded from a local model folder and keeps frozen are
             left out of checkpoints (they are reloaded from the folder). ``tcplug export CKPT
             --lora OUT`` writes the adapters in the family's pipeline format.
+        train_experts: with several expert backbones, train only these (indices; expert 0 takes
+            the highest noise); the others are frozen. Default: all.
         lr: AdamW learning rate; weight_decay, betas: AdamW settings.
         warmup_steps: linear learning-rate warm-up.
         gradient_clip: max gradient norm (None = no clipping), for every optimizer.
@@ -107,7 +112,7 @@ class TCPlugModule(pl.LightningModule):
 
     def __init__(
         self,
-        backbone: Backbone,
+        backbone: Backbone | list[Backbone],
         latent: LatentDesign | None = None,
         losses: list[LossTerm] | None = None,
         discriminator: Discriminator | None = None,
@@ -140,6 +145,7 @@ class TCPlugModule(pl.LightningModule):
         preview_steps: int = 4,
         compile: bool = False,
         lora: LoraSpec | None = None,
+        train_experts: list[int] | None = None,
     ) -> None:
         super().__init__()
         registry = get_registry()
@@ -147,6 +153,14 @@ class TCPlugModule(pl.LightningModule):
         self.losses = nn.ModuleList(losses if losses is not None else [registry.get("loss", "denoise")()])
         if len(self.losses) == 0:
             raise TcplugError("model.losses is empty: give at least one loss term (e.g. denoise)")
+        given = list(backbone) if isinstance(backbone, (list, tuple, nn.ModuleList)) else None
+        if given is not None:  # one backbone per expert (e.g. Wan 2.2's transformer and transformer_2)
+            n = router.num_experts if router is not None else 1
+            if router is None or getattr(router, "experts", "backbone") != "backbone" or len(given) != n:
+                raise TcplugError(f"model.backbone is a list of {len(given)} backbones: that needs a router with "
+                                  f"experts: backbone and num_experts: {len(given)} (got "
+                                  f"{'no router' if router is None else f'{n} experts'})")
+            backbone = given[0]
         if backbone.in_channels != self.latent.latent_channels:
             raise TcplugError(
                 f"backbone.in_channels={backbone.in_channels} but the latent design "
@@ -161,7 +175,8 @@ class TCPlugModule(pl.LightningModule):
         conditioners = [] if conditioner is None else [conditioner] if isinstance(conditioner, nn.Module) \
             else list(conditioner)
         for c in conditioners:  # size adapters to the backbone, add cross-attention, ... before cloning it
-            c.setup(backbone)
+            for expert in given or [backbone]:
+                c.setup(expert)
         self.conditioners = nn.ModuleList(conditioners)
         self.router = router
         n_experts = router.num_experts if router is not None else 1
@@ -171,11 +186,22 @@ class TCPlugModule(pl.LightningModule):
         if experts_in == "ffn" and n_experts > 1:
             backbone.add_ffn_experts(n_experts)
             n_experts = 1
-        self.experts = nn.ModuleList([backbone] + [copy.deepcopy(backbone) for _ in range(n_experts - 1)])
+        if given is not None:
+            self.experts = nn.ModuleList(given)
+        else:
+            self.experts = nn.ModuleList([backbone] + [copy.deepcopy(backbone) for _ in range(n_experts - 1)])
         self.lora = lora
         if lora is not None:  # adapters only: every other backbone weight is frozen
             for expert in self.experts:
                 apply_lora(expert, lora)
+        self.train_experts = train_experts
+        if train_experts is not None:  # the other experts are frozen (their batches still flow through them)
+            bad = [i for i in train_experts if not 0 <= i < len(self.experts)]
+            if bad or not train_experts:
+                raise TcplugError(f"model.train_experts {train_experts}: give indices in 0..{len(self.experts) - 1}")
+            for i, expert in enumerate(self.experts):
+                if i not in train_experts:
+                    expert.requires_grad_(False)
         self.motion_lock = motion_lock
         if not 0 <= lock_prob <= 1:
             raise TcplugError(f"model.lock_prob must be in [0, 1], got {lock_prob}")
@@ -550,7 +576,7 @@ class TCPlugModule(pl.LightningModule):
             noise = latents.to(self.device)
         else:
             noise = torch.stack([frame_noise(seed, c, range(shape[1]), shape[2:]) for c in range(num)]).to(self.device)
-        cond_batch = {**(batch or {}), "frame_size": (height, width), "num_clips": num}
+        cond_batch = {**(batch or {}), "frame_size": (height, width), "num_clips": num, "num_frames": frames}
         context = self.context(cond_batch, shape)
         null = self.null_context(context)
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
@@ -595,14 +621,16 @@ class TCPlugModule(pl.LightningModule):
                               "version; generate() samples such a model all at once")
         if not self.can_stream:
             raise TcplugError(f"backbone {type(self.backbone).__name__} does not support streaming")
-        f = self.latent.downsample
+        f, c = self.latent.downsample, self.latent.temporal_compression
         frame_shape = (self.latent.latent_channels, height // f, width // f)
+        latent_frames = self.latent.latent_frames(frames)
+        latent_chunk = chunk if c == 1 else max(1, (chunk - 1) // c + 1)  # chunk counts pixel frames
 
         def model_fn(x, t, stream):
             return self.backbone(x, t, {"stream": stream})
 
         carried: dict[str, Any] = {}  # what the latent design carries across chunks (a global code)
-        for z in stream_sample(model_fn, frame_shape, frames, chunk, self.schedule, steps or self.sample_steps,
+        for z in stream_sample(model_fn, frame_shape, latent_frames, latent_chunk, self.schedule, steps or self.sample_steps,
                                seed=seed, num_clips=num, device=self.device, progress=progress):
             yield self.latent.decode_stream(z, carried).clamp(-1, 1)
 

@@ -45,9 +45,10 @@ class NanAfter(LossTerm):
 def synthetic_batch(n: int = 2, frames: int = 4, size: int = 16, seed: int = 0, shapes: int = 2, gravity: float = 0):
     """A collated batch of synthetic-world clips with every ground-truth key, as training sees it."""
     from tcplug.data import make_clip
-    from tcplug.data.shards import ALL_KEYS, collate, decode_clip, encode_sample
+    from tcplug.data.shards import ALL_KEYS, PRECOMPUTED_KEYS, collate, decode_clip, encode_sample
 
-    samples = [decode_clip(encode_sample(f"c{i}", make_clip(seed, i, frames, size, shapes, gravity)), ALL_KEYS)
+    keys = [k for k in ALL_KEYS if k not in PRECOMPUTED_KEYS]
+    samples = [decode_clip(encode_sample(f"c{i}", make_clip(seed, i, frames, size, shapes, gravity)), keys)
                for i in range(n)]
     for s in samples:
         s.pop("__url__", None)

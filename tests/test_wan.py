@@ -302,3 +302,21 @@ def test_tiny_recipe_ddp_two_ranks(tmp_path, tiny):
     for key in ("val/loss", "val/tvs", "val/motion_ratio"):
         assert ranks[0][key] == pytest.approx(ranks[1][key], rel=1e-6), key
     assert np.isfinite(ranks[0]["val/loss"])
+
+
+def test_fsdp_overlay_wraps_each_wan_block():
+    """recipes/wan/fsdp.yaml: each WanTransformerBlock is one FSDP unit and is checkpointed."""
+    import warnings
+
+    import yaml
+    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    parser = ArgumentParser()
+    parser.add_argument("--strategy", type=FSDPStrategy)
+    preset = yaml.safe_load((RECIPES / "wan" / "fsdp.yaml").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        strategy = parser.instantiate_classes(parser.parse_object({"strategy": preset["trainer"]["strategy"]})).strategy
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {WanTransformerBlock}

@@ -66,6 +66,22 @@ class ControlAdapter(nn.Module):
         return out
 
 
+def pool_frames(maps: Tensor, t: int, who: str = "conditioner") -> Tensor:
+    """Pixel-frame maps ``(B, T, K, H, W)`` -> one per latent frame ``(B, t, K, H, W)``.
+
+    A latent design that compresses time ``c``-fold (``T = c (t - 1) + 1``, a causal video VAE)
+    codes frame 0 alone and frames ``c(k-1)+1 .. ck`` in latent frame ``k``: each latent frame
+    gets the mean of the maps of the frames it codes. ``T == t`` returns the maps unchanged."""
+    frames = maps.shape[1]
+    if frames == t:
+        return maps
+    if t < 2 or (frames - 1) % (t - 1):
+        raise TcplugError(f"{who}: {frames} frames of conditioning maps do not fit {t} latent frames")
+    c = (frames - 1) // (t - 1)
+    rest = maps[:, 1:].unflatten(1, (t - 1, c)).mean(2)
+    return torch.cat([maps[:, :1], rest], dim=1)
+
+
 class MapConditioner(WorldConditioner):
     """Base of conditioners whose input is a stack of maps ``(B, T, K, H, W)``.
 
@@ -100,10 +116,11 @@ class MapConditioner(WorldConditioner):
             raise TcplugError(f"{type(self).__name__}.setup(backbone) was not called")
         b, t, _, h, w = latent_shape
         maps = self.maps(batch, latent_shape).to(self.adapter.embed.weight)
-        if maps.shape[:2] != (b, t):
+        small = pool_frames(maps, t, type(self).__name__)
+        if small.shape[:2] != (b, t):
             raise TcplugError(f"{type(self).__name__}: conditioning maps {tuple(maps.shape)} do not match "
                               f"latents of {b} clips x {t} frames")
-        small = F.adaptive_avg_pool2d(maps.flatten(0, 1), (h, w)).unflatten(0, (b, t))
+        small = F.adaptive_avg_pool2d(small.flatten(0, 1), (h, w)).unflatten(0, (b, t))
         return {"maps": maps, "residuals": [r * self.scale for r in self.adapter(small)]}
 
 
@@ -251,7 +268,9 @@ class PhysicsState(MapConditioner):
         return canvas * 2 - 1
 
     def maps(self, batch: dict[str, Any], latent_shape: tuple[int, ...]) -> Tensor:
-        b, t = latent_shape[:2]
+        b = latent_shape[0]
+        # pixel frames: the clip's, or what the sampler asks for (a latent design may compress time)
+        t = batch["video"].shape[1] if batch.get("video") is not None else batch.get("num_frames") or latent_shape[1]
         states = _need(batch, "state", "physics_state")
         st = self.parse(states, device=self.dynamics[0].weight.device)
         if st["pos"].shape[0] == 1 and b > 1:

@@ -125,23 +125,69 @@ class FlowWarp(LossTerm):
         space: ``auto`` (pixels if decodable), ``pixel`` or ``latent``.
         weighting: ``none``, or ``snr``: per-clip ``SNR/(1+SNR)``, so that high-noise steps,
             whose clean-clip prediction is a blur, count less.
+        max_clips: decode only this many clips of the batch (pixel space), with gradient
+            checkpointing: for real video VAEs, whose full decode per step would not fit.
+        max_latent_frames: decode only this many leading latent frames (pixel space).
+
+    With a latent design that compresses time (Wan's VAE) and ``space: latent``, the pixel flows
+    are summed over the frames each latent frame spans (see :func:`pool_flow`).
     """
 
     def __init__(self, weight: float = 1.0, space: Literal["auto", "pixel", "latent"] = "auto",
-                 weighting: Literal["none", "snr"] = "snr") -> None:
+                 weighting: Literal["none", "snr"] = "snr", max_clips: int | None = None,
+                 max_latent_frames: int | None = None) -> None:
         super().__init__(weight)
         self.space, self.weighting = space, weighting
+        self.max_clips, self.max_latent_frames = max_clips, max_latent_frames
 
     def forward(self, ctx: LossContext) -> Tensor:
-        flow = _need_flow(ctx, "flow_warp").flatten(0, 1).float()
+        flow = _need_flow(ctx, "flow_warp").float()  # (B, T-1, 2, H, W) over pixel frames
+        occ = ctx.batch.get("occ")
         pixel = self.space == "pixel" or (self.space == "auto" and ctx.latent.decodable)
-        frames = ctx.pred_video() if pixel else ctx.pred_x0()
+        b = min(self.max_clips or flow.shape[0], flow.shape[0])
+        if pixel and (self.max_clips or self.max_latent_frames):
+            frames = decode_subset(ctx, b, self.max_latent_frames)
+        else:
+            frames = (ctx.pred_video() if pixel else ctx.pred_x0())[:b]
+        flow, occ = flow[:b], occ[:b] if occ is not None else None
+        t = frames.shape[1]
+        if t != flow.shape[1] + 1:  # a decoded prefix, or latents of a time-compressing design
+            flow, occ = (flow[:, : t - 1], occ[:, : t - 1] if occ is not None else None) if pixel else \
+                pool_flow(flow, occ, t)
         h, w = frames.shape[-2:]
-        per_clip = warp_consistency(frames.float(), _resize_flow(flow, h, w), _valid(ctx.batch, flow.shape[0], h, w,
-                                                                                      frames.device))
+        flat = flow.flatten(0, 1)
+        per_clip = warp_consistency(frames.float(), _resize_flow(flat, h, w),
+                                    _valid({"occ": occ}, flat.shape[0], h, w, frames.device))
         if self.weighting == "snr":
-            per_clip = per_clip * ctx.snr_weight()
+            per_clip = per_clip * ctx.snr_weight()[:b]
         return per_clip.mean()
+
+
+def pool_flow(flow: Tensor, occ: Tensor | None, t: int) -> tuple[Tensor, Tensor | None]:
+    """Pixel-frame flows ``(B, T-1, 2, H, W)`` -> flows between the ``t`` latent frames of a
+    design that compresses time ``c``-fold (latent frame ``k`` stands for pixel frame ``c k``):
+    the sum of the ``c`` pixel flows in between (a small-motion approximation; occlusion is the
+    union of theirs)."""
+    pairs = flow.shape[1]
+    if t < 2 or pairs % (t - 1):
+        raise TcplugError(f"flow of {pairs + 1} frames does not fit {t} (latent) frames")
+    c = pairs // (t - 1)
+    flow = flow.unflatten(1, (t - 1, c)).sum(2)
+    if occ is not None:
+        occ = occ.unflatten(1, (t - 1, c)).amax(2)
+    return flow, occ
+
+
+def decode_subset(ctx: LossContext, clips: int, latent_frames: int | None) -> Tensor:
+    """Decode the predicted clean latents of the first ``clips`` clips (and the first
+    ``latent_frames`` latent frames) with gradient checkpointing: a video VAE's decoder then
+    keeps no activations for the backward pass. ``(clips, T, 3, H, W)``."""
+    from torch.utils.checkpoint import checkpoint
+
+    z = ctx.pred_x0()[:clips]
+    if latent_frames:
+        z = z[:, :latent_frames]
+    return checkpoint(ctx.latent.decode, z, use_reentrant=False)
 
 
 class PerceptualTemporal(LossTerm):

@@ -12,13 +12,14 @@ from a config dict (tiny random models for tests and CPU recipes).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from tcplug import Backbone, LatentDesign, TcplugError, WorldConditioner, hookimpl
+from tcplug import AttentionVariant, Backbone, LatentDesign, TcplugError, WorldConditioner, hookimpl
 
 __version__ = "0.1.0"
 
@@ -59,6 +60,62 @@ def load_model(cls: type, what: str, pretrained: str | None, subfolder: str, con
     return model.to(torch_dtype) if torch_dtype is not None else model
 
 
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Wan's rotary embedding on ``x (B, L, heads, D)`` with ``cos, sin (1, L, 1, D)`` (the
+    interleaved-pair form ``WanAttnProcessor`` applies)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class FrameAttnProcessor:
+    """A diffusers attention processor for Wan's self-attention (``attn1``) that keeps Wan's
+    projections, q/k RMS norms and 3D rotary embedding, then lets a tcplug
+    :class:`~tcplug.AttentionVariant` decide which key frames each query frame sees.
+
+    The backbone sets :attr:`grid` ``(T', N)`` (latent frames, tokens per frame; Wan's tokens are
+    frame-major) before each forward, and :attr:`stream` / :attr:`rotary` while streaming (the
+    K/V frame buffer, and the rotary embedding of the chunk's absolute frame positions).
+    """
+
+    def __init__(self, variant: AttentionVariant, index: int) -> None:
+        self.variant, self.index = variant, index
+        self.grid: tuple[int, int] | None = None
+        self.stream = None
+        self.rotary: tuple[Tensor, Tensor] | None = None
+
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, rotary_emb: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise TcplugError("tcplug frame attention is for Wan's self-attention (attn1) only, without a mask")
+        if self.grid is None:
+            raise TcplugError("frame attention has no frame grid: call it through the wan backbone")
+        t, n = self.grid
+        b, length, _ = hidden_states.shape
+        if length != t * n:
+            raise TcplugError(f"frame attention got {length} tokens for a grid of {t} frames x {n} tokens")
+        if getattr(attn, "fused_projections", False):
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (y.unflatten(2, (attn.heads, -1)) for y in (query, key, value))
+        rotary = self.rotary if self.rotary is not None else rotary_emb
+        if rotary is not None:
+            query, key = apply_rotary(query, *rotary), apply_rotary(key, *rotary)
+
+        def frames(y: Tensor) -> Tensor:  # (B, T'*N, H, D) -> (B, T', H, N, D)
+            return y.view(b, t, n, attn.heads, -1).permute(0, 1, 3, 2, 4)
+
+        q, k, v = frames(query), frames(key), frames(value)
+        out = self.stream.attend(self.variant, self.index, q, k, v) if self.stream is not None else self.variant(q, k, v)
+        out = out.permute(0, 1, 3, 2, 4).reshape(b, t * n, -1).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
 class WanBackbone(Backbone):
     """Wan's diffusion transformer (``WanTransformer3DModel``) as a tcplug backbone.
 
@@ -69,18 +126,27 @@ class WanBackbone(Backbone):
     text-encoder states, zero-padded as ``WanPipeline`` pads them) through Wan's own
     cross-attention; without one, a single zero token.
 
+    ``attention`` installs a tcplug attention variant in every block's self-attention
+    (:class:`FrameAttnProcessor`): the same variants and recipe names as on ``dit``
+    (``per_frame``, ``cross_frame``, ``full3d``, a third party's...); without it Wan keeps its own
+    full 3D attention. Causal variants stream long videos with the K/V frame buffer.
+    ``context["residuals"]`` (one tensor per block, broadcastable to ``(B, T', N, token_dim)``) is
+    added after each block: the seam ControlNet-style conditioners (``depth``, ``skeleton``,
+    ``physics_state``) use, as VACE adds its hints to Wan's blocks.
+
     Args:
         pretrained: a local diffusers Wan folder (its ``subfolder``, default ``transformer``;
             ``transformer_2`` is Wan 2.2's low-noise expert).
         config: a ``WanTransformer3DModel`` config dict instead (random weights).
         dtype: ``float32`` (default), ``bfloat16`` or ``float16`` weights.
         gradient_checkpointing: recompute each Wan block in the backward pass.
+        attention: one variant for every block (copied per block) or one per block; None keeps
+            Wan's own attention.
     """
 
-    supports_streaming = False
-
     def __init__(self, pretrained: str | None = None, subfolder: str = "transformer", config: dict | None = None,
-                 dtype: str | None = None, gradient_checkpointing: bool = False) -> None:
+                 dtype: str | None = None, gradient_checkpointing: bool = False,
+                 attention: AttentionVariant | list[AttentionVariant] | None = None) -> None:
         super().__init__()
         from diffusers import WanTransformer3DModel
 
@@ -98,6 +164,38 @@ class WanBackbone(Backbone):
         self.pretrained = pretrained
         if gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
+        self.variants: nn.ModuleList | None = None
+        self._processors: list[FrameAttnProcessor] = []
+        if attention is not None:
+            variants = list(attention) if isinstance(attention, (list, tuple, nn.ModuleList)) else \
+                [attention] + [copy.deepcopy(attention) for _ in range(self.num_blocks - 1)]
+            if len(variants) != self.num_blocks:
+                raise TcplugError(f"wan got {len(variants)} attention variants for {self.num_blocks} blocks; give 1 or "
+                                  f"{self.num_blocks}")
+            self.variants = nn.ModuleList(variants)
+            for i, (block, variant) in enumerate(zip(self.model.blocks, variants)):
+                proc = FrameAttnProcessor(variant, i)
+                block.attn1.set_processor(proc)
+                self._processors.append(proc)
+
+    @property
+    def supports_streaming(self) -> bool:
+        """Streams when every block's variant is causal (the K/V frame buffer)."""
+        if self.variants is None or not all(v.causal for v in self.variants):
+            return False
+        try:
+            for v in self.variants:
+                v.memory()
+        except NotImplementedError:  # e.g. a causal variant with an unbounded window
+            return False
+        return True
+
+    def _rotary_at(self, start: int, t: int, h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Wan's rotary embedding for latent frames ``start .. start + t`` (absolute positions)."""
+        p = self.patch_size
+        cos, sin = self.model.rope(torch.empty(1, 1, start + t, h, w, device=device))
+        n = (h // p) * (w // p)
+        return cos[:, start * n:].to(device), sin[:, start * n:].to(device)
 
     @property
     def lora_target(self) -> nn.Module:
@@ -129,12 +227,45 @@ class WanBackbone(Backbone):
         elif timesteps.dim() != 1:
             raise TcplugError(f"timesteps of shape {tuple(timesteps.shape)}: give (B,), (B, T') or (B, T', N)")
         dtype = self.model.dtype
-        text = (context or {}).get("text")
+        context = context or {}
+        text = context.get("text")
         if text is None:
             text = x.new_zeros(b, 1, self.text_dim)
-        out = self.model(hidden_states=x.permute(0, 2, 1, 3, 4).to(dtype), timestep=timesteps,
-                         encoder_hidden_states=text.to(dtype), return_dict=False)[0]
+        stream = context.get("stream")
+        if stream is not None and not self.supports_streaming:
+            raise TcplugError("this wan backbone cannot stream: give it a causal attention variant")
+        rotary = self._rotary_at(stream.frame_start, t, h, w, x.device) if stream is not None else None
+        for proc in self._processors:
+            proc.grid, proc.stream, proc.rotary = (t, n), stream, rotary
+        hooks = []
+        residuals = context.get("residuals")
+        if residuals is not None:
+            if len(residuals) != self.num_blocks:
+                raise TcplugError(f"got {len(residuals)} residuals for {self.num_blocks} wan blocks")
+            for block, res in zip(self.model.blocks, residuals):
+                hooks.append(block.register_forward_hook(_AddResidual(res, b, t, n)))
+        try:
+            out = self.model(hidden_states=x.permute(0, 2, 1, 3, 4).to(dtype), timestep=timesteps,
+                             encoder_hidden_states=text.to(dtype), return_dict=False)[0]
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for proc in self._processors:
+                proc.stream = proc.rotary = None
         return out.permute(0, 2, 1, 3, 4).to(x.dtype)
+
+
+class _AddResidual:
+    """Forward hook adding one conditioner residual ``(B|1, T'|1, N|1, D)`` to a Wan block's
+    output ``(B, T'*N, D)``."""
+
+    def __init__(self, residual: Tensor, b: int, t: int, n: int) -> None:
+        self.residual, self.shape = residual, (b, t, n)
+
+    def __call__(self, module, args, output):
+        b, t, n = self.shape
+        res = self.residual.to(output.dtype).expand(b, t, n, output.shape[-1])
+        return output + res.reshape(b, t * n, -1)
 
 
 class WanVAE(LatentDesign):
@@ -215,6 +346,22 @@ class WanVAE(LatentDesign):
         z = dist.sample() if self.sample else dist.mode()
         z = (z.float() - self.mean) * self.inv_std
         return z.permute(0, 2, 1, 3, 4).contiguous()
+
+    def decode_stream(self, latents: Tensor, state: dict[str, Any]) -> Tensor:
+        """Decode one streamed chunk of latent frames. The causal decoder sees the previous
+        chunk's last ``stream_context`` latent frames again (their pixels are dropped), so the
+        chunk continues the video: ``1 + 4(k - 1)`` pixel frames for the first chunk of ``k``
+        latent frames, ``4k`` for every later one, as the whole video would have."""
+        prev = state.get("wan_context")
+        c = self.temporal_compression
+        if prev is None:
+            video = self.decode(latents)
+        else:
+            video = self.decode(torch.cat([prev, latents], dim=1))[:, 1 + c * (prev.shape[1] - 1):]
+        state["wan_context"] = latents[:, -self.stream_context:]
+        return video
+
+    stream_context: int = 2
 
     def decode(self, latents: Tensor) -> Tensor:
         z = latents.permute(0, 2, 1, 3, 4).float() / self.inv_std + self.mean

@@ -74,7 +74,7 @@ def encode_shards(configs: Sequence[str], shards: str, out: str, batch_size: int
     import webdataset as wds
     from tqdm.auto import tqdm
 
-    from tcplug.data.shards import ALL_KEYS, decode_clip, iter_tar, list_shards
+    from tcplug.data.shards import decode_clip, iter_tar, list_shards
 
     if dtype not in ("float32", "float16"):
         raise TcplugError(f"--dtype must be float32 or float16, got {dtype}")
@@ -137,8 +137,7 @@ def encode_shards(configs: Sequence[str], shards: str, out: str, batch_size: int
                     report["bad"].append({"shard": shard, "error": error})
                     break
                 try:
-                    keys = [k for k in ALL_KEYS if k in ("txt",) and "txt" in raw]
-                    clip = decode_clip(raw, keys)
+                    clip = decode_clip(raw, ["txt"] if "txt" in raw else [])
                 except ValueError as exc:
                     report["bad"].append({"shard": shard, "key": raw.get("__key__"), "error": str(exc)})
                     continue
