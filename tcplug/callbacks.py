@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
 
@@ -31,12 +32,14 @@ class MetricsJson(pl.Callback):
         for key, value in trainer.callback_metrics.items():
             v = float(value)
             metrics[key] = v if math.isfinite(v) else str(v)
+        path = Path(log_dir) / "metrics.json"
+        if not metrics and path.exists():  # nothing new (a finished run resumed): keep what is there
+            return
         payload = {"stage": stage, "epoch": trainer.current_epoch, "global_step": trainer.global_step,
                    "metrics": dict(sorted(metrics.items()))}
         ckpt = getattr(trainer, "checkpoint_callback", None)
         if ckpt is not None and getattr(ckpt, "last_model_path", ""):
             payload["last_checkpoint"] = ckpt.last_model_path
-        path = Path(log_dir) / "metrics.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(payload, indent=2) + "\n")
@@ -45,8 +48,41 @@ class MetricsJson(pl.Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         self._write(trainer, "validate" if trainer.state.fn == "validate" else "fit")
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._steps_here = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._steps_here = getattr(self, "_steps_here", 0) + 1
+
     def on_fit_end(self, trainer, pl_module) -> None:
         self._write(trainer, "fit")
+        if getattr(self, "_steps_here", 0) == 0 and trainer.global_step > 0 and trainer.is_global_zero:
+            print(f"tcplug: this run had already reached step {trainer.global_step} (trainer.max_steps="
+                  f"{trainer.max_steps}): nothing was trained; raise --trainer.max_steps to continue it",
+                  file=sys.stderr)
+        self._summary(trainer)
+
+    @rank_zero_only
+    def _summary(self, trainer: pl.Trainer) -> None:
+        """The run's outcome in a few lines: folder, checkpoint, samples, final metrics."""
+        log_dir = trainer.log_dir
+        if log_dir is None or trainer.sanity_checking:
+            return
+        run = Path(log_dir)
+        lines = [f"tcplug: run finished at step {trainer.global_step} — {run}"]
+        ckpt = getattr(trainer, "checkpoint_callback", None)
+        if ckpt is not None and getattr(ckpt, "last_model_path", ""):
+            lines.append(f"  checkpoint  {ckpt.last_model_path}")
+        samples = sorted((run / "samples").glob("*.mp4")) if (run / "samples").is_dir() else []
+        if samples:
+            lines.append(f"  samples     {samples[-1]} ({len(samples)} in {run / 'samples'})")
+        values = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        shown = [k for k in ("val/loss", "val/tvs", "val/tvs_data", "val/motion_ratio", "val/sharpness_ratio",
+                             "val/frame_distance") if k in values]
+        if shown:
+            lines.append("  metrics     " + "  ".join(f"{k.removeprefix('val/')}={values[k]:.4g}" for k in shown))
+        lines.append(f"  all metrics {run / 'metrics.json'}; TensorBoard: tensorboard --logdir {run.parent}")
+        print("\n".join(lines), file=sys.stderr, flush=True)
 
     def on_test_end(self, trainer, pl_module) -> None:
         self._write(trainer, "test")
@@ -74,3 +110,33 @@ class SaveOnSigterm(pl.Callback):
                     print(f"tcplug: SIGTERM at step {trainer.global_step}: saved {path}; resume with --ckpt_path last",
                           file=sys.stderr)
                 return
+
+
+class RunProgressBar(TQDMProgressBar):
+    """One training bar for the whole run: steps done of ``trainer.max_steps`` with an ETA (not
+    per epoch: tcplug's epochs are a data-loading detail), the loss and the last validation's
+    TVS beside it. Validation keeps its own short bar."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        bar = self.train_progress_bar
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        bar.reset(total=total)
+        bar.n = trainer.global_step
+        bar.set_description("train (steps)")
+        bar.refresh()
+
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        pass  # the default resets the bar at every epoch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        bar = self.train_progress_bar
+        n = trainer.global_step
+        if bar.disable or not (n % max(self.refresh_rate, 1) == 0 or n == bar.total):
+            return
+        bar.n = n
+        bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not self.train_progress_bar.disable:
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))

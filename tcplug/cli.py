@@ -77,6 +77,17 @@ def _make_cli_class():
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
             parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
 
+        def parse_arguments(self, parser, args) -> None:
+            """Parse errors as one line (and the closest valid option), not 100 lines of usage."""
+            for p in [parser, *getattr(self, "_subcommand_parsers", {}).values()]:
+                p.exit_on_error = False
+            try:
+                super().parse_arguments(parser, args)
+            except Exception as exc:  # jsonargparse's ArgumentError
+                if type(exc).__name__ != "ArgumentError":
+                    raise
+                raise TcplugError(parse_error(str(exc), parser, sys.argv[1:2])) from None
+
         def before_instantiate_classes(self) -> None:
             if self.subcommand:
                 resolve_last_checkpoint(self.config[self.subcommand])
@@ -97,6 +108,7 @@ def _make_cli_class():
                 super().instantiate_classes()
             except (ValueError, TypeError) as exc:  # a component refused its arguments
                 raise TcplugError(component_error(exc)) from None
+            check_shapes(self.model, self.datamodule)  # before any data is generated or weight moves
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             # keep the resolved recipe with the model: it is saved inside every checkpoint
             self.model.tcplug_config = self._parser(self.subcommand).dump(cfg, skip_none=False, skip_validation=True)
@@ -107,6 +119,14 @@ def _make_cli_class():
 
             from tcplug.checkpoint import AtomicCheckpointIO
 
+            from lightning.pytorch.callbacks import ProgressBar
+
+            from tcplug.callbacks import RunProgressBar
+
+            trainer_cfg = (self.config_init[self.subcommand] if self.subcommand else self.config_init).get("trainer", {})
+            given = list(trainer_cfg.get("callbacks") or [])
+            if trainer_cfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+                kwargs["callbacks"] = given + [RunProgressBar()]  # steps of the whole run, with an ETA
             try:
                 trainer = super().instantiate_trainer(**kwargs)
             except (ValueError, MisconfigurationException) as exc:  # settings that do not fit together
@@ -118,6 +138,80 @@ def _make_cli_class():
             return trainer
 
     return TcplugCLI
+
+
+_NOISE = ("Given value", "Errors:", "Subtypes:", "Does not validate against any of the Union subtypes",
+          "Expected a <class 'NoneType'>", "Expected a <class 'list'>", "Problem with given class_path")
+
+
+def parse_error(message: str, parser, subcommand: Sequence[str]) -> str:
+    """A jsonargparse error as one line: where, what was wrong, and the closest valid name when a
+    component, an option or an argument was misspelt."""
+    import difflib
+    import importlib
+    import inspect
+    import re
+
+    sub = subcommand[0] if subcommand else ""
+    tail = f" (`tcplug {sub} --help` lists every option)"
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    where = " -> ".join(dict.fromkeys(keys)) if keys else ""
+    prefix = f"{where}: " if where else ""
+    # a component name the registry does not know (its own message names the closest one)
+    m = re.search(r"(unknown [\w ]+ '[^']*'\..*)", message)
+    if m:
+        return prefix + m.group(1).strip()
+    # an argument the component does not take
+    m = re.search(r"class_path '([\w.]+)'.*?Option '(\w+)' is not accepted", message, re.S)
+    if m:
+        path, option = m.groups()
+        hint = ""
+        try:
+            module, _, name = path.rpartition(".")
+            params = [p for p in inspect.signature(getattr(importlib.import_module(module), name)).parameters
+                      if p not in ("self", "args", "kwargs")]
+            close = difflib.get_close_matches(option, params, n=1, cutoff=0.5)
+            hint = f" Did you mean '{close[0]}'?" if close else f" It takes: {', '.join(params)}."
+        except Exception:  # noqa: BLE001 - the hint is optional
+            pass
+        return f"{prefix}{path.rsplit('.', 1)[-1]} takes no argument '{option}'.{hint}"
+    # an option the command does not have
+    m = re.search(r"unrecognized arguments: (--[\w.\-]+)", message)
+    if m:
+        key = m.group(1).split("=")[0]
+        try:
+            parser_ = parser._subcommands_action.choices[sub] if sub else parser  # noqa: SLF001
+            options = sorted(set(re.findall(r"--[\w.\-]+", parser_.format_help())))
+        except Exception:  # noqa: BLE001
+            options = []
+        close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
+        return f"unrecognized option {key}." + (f" Did you mean {close[0]}?" if close else "") + tail
+    lines = [re.sub(r'^Parser key "[^"]+":\s*', "", ln.strip().lstrip("- ").strip()) for ln in message.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith(_NOISE)]
+    detail = lines[0] if lines else message.strip().splitlines()[0]
+    return f"{prefix}{detail}"[:400] + tail
+
+
+def check_shapes(model, data) -> None:
+    """The recipe's shapes fit together: clip length for the latent design (a video VAE takes
+    ``c k + 1`` frames), frame size for the latent's downsampling times the backbone's patch
+    size. Checked once the components exist and before the data is generated."""
+    latent, backbone = model.latent, model.backbone
+    frames, size = getattr(data, "frames", None), getattr(data, "size", None)
+    if frames is not None:
+        try:
+            latent.latent_frames(frames)
+        except TcplugError as exc:
+            raise TcplugError(f"data.frames={frames}: {exc}") from None
+    if size is not None:
+        unit = int(latent.downsample) * int(getattr(backbone, "patch_size", 1) or 1)
+        if size % unit:
+            lo = max(unit, size // unit * unit)
+            raise TcplugError(
+                f"data.size={size} does not fit the model: the latent design ({type(latent).__name__}) downsamples "
+                f"{latent.downsample}x and the backbone's patch_size is {backbone.patch_size}, so the frame size must be "
+                f"a multiple of {unit} (e.g. {lo} or {lo + unit})"
+            )
 
 
 def component_error(exc: BaseException) -> str:

@@ -208,6 +208,12 @@ class TCPlugModule(pl.LightningModule):
         self.guidance_scale, self.lock_timestep, self.lock_prob = guidance_scale, lock_timestep, lock_prob
         self.lock_loss_weight, self.preview_steps = lock_loss_weight, preview_steps
         self.lock_copy_anchor = lock_copy_anchor
+        for name, value, low in (("lr", lr, 0.0), ("disc_lr", disc_lr, 0.0)):
+            if not value > low:
+                raise TcplugError(f"model.{name} must be > 0, got {value}")
+        if weight_decay < 0 or warmup_steps < 0 or sample_steps < 1 or num_val_samples < 0:
+            raise TcplugError("model.weight_decay and warmup_steps must be >= 0, sample_steps >= 1 and "
+                              f"num_val_samples >= 0 (got {weight_decay}, {warmup_steps}, {sample_steps}, {num_val_samples})")
         self.compile_backbone = compile
         self.schedule = NoiseSchedule(noise, prediction_type, num_train_timesteps, beta_schedule, sampler, shift,
                                       scheduler)

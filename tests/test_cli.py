@@ -106,7 +106,8 @@ def test_wrong_init_argument():
     proc = run_tcplug("fit", "--config", FULL, "--model.backbone.init_args.dimm=3", "--print_config")
     assert proc.returncode == 2
     no_traceback(proc)
-    assert "dimm" in proc.stderr and "not accepted" in proc.stderr
+    assert "DiT takes no argument 'dimm'. Did you mean 'dim'?" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1  # one line, not the whole usage
 
 
 def test_malformed_yaml(tmp_path):
