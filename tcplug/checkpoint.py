@@ -54,14 +54,23 @@ def load_checkpoint(path, map_location: Any = "cpu") -> dict:
 
     from tcplug.errors import TcplugError
 
+    import re
+    import zipfile
+    from pathlib import Path
+
+    if Path(path).is_file() and not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise TcplugError(f"{path}: not a readable checkpoint (not a complete PyTorch archive: truncated, or "
+                          "another kind of file; `tcplug fit` writes RUN/checkpoints/last.ckpt)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise TcplugError(f"{path}: no such checkpoint") from None
     except pickle.UnpicklingError as exc:
-        raise TcplugError(
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        what = f" (it names {found.group(1)})" if found else ""
+        raise TcplugError(  # torch's own text would suggest weights_only=False: never pass that on
             f"{path}: refused to load: the checkpoint carries pickled objects beyond tensors and plain "
-            f"data, which could run code ({str(exc).splitlines()[0][:200]})"
+            f"data, which could run code{what}"
         ) from None
     except Exception as exc:
         raise TcplugError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None

@@ -248,6 +248,108 @@ def allow_unused_parameters(trainer, model) -> None:
         strategy._ddp_kwargs["find_unused_parameters"] = True
 
 
+def _class_of(path: str | None):
+    """The class a ``class_path`` names (a registry name or an import path), or None."""
+    if not path:
+        return None
+    import importlib
+
+    from tcplug.kinds import KINDS
+    from tcplug.registry import get_registry
+
+    for kind in KINDS:
+        found = get_registry().find(kind, str(path))
+        if found is not None:
+            return found
+    module, _, name = str(path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def reset_replaced_components(argv: Sequence[str]) -> list[str]:
+    """A component replaced on the command line starts from its own defaults.
+
+    ``--config full.yaml --model.backbone.init_args.attention=temporal`` swaps ``cross_frame`` for
+    ``temporal``; jsonargparse would keep every recipe setting the new class also accepts
+    (``window: 2``, meant for ``cross_frame``). Here each such setting is reset to the new class's
+    default (the replacing argument becomes ``--key={"class_path": ..., "init_args": {defaults}}``,
+    so ``--print_config`` shows it and later arguments still win), and a line says which were
+    reset. Returns the new argv.
+    """
+    import inspect
+    import json
+
+    import yaml
+
+    items = list(argv)
+    configs, sets = [], []
+    for i, arg in enumerate(items):
+        if not arg.startswith("--"):
+            continue
+        key, eq, value = arg[2:].partition("=")
+        if not eq and i + 1 < len(items) and not items[i + 1].startswith("--"):
+            value = items[i + 1]
+        if key == "config":
+            configs.append(value)
+        elif value and not value.lstrip().startswith(("{", "[")):
+            sets.append((i, key.removesuffix(".class_path"), value))
+    if not sets or not configs:
+        return items
+    recipe: dict = {}
+    for path in configs:
+        try:
+            with open(path) as f:
+                _merge(recipe, yaml.safe_load(f) or {})
+        except Exception:  # noqa: BLE001 - the parser reports unreadable recipes itself
+            return items
+    replace: dict[int, str] = {}
+    for index, key, value in sets:
+        before = recipe
+        for part in key.split("."):
+            before = before.get(part) if isinstance(before, dict) else None
+        if not isinstance(before, dict) or "class_path" not in before:
+            continue
+        old_cls, new_cls = _class_of(before["class_path"]), _class_of(value)
+        if old_cls is None or new_cls is None or old_cls is new_cls:
+            continue
+        later = {a[2:].split("=")[0] for a in items[index + 1:] if a.startswith(f"--{key}.")}
+        params = inspect.signature(new_cls.__init__).parameters
+        reset = []
+        for name, old_value in (before.get("init_args") or {}).items():
+            p = params.get(name)
+            if p is None or p.default is inspect.Parameter.empty:
+                continue
+            if {f"{key}.init_args.{name}", f"{key}.{name}"} & later:
+                continue
+            reset.append((name, p.default))
+            print(f"tcplug: --{key}={value} replaces the recipe's {old_cls.__name__}: {name}={old_value!r} from the "
+                  f"recipe is reset to {new_cls.__name__}'s default {p.default!r} (set it after --{key} to change it)",
+                  file=sys.stderr)
+        if reset:  # the dict form makes jsonargparse take these values instead of the recipe's
+            replace[index] = f"--{key}=" + json.dumps({"class_path": value, "init_args": dict(reset)})
+    out, skip = [], False
+    for i, arg in enumerate(items):
+        if skip:
+            skip = False
+            continue
+        if i in replace:
+            out.append(replace[i])
+            skip = "=" not in arg  # the value was the next item
+        else:
+            out.append(arg)
+    return out
+
+
+def _merge(into: dict, data: dict) -> None:
+    for k, v in data.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict) and v.get("class_path") in (None, into[k].get("class_path")):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+
+
 def resolve_last_checkpoint(cfg) -> None:
     """``--ckpt_path last``: resume the newest run folder of this recipe's logger, in place.
 
@@ -308,6 +410,7 @@ def run_lightning(argv: Sequence[str]) -> None:
     cli_cls = _make_cli_class()
     # LightningCLI reads sys.argv; DDP children are launched by re-running sys.argv, so it
     # must hold this very command (also when main() is called from Python with argv).
+    argv = list(argv[:1]) + reset_replaced_components(argv[1:]) if argv else list(argv)
     saved, sys.argv = sys.argv, sys.argv[:1] + list(argv)
     try:
         _run(cli_cls, argv)
@@ -616,6 +719,34 @@ def _conditioning_batch(args, cfg: dict) -> dict | None:
     return batch or None
 
 
+# what each conditioner reads at sampling, and the flags of `tcplug sample` that give it
+_NEEDS = {"txt": "--caption TEXT", "state": "--state state.json", "depth": "--clip N", "skeleton": "--clip N",
+          "static": "--static-mask IMAGE"}
+
+
+def _check_conditions(model, args, batch: dict | None) -> None:
+    """A conditioned model needs its conditions: name the flags that give the missing ones
+    (and warn about a flag that the model does not read)."""
+    from tcplug.registry import get_registry
+
+    have = set(batch or {})
+    missing: list[str] = []
+    for c in model.conditioners:
+        name = get_registry().name_of(type(c)) or type(c).__name__
+        needs = {"physics_state": ["state"], "caption": ["txt"], "depth": ["depth"], "skeleton": ["skeleton"],
+                 "wan_text": ["txt"]}.get(name, [])
+        if name == "wan_text" and "text_emb" in have:
+            continue
+        missing += [f"{name} needs {_NEEDS[k]}" for k in needs if k not in have]
+    if missing:
+        raise TcplugError(
+            f"this model is conditioned: {'; '.join(missing)} (or --clip N takes every condition from validation "
+            "clip N of the recipe's data; `state.json` is described in the CLI reference)")
+    locker = getattr(model, "motion_lock", None)
+    if args.static_mask is not None and (locker is None or get_registry().name_of(type(locker)) != "mask"):
+        print("tcplug sample: --static-mask is ignored: this model's motion lock is not `mask`", file=sys.stderr)
+
+
 def cmd_sample(argv: Sequence[str]) -> int:
     import argparse
 
@@ -646,11 +777,18 @@ def cmd_sample(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
     if args.frames < 1:
         raise TcplugError("--frames must be >= 1")
+    from pathlib import Path
+
+    if Path(args.out).suffix.lower() != ".mp4":
+        if Path(args.out).suffix:
+            raise TcplugError(f"--out {args.out}: tcplug sample writes .mp4 files; give a name ending in .mp4")
+        args.out = f"{args.out}.mp4"
     model, cfg = model_from_checkpoint(args.ckpt)
     data = cfg.get("data") or {}
     chunk = args.chunk or int(data.get("frames", 8))
     size = args.size or int(data.get("size", 32))
     batch = _conditioning_batch(args, cfg)
+    _check_conditions(model, args, batch)
     if model.can_stream:
         with VideoWriter(args.out, fps=args.fps) as writer:
             for video in model.stream(args.frames, size, size, chunk, steps=args.steps, seed=args.seed,

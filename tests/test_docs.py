@@ -52,7 +52,10 @@ def test_plugin_tutorial_is_the_example_package():
     """Following the plugin tutorial literally gives examples/tcplug-token-shift, which the
     test suite pip-installs and trains with (tests/test_third_party.py)."""
     text = (DOCS / "tutorials" / "write-a-plugin.md").read_text()
-    blocks = {lang: body for _, _, lang, body in FENCE.findall(text) if lang in ("toml", "python")}
+    blocks = {}
+    for _, _, lang, body in FENCE.findall(text):  # the first block of each language is the package's
+        if lang in ("toml", "python"):
+            blocks.setdefault(lang, body)
     pkg = DOCS.parent / "examples" / "tcplug-token-shift"
     pyproject = (pkg / "pyproject.toml").read_text()
     for line in blocks["toml"].strip().splitlines():

@@ -99,7 +99,73 @@ CONFIG_CASES = [
                                       f"--model.motion_lock.image={t / 'nope.png'}"], 2, r"does not exist"),
     ("fsdp-on-cpu", lambda t: ["fit", "--config", BASE, *TINY, "--trainer.strategy=fsdp", "--trainer.accelerator=cpu",
                                "--trainer.devices=2"], 2, r"trainer: The strategy `fsdp` requires a GPU"),
+    # the command line (one short line, the closest valid name)
+    ("misspelt-option", lambda t: ["fit", "--config", BASE, "--model.lrr=1"], 2,
+     r"^tcplug: error: unrecognized option --model.lrr\. Did you mean --model.lr\?"),
+    ("misspelt-data-option", lambda t: ["fit", "--config", BASE, "--data.sizee=3"], 2, r"Did you mean --data.size\?"),
+    ("wrong-value-type", lambda t: ["fit", "--config", BASE, "--model.lr=abc"], 2, r"model.lr: Expected a <class 'float'>"),
+    ("negative-learning-rate", lambda t: ["fit", "--config", BASE, *TINY, "--model.lr=-1"], 2, r"model.lr must be > 0"),
+    ("size-not-multiple-of-patch", lambda t: ["fit", "--config", FULL, "--data.size=30"], 2,
+     r"data.size=30 does not fit the model: .* a multiple of 4 \(e.g. 28 or 32\)"),
+    ("shards-path-missing", lambda t: ["fit", "--config", BASE, *TINY, f"--data.shards={t / 'nope'}"], 2,
+     r"data shards .*nope does not exist"),
+    ("scheduler-folder-missing", lambda t: ["fit", "--config", BASE, *TINY, "--model.noise=flow_matching",
+                                            "--model.prediction_type=flow", f"--model.scheduler={t / 'nope'}"], 2,
+     r"no scheduler_config.json there"),
+    # real model families (tiny random Wan)
+    ("frames-not-4k+1", lambda t: ["fit", "--config", WAN_TINY, "--data.frames=8"], 2,
+     r"data.frames=8: WanVAE compresses time 4x: a clip needs 4k\+1 frames \(e.g. 5 or 9\), got 8"),
+    ("model-folder-without-transformer", lambda t: ["fit", "--config", WAN_TINY, *_no_config("backbone"),
+                                                    f"--model.backbone.init_args.pretrained={_empty(t)}"], 2,
+     r"has no transformer/ \(a diffusers model folder holds transformer/"),
+    ("model-folder-not-local", lambda t: ["fit", "--config", WAN_TINY, *_no_config("latent"),
+                                          "--model.latent.init_args.pretrained=Wan-AI/Wan2.1-T2V-1.3B-Diffusers"], 2,
+     r"is not a local folder \(weights are never downloaded\)"),
+    ("vae-channels-mismatch", lambda t: ["fit", "--config", WAN_TINY, "--config", _yaml(t, WAN_4CH)], 2,
+     r"in_channels=4 but the latent design WanVAE has latent_channels=16"),
+    ("lora-targets-match-nothing", lambda t: ["fit", "--config", WAN_TINY, "--model.lora.rank=4",
+                                              "--model.lora.target_modules=[q_proj]"], 2,
+     r"target_modules \['q_proj'\] match no module of WanTransformer3DModel .*: .*to_q"),
+    ("expert-backbones-without-router", lambda t: ["fit", "--config", WAN_TINY, "--config", _yaml(t, WAN_TWO)], 2,
+     r"a list of 2 backbones: that needs a router with experts: backbone and num_experts: 2"),
+    ("train-experts-out-of-range", lambda t: ["fit", "--config", WAN_TINY, "--model.router=noise_boundary",
+                                              "--model.train_experts=[2]"], 2, r"train_experts \[2\]: give indices in 0..1"),
+    ("text-precomputed-without-embeddings", lambda t: ["fit", "--config", WAN_TINY, *TINY_WAN,
+                                                       "--model.conditioner=wan_text",
+                                                       "--model.conditioner.precomputed=true"], 2,
+     r"wan_text is precomputed: the batch must carry text_emb"),
 ]
+
+WAN_TINY = str(RECIPES / "wan" / "tiny.yaml")
+TINY_WAN = [a for a in TINY if not a.startswith(("--data.frames", "--data.size"))] + ["--data.frames=5", "--data.size=32"]
+WAN_4CH = """model:
+  backbone:
+    init_args:
+      config: {patch_size: [1, 2, 2], num_attention_heads: 2, attention_head_dim: 8, in_channels: 4, out_channels: 4,
+               text_dim: 32, freq_dim: 32, ffn_dim: 32, num_layers: 1, rope_max_seq_len: 32}
+"""
+WAN_TWO = """model:
+  backbone:
+    - class_path: wan
+      init_args:
+        config: {patch_size: [1, 2, 2], num_attention_heads: 2, attention_head_dim: 8, in_channels: 16,
+                 out_channels: 16, text_dim: 32, freq_dim: 32, ffn_dim: 32, num_layers: 1, rope_max_seq_len: 32}
+    - class_path: wan
+      init_args:
+        config: {patch_size: [1, 2, 2], num_attention_heads: 2, attention_head_dim: 8, in_channels: 16,
+                 out_channels: 16, text_dim: 32, freq_dim: 32, ffn_dim: 32, num_layers: 1, rope_max_seq_len: 32}
+"""
+
+
+def _no_config(component: str) -> list[str]:
+    """Swap a tiny recipe's config-built component for a folder-loaded one."""
+    return [f"--model.{component}.init_args.config=null"]
+
+
+def _empty(tmp_path: Path) -> Path:
+    folder = tmp_path / "model"
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 @pytest.mark.parametrize("case", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
@@ -355,11 +421,118 @@ def test_ckpt_path_last_without_a_previous_run_starts_fresh(tmp_path, tiny):
     assert "starting fresh" in proc.stderr
 
 
+# ----- sampling, export, resume, precomputed inputs ---------------------------------------------------
+@pytest.fixture
+def full_checkpoint(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = cli(capsys, "fit", "--config", FULL, *TINY)
+    assert code == 0, err[-2000:]
+    return next((tmp_path / "runs").rglob("last.ckpt"))
+
+
+def test_sample_conditioned_without_conditions_names_the_flags(full_checkpoint, tmp_path, capsys):
+    code, err = cli(capsys, "sample", "--ckpt", full_checkpoint, "--frames", "4", "--out", tmp_path / "a.mp4")
+    assert code == 2 and "Traceback" not in err
+    assert "physics_state needs --state state.json" in err and "caption needs --caption TEXT" in err
+    assert "--clip N takes every condition" in err
+    code, err = cli(capsys, "sample", "--ckpt", full_checkpoint, "--frames", "4", "--out", tmp_path / "a.mp4",
+                    "--caption", "a red square")  # the caption alone: still names the state
+    assert code == 2 and "physics_state needs --state" in err and "caption needs" not in err
+
+
+def test_sample_out_without_or_with_a_wrong_extension(full_checkpoint, tmp_path, capsys):
+    code, err = cli(capsys, "sample", "--ckpt", full_checkpoint, "--frames", "4", "--out", tmp_path / "clip.gif",
+                    "--clip", "0")
+    assert code == 2 and "writes .mp4 files" in err
+    code, err = cli(capsys, "sample", "--ckpt", full_checkpoint, "--frames", "4", "--out", tmp_path / "clip",
+                    "--clip", "0", "--steps", "2")
+    assert code == 0, err[-2000:]
+    assert (tmp_path / "clip.mp4").exists()
+
+
+def test_checkpoint_that_is_a_text_file(tmp_path, capsys):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a checkpoint\n")
+    code, err = cli(capsys, "sample", "--ckpt", bad, "--frames", "4", "--out", tmp_path / "a.mp4")
+    assert code == 2 and "not a readable checkpoint (not a complete PyTorch archive" in err
+    assert "weights_only" not in err and "pickled" not in err
+
+
+def test_resuming_a_finished_run_keeps_its_metrics(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = cli(capsys, "fit", "--config", BASE, *TINY)
+    assert code == 0, err[-2000:]
+    metrics = next((tmp_path / "runs").rglob("metrics.json"))
+    before = json.loads(metrics.read_text())["metrics"]
+    code, err = cli(capsys, "fit", "--config", BASE, *TINY, "--ckpt_path", "last")
+    assert code == 0 and "had already reached step 2" in err and "nothing was trained" in err
+    assert json.loads(metrics.read_text())["metrics"] == before != {}
+
+
+def test_export_of_a_checkpoint_without_lora(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ckpt = a_checkpoint(tmp_path, capsys)
+    code, err = cli(capsys, "export", ckpt, "--lora", tmp_path / "out")
+    assert code == 2 and "trained no LoRA adapters (model.lora is not set)" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_precomputed_shards_from_another_vae(tmp_path, capsys, monkeypatch):
+    """Shards whose latents have another channel count (another VAE) or frame count: one line
+    saying so, before a weight moves."""
+    from tcplug.data import make_clip
+    from tcplug.data.shards import encode_sample, write_shards
+
+    monkeypatch.chdir(tmp_path)
+    clips = []
+    for i in range(4):
+        clip = make_clip(0, i, 5, 32)
+        clip["latents"] = torch.zeros(2, 4, 4, 4).numpy()  # 4 channels: not Wan's 16
+        clips.append(encode_sample(f"c{i}", clip))
+    write_shards(tmp_path / "enc", clips, maxcount=2)
+    code, err = cli(capsys, "fit", "--config", WAN_TINY, *TINY_WAN, f"--data.shards={tmp_path / 'enc'}")
+    assert code == 2 and "precomputed latents of shape (2, 2, 4, 4, 4) do not fit" in err
+    assert "Re-run `tcplug data encode`" in err
+
+
+def test_encode_with_a_missing_recipe(tmp_path, capsys):
+    code, err = cli(capsys, "data", "encode", "--config", tmp_path / "nope.yaml", "--shards", tmp_path,
+                    "--out", tmp_path / "out")
+    assert code == 2 and "nope.yaml does not exist" in err
+
+
+def test_a_component_replaced_on_the_command_line_starts_from_its_defaults(tmp_path):
+    """full.yaml's cross_frame has window: 2; replacing it by temporal on the command line resets
+    window to temporal's default (and says so) instead of silently keeping 2; a value given after
+    it still wins."""
+    proc = run_tcplug("fit", "--config", FULL, "--model.backbone.init_args.attention=temporal", "--print_config",
+                      cwd=tmp_path, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "window=2 from the recipe is reset to Temporal's default None" in proc.stderr
+    block = proc.stdout[proc.stdout.index("class_path: tcplug_attention.Temporal"):][:200]
+    assert "window: null" in block
+    proc = run_tcplug("fit", "--config", FULL, "--model.backbone.init_args.attention=temporal",
+                      "--model.backbone.init_args.attention.init_args.window=3", "--print_config", cwd=tmp_path, env=ENV)
+    block = proc.stdout[proc.stdout.index("class_path: tcplug_attention.Temporal"):][:200]
+    assert "window: 3" in block
+
+
+def test_score_of_a_one_frame_video_names_the_file(tmp_path, capsys):
+    from tcplug.video import write_video
+
+    path = write_video(torch.zeros(1, 16, 16, 3, dtype=torch.uint8).numpy(), tmp_path / "one.mp4", fps=8)
+    code, err = cli(capsys, "score", path)
+    assert code in (1, 2) and "one.mp4" in err and "at least 2 frames" in err
+
+
 # ----- the catalogue in the docs ------------------------------------------------------------------
 OTHER_CASES = ["plugin-hook-raises", "plugin-duplicate-name", "data-corrupt-sample", "data-missing-ground-truth",
                "data-no-shards", "data-too-few-shards", "checkpoint-pickled-payload", "checkpoint-truncated-or-missing",
                "checkpoint-without-recipe", "nan-loss", "sigkill-mid-epoch", "sigterm", "kill-during-checkpoint-write",
-               "resume-without-checkpoint", "ctrl-c"]
+               "resume-without-checkpoint", "ctrl-c", "sample-conditioned-without-conditions", "sample-out-extension",
+               "checkpoint-is-a-text-file", "resume-finished-run", "export-without-lora",
+               "precomputed-shards-from-another-vae", "encode-missing-recipe", "component-replaced-on-cli",
+               "score-one-frame"]
 
 
 def test_reliability_page_lists_every_case():

@@ -18,10 +18,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
+    import shutil
+
     target = tmp_path_factory.mktemp("site")
+    source = tmp_path_factory.mktemp("src") / "tcplug-token-shift"  # a private copy: workers build in parallel
+    shutil.copytree(ROOT / "examples" / "tcplug-token-shift", source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-         "--quiet", "--target", str(target), str(ROOT / "examples" / "tcplug-token-shift")],
+         "--quiet", "--target", str(target), str(source)],
         capture_output=True, text=True,
     )
     assert proc.returncode == 0, proc.stderr
@@ -53,6 +57,24 @@ def test_used_by_name_on_command_line(site, tmp_path, tiny):
                       "--model.backbone.init_args.attention=token_shift",
                       "--model.backbone.init_args.attention.init_args.fraction=0.5", env=site, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # and the trained model samples (all at once: full.yaml has conditioners)
+    ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
+    proc = run_tcplug("sample", "--ckpt", ckpt, "--frames", "4", "--out", tmp_path / "a.mp4", "--steps", "2",
+                      "--clip", "0", env=site, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_tutorial_variant_streams_in_tcplug_sample(site, tmp_path, tiny):
+    """The tutorial's variant, copied verbatim, trains and then streams a long video with
+    `tcplug sample` (the K/V buffer hands it kv_index; its memory() keeps one frame)."""
+    proc = run_tcplug("fit", "--config", RECIPES / "baseline.yaml", *tiny,
+                      "--model.backbone.init_args.attention=token_shift", env=site, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
+    proc = run_tcplug("sample", "--ckpt", ckpt, "--frames", "9", "--chunk", "3", "--out", tmp_path / "long.mp4",
+                      "--steps", "2", env=site, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "long.mp4").stat().st_size > 0
 
 
 def test_gate_excludes_third_party_but_keeps_builtins(site):

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -52,8 +53,16 @@ def generate_synthetic(out: Path, params: dict, progress: bool = True) -> Path:
     if (out / "params.json").is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     p = params
+    one = encode_sample("probe", make_clip(p["seed"], 0, p["frames"], p["size"], p["num_shapes"], p["gravity"],
+                                           world=p.get("world", "textured")), p["video_format"], {})
+    per_clip = sum(len(v) for k, v in one.items() if k != "__key__")
+    total_mb = per_clip * (p["clips"] + p["val_clips"]) / 1e6
+    if progress:
+        print(f"tcplug: generating the synthetic world once ({p['clips']} + {p['val_clips']} clips of {p['frames']} "
+              f"frames at {p['size']}x{p['size']}, about {total_mb:,.0f} MB) into {out}; later runs reuse it "
+              "(set TCPLUG_CACHE or data.cache_dir to put it elsewhere)", file=sys.stderr, flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     try:
         for split, n, seed in (("train", p["clips"], p["seed"]), ("val", p["val_clips"], p["seed"] + 1_000_003)):
             bar = tqdm(range(n), desc=f"synthetic world ({split})", disable=not progress, leave=False)
@@ -214,6 +223,9 @@ class VideoDataModule(pl.LightningDataModule):
             unknown = sorted(set(keys) - set(ALL_KEYS))
             if unknown:
                 raise TcplugError(f"unknown data.keys {unknown}; known keys: {', '.join(ALL_KEYS)}")
+        for spec in (shards, val_shards):  # a wrong path fails now, before any run folder exists
+            if spec:
+                list_shards(spec)
         self.save_hyperparameters()
         self.shards, self.val_shards, self.frames, self.size = shards, val_shards, frames, size
         self.batch_size, self.epoch_batches, self.val_clips = batch_size, epoch_batches, val_clips

@@ -78,8 +78,9 @@ def encode_shards(configs: Sequence[str], shards: str, out: str, batch_size: int
 
     if dtype not in ("float32", "float16"):
         raise TcplugError(f"--dtype must be float32 or float16, got {dtype}")
+    cfg = load_recipe(configs)
     inputs = list_shards(shards)
-    latent, conds = build_encoders(load_recipe(configs))
+    latent, conds = build_encoders(cfg)
     latent.to(device).eval()
     for c in conds:
         c.to(device).eval()

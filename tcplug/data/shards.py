@@ -208,10 +208,17 @@ def list_shards(spec: str | Path) -> list[str]:
     p = Path(str(spec))
     if p.is_dir():
         shards = sorted(str(s) for s in p.glob("*.tar"))
-    else:
-        shards = [s for s in braceexpand(str(spec))]
-    if not shards:
-        raise TcplugError(f"no shards found at {spec}")
+        if not shards:
+            raise TcplugError(f"no shards found at {spec} (a folder without .tar files)")
+        return shards
+    shards = [s for s in braceexpand(str(spec))]
+    present = [s for s in shards if Path(s).exists()]
+    if not present:
+        what = "does not exist" if len(shards) == 1 else f"names {len(shards)} shards and none exists"
+        raise TcplugError(f"data shards {spec} {what} (give a folder of .tar shards, a .tar, or a brace pattern)")
+    if len(present) < len(shards):
+        missing = sorted(set(shards) - set(present))
+        raise TcplugError(f"{len(missing)} of the {len(shards)} shards of {spec} do not exist (e.g. {missing[0]})")
     return shards
 
 

@@ -19,7 +19,9 @@ class TokenShift(AttentionVariant):
     Args:
         fraction: share of head channels taken from the previous frame (0 = per-frame).
 
-    ``q, k, v``: ``(B, T, H, N, D)`` -> ``(B, T, H, N, D)``.
+    ``q``: ``(B, Tq, H, N, D)``; ``k, v``: ``(B, Tk, H, N, D)`` with ``Tk >= Tq`` (while
+    streaming, the buffered frames come first); ``kv_index``: the key frames' absolute
+    indices ``(Tk,)``, or None for ``arange(Tk)``. Returns ``(B, Tq, H, N, D)``.
     """
 
     causal = True
@@ -37,11 +39,16 @@ class TokenShift(AttentionVariant):
         prev = torch.cat([x[:, :1, ..., :c], x[:, :-1, ..., :c]], dim=1)
         return torch.cat([prev, x[..., c:]], dim=-1)
 
-    def forward(self, q, k, v):
-        b, t, h, n, d = q.shape
-        k, v = self._shift(k), self._shift(v)
+    def forward(self, q, k, v, kv_index=None):
+        b, tq, h, n, d = q.shape
+        # the queries are the last tq key frames; each sees its own frame's (shifted) keys
+        k, v = self._shift(k)[:, -tq:], self._shift(v)[:, -tq:]
         out = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1))
-        return out.view(b, t, h, n, d)
+        return out.view(b, tq, h, n, d)
+
+    def memory(self):
+        # streaming: keep the previous frame (its channels are shifted into the next one)
+        return 1, False
 
 
 @hookimpl
