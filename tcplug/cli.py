@@ -361,12 +361,21 @@ def resolve_last_checkpoint(cfg) -> None:
     import re
     from pathlib import Path
 
-    if cfg.get("ckpt_path") != "last":
-        return
     logger = cfg.get("trainer", {}).get("logger")
     if isinstance(logger, list):
         logger = logger[0] if logger else None
     args = logger.get("init_args", {}) if hasattr(logger, "get") else {}
+    path = cfg.get("ckpt_path")
+    if path and path != "last" and args.get("version") is None:
+        # validate/test/predict (or a resume) of a checkpoint inside a run folder write into that
+        # folder instead of opening a new version_N each time
+        ckpt = Path(path).resolve()
+        m = re.fullmatch(r"version_(\d+)", ckpt.parent.parent.name) if ckpt.parent.name == "checkpoints" else None
+        save_dir, name = args.get("save_dir"), args.get("name")
+        if m and save_dir and name is not None and ckpt.parent.parent.parent == Path(save_dir, name).resolve():
+            args["version"] = int(m.group(1))
+    if path != "last":
+        return
     save_dir, name = args.get("save_dir"), args.get("name")
     if not save_dir or name is None:
         return  # no versioned run folder: let Lightning resolve it

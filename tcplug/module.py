@@ -646,7 +646,11 @@ class TCPlugModule(pl.LightningModule):
         if log_dir is None:
             return  # smoke runs write nothing
         frames = to_uint8(torch.cat(list(video), dim=-1))
-        write_video(frames, Path(log_dir) / "samples" / f"step_{self.global_step:07d}.mp4", fps=self.sample_fps)
+        step = self.global_step if self.trainer.training or self.trainer.state.fn == "fit" else \
+            getattr(self, "_loaded_step", self.global_step)  # validate of a checkpoint: its step
+        fn = getattr(self.trainer.state.fn, "value", self.trainer.state.fn)
+        name = f"step_{step:07d}.mp4" if fn == "fit" else f"{fn}_step_{step:07d}.mp4"
+        write_video(frames, Path(log_dir) / "samples" / name, fps=self.sample_fps)
         experiment = getattr(self.logger, "experiment", None)
         if hasattr(experiment, "_get_file_writer") and experiment._get_file_writer() is not None:
             add_video_gif(experiment, "samples/video", frames, self.global_step, self.sample_fps)
@@ -680,6 +684,7 @@ class TCPlugModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tcplug_config = checkpoint.get("tcplug_config", self.tcplug_config)
+        self._loaded_step = int(checkpoint.get("global_step", 0))
         left_out = checkpoint.get("tcplug_folder_weights")
         if left_out:  # fill them from the weights the components just loaded from their folders
             own = self.state_dict()

@@ -132,3 +132,23 @@ def test_invalid_value_raises_tcplug_error_cleanly(tmp_path, tiny):
     assert proc.returncode == 2
     no_traceback(proc)
     assert "in_channels=4" in proc.stderr and "latent_channels=3" in proc.stderr
+
+
+def test_validate_of_a_checkpoint_writes_into_its_run_folder(tmp_path, tiny):
+    """`tcplug validate --ckpt_path RUN/checkpoints/last.ckpt` writes into RUN (no new version_N)
+    and names its sample by the checkpoint's step, not step 0."""
+    proc = run_tcplug("fit", "--config", RECIPES / "baseline.yaml", *tiny, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
+    proc = run_tcplug("validate", "--config", RECIPES / "baseline.yaml", *tiny, "--ckpt_path", ckpt, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [p.name for p in (tmp_path / "runs" / "baseline").iterdir()] == ["version_0"]
+    assert (tmp_path / "runs" / "baseline" / "version_0" / "samples" / "validate_step_0000002.mp4").exists()
+
+
+def test_a_run_prints_its_summary(tmp_path, tiny):
+    proc = run_tcplug("fit", "--config", RECIPES / "baseline.yaml", *tiny, cwd=tmp_path)
+    assert proc.returncode == 0
+    assert "tcplug: run finished at step 2 — runs/baseline/version_0" in proc.stderr
+    assert "checkpoint  runs/baseline/version_0/checkpoints/last.ckpt" in proc.stderr
+    assert "metrics     " in proc.stderr and "tvs=" in proc.stderr
