@@ -60,12 +60,11 @@ class MetricsJson(pl.Callback):
             print(f"tcplug: this run had already reached step {trainer.global_step} (trainer.max_steps="
                   f"{trainer.max_steps}): nothing was trained; raise --trainer.max_steps to continue it",
                   file=sys.stderr)
-        self._summary(trainer)
+        self._summary(trainer, trainer.log_dir)  # log_dir is a collective under DDP: every rank reads it
 
     @rank_zero_only
-    def _summary(self, trainer: pl.Trainer) -> None:
+    def _summary(self, trainer: pl.Trainer, log_dir: str | None) -> None:
         """The run's outcome in a few lines: folder, checkpoint, samples, final metrics."""
-        log_dir = trainer.log_dir
         if log_dir is None or trainer.sanity_checking:
             return
         run = Path(log_dir)

@@ -742,11 +742,12 @@ def _check_conditions(model, args, batch: dict | None) -> None:
     missing: list[str] = []
     for c in model.conditioners:
         name = get_registry().name_of(type(c)) or type(c).__name__
-        needs = {"physics_state": ["state"], "caption": ["txt"], "depth": ["depth"], "skeleton": ["skeleton"],
-                 "wan_text": ["txt"]}.get(name, [])
-        if name == "wan_text" and "text_emb" in have:
-            continue
-        missing += [f"{name} needs {_NEEDS[k]}" for k in needs if k not in have]
+        for need in getattr(c, "needs", ()):
+            options = need.split("|")
+            if not have & set(options):
+                flags = " or ".join(_NEEDS.get(k, f"a batch with {k!r}") for k in options if k in _NEEDS) or \
+                    f"a batch with {need!r}"
+                missing.append(f"{name} needs {flags}")
     if missing:
         raise TcplugError(
             f"this model is conditioned: {'; '.join(missing)} (or --clip N takes every condition from validation "

@@ -294,6 +294,10 @@ class WorldConditioner(nn.Module):
       guidance (a caption conditioner replaces the caption by the empty one).
     """
 
+    #: batch keys the conditioner reads at sampling (``txt``, ``state``, ``depth``, ``skeleton``,
+    #: ...); ``a|b`` means either. ``tcplug sample`` names the flags that give missing ones.
+    needs: ClassVar[tuple[str, ...]] = ()
+
     def setup(self, backbone: Backbone) -> None:
         """Size the conditioner to ``backbone`` (default: nothing to do)."""
 

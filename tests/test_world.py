@@ -361,4 +361,4 @@ def test_sample_command_with_conditions(tmp_path, tiny):
     right = np.abs(np.diff(video[:, :, 8:], axis=0)).mean()
     assert left < 0.25 * right, (left, right)
     proc = run_tcplug("sample", "--ckpt", ckpt, "--frames", 5, "--out", tmp_path / "c.mp4", cwd=tmp_path)
-    assert proc.returncode == 2 and "needs 'state'" in proc.stderr
+    assert proc.returncode == 2 and "physics_state needs --state state.json" in proc.stderr

@@ -132,6 +132,7 @@ class Depth(MapConditioner):
 
     channels = 1
     oracle = True
+    needs = ("depth",)
 
     def maps(self, batch: dict[str, Any], latent_shape: tuple[int, ...]) -> Tensor:
         return _need(batch, "depth", "depth").float() * 2 - 1
@@ -148,6 +149,7 @@ class Skeleton(MapConditioner):
     """
 
     oracle = True
+    needs = ("skeleton",)
 
     def __init__(self, channels: int = 2, scale: float = 1.0) -> None:
         super().__init__(scale)
@@ -182,6 +184,8 @@ class PhysicsState(MapConditioner):
 
     channels = 5
     state_dim = 6  # x, y, vx, vy, size, gravity (normalized)
+
+    needs = ("state",)
 
     def __init__(self, hidden: int = 64, aux_weight: float = 1.0, softness: float = 0.5, scale: float = 1.0) -> None:
         super().__init__(scale)
@@ -337,6 +341,8 @@ class Caption(WorldConditioner):
         pretrained: local directory of a transformers text encoder and its tokenizer
             (``save_pretrained`` output); never downloaded.
     """
+
+    needs = ("txt",)
 
     def __init__(self, width: int = 128, layers: int = 2, heads: int = 4, vocab: int = 4096, max_length: int = 32,
                  dropout: float = 0.1, pretrained: str | None = None) -> None:

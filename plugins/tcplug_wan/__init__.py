@@ -392,6 +392,8 @@ class WanText(WorldConditioner):
         dropout: probability of training on the negative prompt instead (for guidance).
     """
 
+    needs = ("txt|text_emb",)
+
     def __init__(self, pretrained: str | None = None, precomputed: bool = False, negative_prompt: str = "",
                  negative_embeds: str | None = None, max_length: int = 512, dropout: float = 0.1) -> None:
         super().__init__()
