@@ -97,6 +97,16 @@ def _load_mp4(data: bytes) -> np.ndarray:
     return np.stack(frames)
 
 
+def _sample_array(sample: dict, key: str) -> np.ndarray:
+    """The ``key.npy`` entry of a raw sample; ``ValueError`` naming the key if absent or unreadable."""
+    if f"{key}.npy" not in sample:
+        raise ValueError(f"missing key {key}.npy")
+    try:
+        return _load_npy(sample[f"{key}.npy"])
+    except Exception as exc:
+        raise ValueError(f"{key}.npy: cannot decode ({type(exc).__name__}: {exc})") from None
+
+
 def decode_clip(sample: dict, keys: Iterable[str] = (), frames: int | None = None,
                 size: int | None = None) -> dict:
     """Decode one raw sample into tensors; raises ``ValueError`` naming the bad key.
@@ -127,12 +137,7 @@ def decode_clip(sample: dict, keys: Iterable[str] = (), frames: int | None = Non
               "depth": (t, h, w), "skeleton": (t, None, h, w), "static": (h, w)}
     for k in keys:
         if k in ARRAY_KEYS:
-            if f"{k}.npy" not in sample:
-                raise ValueError(f"missing key {k}.npy")
-            try:
-                arr = _load_npy(sample[f"{k}.npy"])
-            except Exception as exc:
-                raise ValueError(f"{k}.npy: cannot decode ({type(exc).__name__}: {exc})") from None
+            arr = _sample_array(sample, k)
             if k != "static":
                 arr = arr[: expect[k][0]]
             want = expect[k]
@@ -147,12 +152,7 @@ def decode_clip(sample: dict, keys: Iterable[str] = (), frames: int | None = Non
                 ten = ten[None]
             out[k] = ten
         elif k in PRECOMPUTED_KEYS:
-            if f"{k}.npy" not in sample:
-                raise ValueError(f"missing key {k}.npy")
-            try:
-                arr = _load_npy(sample[f"{k}.npy"])
-            except Exception as exc:
-                raise ValueError(f"{k}.npy: cannot decode ({type(exc).__name__}: {exc})") from None
+            arr = _sample_array(sample, k)
             if arr.ndim != (4 if k == "latents" else 2):
                 raise ValueError(f"{k}.npy: shape {arr.shape}, expected {'(T, C, h, w)' if k == 'latents' else '(L, D)'}")
             out[k] = torch.from_numpy(np.ascontiguousarray(arr)).float()
