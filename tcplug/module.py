@@ -404,7 +404,26 @@ class TCPlugModule(pl.LightningModule):
             total = total + weight * value
         return (total, terms, ctx) if return_context else (total, terms)
 
+    def forward(self, xt: Tensor, timesteps: Tensor) -> Tensor:
+        """One unconditioned denoiser pass (what the model summary counts FLOPs with)."""
+        return self.denoise(xt, timesteps)
+
+    def _example_input(self) -> None:
+        """A one-clip latent batch shaped like the run's data, so the model summary shows the
+        denoiser's FLOPs and tensor sizes instead of zeros."""
+        data = getattr(getattr(self, "_trainer", None), "datamodule", None)
+        frames, size = getattr(data, "frames", None), getattr(data, "size", None)
+        if not frames or not size:
+            return
+        f = self.latent.downsample
+        try:
+            shape = (1, self.latent.latent_frames(frames), self.latent.latent_channels, size // f, size // f)
+        except TcplugError:
+            return
+        self.example_input_array = (torch.zeros(shape), torch.full((1,), self.schedule.num_train_timesteps // 2))
+
     def setup(self, stage: str) -> None:
+        self._example_input()
         # in setup rather than configure_model: Lightning's weight averaging (EMA) warns about
         # any model that overrides configure_model (it cannot average sharded layers)
         if self.compile_backbone and not getattr(self, "_compiled", False):
