@@ -67,6 +67,8 @@ class KillAt(pl.Callback):
             import signal
 
             self.sent = True
+            if self.signal == "SIGINT":  # as Ctrl-C in a terminal: a parent (a test runner) may have
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # left SIGINT ignored
             os.kill(os.getpid(), getattr(signal, self.signal))
 
 
