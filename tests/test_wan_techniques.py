@@ -256,3 +256,27 @@ def test_wan_full_recipe_stacks_every_technique_on_cpu(tmp_path):
     for key in ("train/loss_denoise", "train/loss_flow_warp", "train/loss_perceptual_temporal",
                 "train/loss_adversarial", "train/loss_dynamics", "val/tvs", "val/motion_ratio", "val/expert_steps_0"):
         assert key in metrics, key
+
+
+@pytest.mark.parametrize("term", [("flow_warp", {"space": "latent"}), ("flow_warp", {"space": "pixel", "max_clips": 1}),
+                                  ("perceptual_temporal", {"features": "latent_encoder"}),
+                                  ("perceptual_temporal", {"features": "random_trunk", "max_clips": 1})],
+                         ids=["flow_warp-latent", "flow_warp-pixel-1clip", "perceptual-latent-encoder",
+                              "perceptual-trunk-1clip"])
+def test_temporal_losses_through_a_time_compressing_vae(term):
+    """Both routes of the temporal losses on Wan: the decoded prediction (a subset of clips), or
+    latents / VAE features at the latent frame rate with flows pooled over each latent frame's
+    span; finite, and they send gradient into the backbone."""
+    from tcplug.module import TCPlugModule
+    from tests.helpers import synthetic_batch
+
+    get = tcplug.get_component
+    name, kw = term
+    vae_cfg = dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+    m = TCPlugModule(backbone=wan(layers=1), latent=get("latent", "wan_vae")(config=vae_cfg),
+                     losses=[get("loss", "denoise")(weight=0.0), get("loss", name)(weighting="none", **kw)],
+                     noise="flow_matching", prediction_type="flow").train()
+    total, terms = m.training_losses(synthetic_batch(n=2, frames=9, size=32))
+    assert torch.isfinite(terms[name]) and terms[name] > 0
+    total.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.backbone.parameters())

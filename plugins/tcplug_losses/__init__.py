@@ -125,8 +125,8 @@ class FlowWarp(LossTerm):
         space: ``auto`` (pixels if decodable), ``pixel`` or ``latent``.
         weighting: ``none``, or ``snr``: per-clip ``SNR/(1+SNR)``, so that high-noise steps,
             whose clean-clip prediction is a blur, count less.
-        max_clips: decode only this many clips of the batch (pixel space), with gradient
-            checkpointing: for real video VAEs, whose full decode per step would not fit.
+        max_clips: decode only this many clips of the batch (pixel space): for real video
+            VAEs, whose full decode per step costs memory in proportion.
         max_latent_frames: decode only this many leading latent frames (pixel space).
 
     With a latent design that compresses time (Wan's VAE) and ``space: latent``, the pixel flows
@@ -180,14 +180,13 @@ def pool_flow(flow: Tensor, occ: Tensor | None, t: int) -> tuple[Tensor, Tensor 
 
 def decode_subset(ctx: LossContext, clips: int, latent_frames: int | None) -> Tensor:
     """Decode the predicted clean latents of the first ``clips`` clips (and the first
-    ``latent_frames`` latent frames) with gradient checkpointing: a video VAE's decoder then
-    keeps no activations for the backward pass. ``(clips, T, 3, H, W)``."""
-    from torch.utils.checkpoint import checkpoint
-
+    ``latent_frames`` latent frames) only: ``(clips, T, 3, H, W)``. (Checkpointing the decode
+    was measured and dropped: the loss's backward starts with the decoder, so its recomputed
+    activations meet the same peak, at twice the decode time; docs/benchmarks.md.)"""
     z = ctx.pred_x0()[:clips]
     if latent_frames:
         z = z[:, :latent_frames]
-    return checkpoint(ctx.latent.decode, z, use_reentrant=False)
+    return ctx.latent.decode(z)
 
 
 class PerceptualTemporal(LossTerm):
@@ -214,13 +213,17 @@ class PerceptualTemporal(LossTerm):
         network_path: local file of the user-supplied feature network (``features: path``);
             it maps ``(N, 3, H, W)`` in ``[-1, 1]`` to ``(N, C, h, w)``. Never downloaded.
         weighting: ``none`` or ``snr`` (see ``flow_warp``).
+        max_clips, max_latent_frames: decode only this many clips / leading latent frames (see
+            ``flow_warp``): for real video VAEs.
     """
 
     def __init__(self, weight: float = 1.0,
                  features: Literal["path", "latent_encoder", "discriminator", "random_trunk"] = "latent_encoder",
-                 network_path: str | None = None, weighting: Literal["none", "snr"] = "snr") -> None:
+                 network_path: str | None = None, weighting: Literal["none", "snr"] = "snr",
+                 max_clips: int | None = None, max_latent_frames: int | None = None) -> None:
         super().__init__(weight)
         self.features, self.network_path, self.weighting = features, network_path, weighting
+        self.max_clips, self.max_latent_frames = max_clips, max_latent_frames
         self.net = None
         if features == "random_trunk":
             gen = torch.Generator().manual_seed(0)
@@ -253,13 +256,23 @@ class PerceptualTemporal(LossTerm):
         return out.view(b, t, *out.shape[1:])
 
     def forward(self, ctx: LossContext) -> Tensor:
-        flow = _need_flow(ctx, "perceptual_temporal").flatten(0, 1).float()
-        feats = self.feature_frames(ctx, ctx.pred_video()).float()
+        flow = _need_flow(ctx, "perceptual_temporal").float()  # (B, T-1, 2, H, W)
+        occ = ctx.batch.get("occ")
+        b = min(self.max_clips or flow.shape[0], flow.shape[0])
+        if self.max_clips or self.max_latent_frames:
+            video = decode_subset(ctx, b, self.max_latent_frames)
+        else:
+            video = ctx.pred_video()[:b]
+        flow, occ = flow[:b, : video.shape[1] - 1], occ[:b, : video.shape[1] - 1] if occ is not None else None
+        feats = self.feature_frames(ctx, video).float()
+        if feats.shape[1] != video.shape[1]:  # features at a coarser time grid (a video VAE's encoder)
+            flow, occ = pool_flow(flow, occ, feats.shape[1])
         h, w = feats.shape[-2:]
-        per_clip = warp_consistency(feats, _resize_flow(flow, h, w), _valid(ctx.batch, flow.shape[0], h, w,
+        flat = flow.flatten(0, 1)
+        per_clip = warp_consistency(feats, _resize_flow(flat, h, w), _valid({"occ": occ}, flat.shape[0], h, w,
                                                                              feats.device))
         if self.weighting == "snr":
-            per_clip = per_clip * ctx.snr_weight()
+            per_clip = per_clip * ctx.snr_weight()[:b]
         return per_clip.mean()
 
 
