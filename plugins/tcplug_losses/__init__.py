@@ -213,8 +213,8 @@ class PerceptualTemporal(LossTerm):
         network_path: local file of the user-supplied feature network (``features: path``);
             it maps ``(N, 3, H, W)`` in ``[-1, 1]`` to ``(N, C, h, w)``. Never downloaded.
         weighting: ``none`` or ``snr`` (see ``flow_warp``).
-        max_clips, max_latent_frames: decode only this many clips / leading latent frames (see
-            ``flow_warp``): for real video VAEs.
+        max_clips: decode only this many clips of the batch (see ``flow_warp``): for real video VAEs.
+        max_latent_frames: decode only this many leading latent frames.
     """
 
     def __init__(self, weight: float = 1.0,
