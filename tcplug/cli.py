@@ -132,6 +132,12 @@ def _make_cli_class():
             except (ValueError, MisconfigurationException) as exc:  # settings that do not fit together
                 raise TcplugError(f"trainer: {exc}") from None
             trainer.callbacks += [MetricsJson(), SaveOnSigterm()]
+            logger = trainer.logger
+            if logger is not None and getattr(logger, "log_dir", None) and trainer.world_size == 1:
+                from pathlib import Path
+
+                _NEW_RUN["dir"] = Path(logger.log_dir)
+                _NEW_RUN["existed"] = _NEW_RUN["dir"].exists()
             if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default: make it atomic
                 trainer.strategy.checkpoint_io = AtomicCheckpointIO()
             allow_unused_parameters(trainer, self.model)
@@ -441,7 +447,32 @@ def _close_process_group() -> None:
             pass
 
 
+_NEW_RUN: dict = {}  # the run folder this process opened (single process), to remove it if it stays empty
+
+
+def _drop_empty_run() -> None:
+    """A run that failed before writing a checkpoint leaves no version_N folder behind."""
+    import shutil
+
+    run = _NEW_RUN.pop("dir", None)
+    if run is None or _NEW_RUN.pop("existed", True) or not run.is_dir():
+        return
+    if not any(run.rglob("*.ckpt")):
+        shutil.rmtree(run, ignore_errors=True)
+
+
 def _run(cli_cls, argv: Sequence[str]) -> None:
+    try:
+        _run_cli(cli_cls, argv)
+    except BaseException as exc:
+        if isinstance(exc, TcplugError):
+            _drop_empty_run()
+        raise
+    finally:
+        _NEW_RUN.clear()
+
+
+def _run_cli(cli_cls, argv: Sequence[str]) -> None:
     from tcplug.data import VideoDataModule
     from tcplug.module import TCPlugModule
 

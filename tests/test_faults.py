@@ -256,6 +256,7 @@ def test_data_missing_ground_truth_for_a_conditioner(tmp_path, capsys, monkeypat
     code, err = cli(capsys, "fit", "--config", RECIPES / "world_model.yaml", *TINY, "--data.keys=[static]")
     assert code == 2 and "Traceback" not in err
     assert "conditioner 'physics_state' needs 'state' in the batch" in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("version_*"))  # no empty run folder
 
 
 def test_data_no_shards_at_the_path(tmp_path, capsys, monkeypatch):
