@@ -155,3 +155,19 @@ def test_a_run_prints_its_summary(tmp_path, tiny):
     assert "tcplug: run finished at step 2 — runs/baseline/version_0" in proc.stderr
     assert "checkpoint  runs/baseline/version_0/checkpoints/last.ckpt" in proc.stderr
     assert "metrics     " in proc.stderr and "tvs=" in proc.stderr
+
+
+def test_progress_counts_the_whole_run_and_the_world_announces_itself(tmp_path, tiny):
+    """The training bar counts the run's steps (not per epoch) with an ETA; the first run on a
+    new synthetic world says where it writes it and how big it is, before writing."""
+    tiny = [a for a in tiny if not a.startswith(("--trainer.enable_progress_bar", "--trainer.max_steps",
+                                                 "--trainer.val_check_interval"))]
+    proc = run_tcplug("fit", "--config", RECIPES / "baseline.yaml", *tiny, "--trainer.max_steps=6",
+                      "--trainer.val_check_interval=6", cwd=tmp_path, env={"TCPLUG_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    err = proc.stderr.replace("\r", "\n")
+    assert "tcplug: generating the synthetic world once (8 + 2 clips of 4 frames at 16x16, about" in err
+    assert f"MB) into {tmp_path / 'cache'}" in err
+    bar = proc.stdout.replace("\r", "\n")  # Lightning's bars write to stdout
+    assert "train (steps): 100%" in bar and "6/6" in bar  # data.epoch_batches=2: three epochs, one bar
+    assert "Epoch" not in bar

@@ -60,7 +60,8 @@ def generate_synthetic(out: Path, params: dict, progress: bool = True) -> Path:
     total_mb = per_clip * (p["clips"] + p["val_clips"]) / 1e6
     if progress:
         print(f"tcplug: generating the synthetic world once ({p['clips']} + {p['val_clips']} clips of {p['frames']} "
-              f"frames at {p['size']}x{p['size']}, about {total_mb:,.0f} MB) into {out}; later runs reuse it "
+              f"frames at {p['size']}x{p['size']}, about {total_mb:,.{0 if total_mb >= 10 else 1}f} MB) into {out}; "
+              "later runs reuse it "
               "(set TCPLUG_CACHE or data.cache_dir to put it elsewhere)", file=sys.stderr, flush=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     try:
