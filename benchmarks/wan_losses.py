@@ -75,7 +75,7 @@ def main() -> None:
     for label, terms in VARIANTS.items():
         model = build(terms, vae_cfg, tr_cfg)
 
-        def step():
+        def step(model=model):
             model.zero_grad(set_to_none=True)
             total, _ = model.training_losses(batch)
             total.backward()

@@ -51,12 +51,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def load_checkpoint(path, map_location: Any = "cpu") -> dict:
     """Read a checkpoint without unpickling arbitrary objects (``weights_only=True``)."""
     import pickle
-
-    from tcplug.errors import TcplugError
-
     import re
     import zipfile
     from pathlib import Path
+
+    from tcplug.errors import TcplugError
 
     if Path(path).is_file() and not zipfile.is_zipfile(path):  # torch.save writes a zip archive
         raise TcplugError(f"{path}: not a readable checkpoint (not a complete PyTorch archive: truncated, or "

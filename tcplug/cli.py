@@ -116,12 +116,10 @@ def _make_cli_class():
         def instantiate_trainer(self, **kwargs):
             from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
             from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-            from tcplug.checkpoint import AtomicCheckpointIO
-
             from lightning.pytorch.callbacks import ProgressBar
 
             from tcplug.callbacks import RunProgressBar
+            from tcplug.checkpoint import AtomicCheckpointIO
 
             trainer_cfg = (self.config_init[self.subcommand] if self.subcommand else self.config_init).get("trainer", {})
             given = list(trainer_cfg.get("callbacks") or [])
@@ -464,9 +462,8 @@ def _drop_empty_run() -> None:
 def _run(cli_cls, argv: Sequence[str]) -> None:
     try:
         _run_cli(cli_cls, argv)
-    except BaseException as exc:
-        if isinstance(exc, TcplugError):
-            _drop_empty_run()
+    except TcplugError:
+        _drop_empty_run()
         raise
     finally:
         _NEW_RUN.clear()
@@ -581,12 +578,6 @@ def _fmt(name: str, value: float) -> str:
     return f"{value:.3f}%" if name == "tvs" else f"{value:.4g}"
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def cmd_data(argv: Sequence[str]) -> int:
     import argparse
 
@@ -619,7 +610,7 @@ def cmd_data(argv: Sequence[str]) -> int:
     enc.add_argument("--out", required=True, help="output folder (finished shards there are skipped: resumable)")
     enc.add_argument("--batch-size", type=int, default=4)
     enc.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="stored precision")
-    enc.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    enc.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     enc.add_argument("--rank", type=int, default=None, help="this process's rank (default: $RANK or 0)")
     enc.add_argument("--world", type=int, default=None, help="number of processes (default: $WORLD_SIZE or 1)")
     ins = sub.add_parser("inspect", help="clip count, keys, shapes, unreadable samples")
@@ -651,6 +642,10 @@ def cmd_data(argv: Sequence[str]) -> int:
         world = args.world if args.world is not None else int(os.environ.get("WORLD_SIZE", 1))
         if not 0 <= rank < world or args.batch_size < 1:
             raise TcplugError(f"need 0 <= --rank < --world and --batch-size >= 1 (got rank {rank}, world {world})")
+        if args.device is None:
+            import torch
+
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
         report = encode_shards(args.config, args.shards, args.out, args.batch_size, args.dtype, rank, world,
                                args.device)
         for bad in report["bad"]:

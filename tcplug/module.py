@@ -23,7 +23,6 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from tcplug.errors import TcplugError
-from tcplug.lora import LoraSpec, apply_lora
 from tcplug.kinds import (
     Backbone,
     Discriminator,
@@ -35,6 +34,7 @@ from tcplug.kinds import (
     VideoMetric,
     WorldConditioner,
 )
+from tcplug.lora import LoraSpec, apply_lora
 from tcplug.metrics import (
     DEFAULT_METRICS,
     MetricSuite,
@@ -694,7 +694,7 @@ class TCPlugModule(pl.LightningModule):
         (a component that did sets ``pretrained`` to that folder)."""
         keys: set[str] = set()
         for prefix, module in self.named_modules():
-            if not getattr(module, "pretrained", None) or not isinstance(getattr(module, "pretrained"), str):
+            if not getattr(module, "pretrained", None) or not isinstance(module.pretrained, str):
                 continue
             for name, p in module.named_parameters():
                 if not p.requires_grad:

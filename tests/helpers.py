@@ -100,3 +100,22 @@ class KillMidWrite(AtomicCheckpointIO):
         f.write(bytes(data[: len(data) // 2]))
         f.flush()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fsdp_wrapped_classes(preset) -> set:
+    """The module classes an FSDP overlay's ``auto_wrap_policy`` wraps (the strategy built as the
+    CLI builds it; FSDP itself needs GPUs, so nothing is wrapped here)."""
+    import warnings
+
+    import yaml
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    parser = ArgumentParser()
+    parser.add_argument("--strategy", type=FSDPStrategy)
+    cfg = yaml.safe_load(open(preset).read())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        strategy = parser.instantiate_classes(parser.parse_object({"strategy": cfg["trainer"]["strategy"]})).strategy
+    assert isinstance(strategy, FSDPStrategy)
+    return set(strategy.kwargs["auto_wrap_policy"]._module_classes)

@@ -72,20 +72,8 @@ def test_two_nodes_with_torchrun(tmp_path, tiny):
 def test_fsdp_preset_wraps_each_dit_block():
     """FSDP is selectable by a preset; its policy resolves to the dit block class (FSDP itself
     needs GPUs in Lightning: on CPU the run stops with one clear line, see test_faults.py)."""
-    import warnings
-
-    import yaml
-    from jsonargparse import ArgumentParser
-    from lightning.pytorch.strategies import FSDPStrategy
-
     from tcplug import get_component
+    from tests.helpers import fsdp_wrapped_classes
 
     block = __import__(get_component("backbone", "dit").__module__).DiTBlock
-    parser = ArgumentParser()
-    parser.add_argument("--strategy", type=FSDPStrategy)
-    preset = yaml.safe_load((RECIPES / "presets" / "fsdp.yaml").read_text())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        strategy = parser.instantiate_classes(parser.parse_object({"strategy": preset["trainer"]["strategy"]})).strategy
-    assert isinstance(strategy, FSDPStrategy)
-    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {block}
+    assert fsdp_wrapped_classes(RECIPES / "presets" / "fsdp.yaml") == {block}

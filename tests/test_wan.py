@@ -3,7 +3,6 @@ only and exports to what WanPipeline.load_lora_weights reads, precomputed shards
 encoders, time compression is the latent design's, the tiny recipe trains / resumes / runs DDP."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -306,17 +305,8 @@ def test_tiny_recipe_ddp_two_ranks(tmp_path, tiny):
 
 def test_fsdp_overlay_wraps_each_wan_block():
     """recipes/wan/fsdp.yaml: each WanTransformerBlock is one FSDP unit and is checkpointed."""
-    import warnings
-
-    import yaml
     from diffusers.models.transformers.transformer_wan import WanTransformerBlock
-    from jsonargparse import ArgumentParser
-    from lightning.pytorch.strategies import FSDPStrategy
 
-    parser = ArgumentParser()
-    parser.add_argument("--strategy", type=FSDPStrategy)
-    preset = yaml.safe_load((RECIPES / "wan" / "fsdp.yaml").read_text())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        strategy = parser.instantiate_classes(parser.parse_object({"strategy": preset["trainer"]["strategy"]})).strategy
-    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {WanTransformerBlock}
+    from tests.helpers import fsdp_wrapped_classes
+
+    assert fsdp_wrapped_classes(RECIPES / "wan" / "fsdp.yaml") == {WanTransformerBlock}

@@ -245,6 +245,7 @@ def test_wan_full_recipe_stacks_every_technique_on_cpu(tmp_path):
     import json
 
     from tcplug_wan.tiny import make_tiny_folder
+
     from tests.conftest import RECIPES, ROOT, run_tcplug
 
     folder = make_tiny_folder(tmp_path / "tiny-wan")

@@ -50,7 +50,12 @@ def make_tiny_folder(out: str | Path, seed: int = 0, two_experts: bool = False) 
     """Write a tiny random Wan model folder with ``WanPipeline.save_pretrained``; returns it.
     ``two_experts`` adds ``transformer_2/`` and ``boundary_ratio`` 0.875 (Wan 2.2 layout)."""
     import torch
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
 
     torch.manual_seed(seed)
     extra = {}

@@ -74,7 +74,7 @@ def encode_shards(configs: Sequence[str], shards: str, out: str, batch_size: int
     import webdataset as wds
     from tqdm.auto import tqdm
 
-    from tcplug.data.shards import decode_clip, iter_tar, list_shards
+    from tcplug.data.shards import _npy_bytes, decode_clip, iter_tar, list_shards
 
     if dtype not in ("float32", "float16"):
         raise TcplugError(f"--dtype must be float32 or float16, got {dtype}")
@@ -119,7 +119,7 @@ def encode_shards(configs: Sequence[str], shards: str, out: str, batch_size: int
         for i, p in enumerate(pending):
             sample = dict(p["raw"])
             for key, value in extra.items():
-                sample[f"{key}.npy"] = _npy(value[i].float().cpu().numpy().astype(np_dtype))
+                sample[f"{key}.npy"] = _npy_bytes(value[i].float().cpu().numpy().astype(np_dtype))
             writer.write(sample)
         bar.update(len(pending))
         report["clips"] += len(pending)
@@ -153,14 +153,6 @@ def encode_shards(configs: Sequence[str], shards: str, out: str, batch_size: int
         report["shards"] += 1
     bar.close()
     return report
-
-
-def _npy(array: np.ndarray) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, array)
-    return buf.getvalue()
 
 
 __all__ = ["build_encoders", "encode_shards", "load_recipe"]
