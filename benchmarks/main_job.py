@@ -47,6 +47,15 @@ def strip(data: torch.Tensor, gen: torch.Tensor, path: Path, rows: int = 3) -> N
     Image.fromarray(img).resize((img.shape[1] * 3, img.shape[0] * 3), Image.NEAREST).save(path)
 
 
+def clip_interval(group: dict, ref: dict, boot: int, seed: int = 0) -> dict:
+    """95 % bootstrap interval of every metric over the clips (one training run: clips resampled
+    with replacement; the ablation adds seeds)."""
+    rng = np.random.default_rng(seed)
+    n = len(group["features"])
+    draws = [aggregate([group], ref, [rng.integers(0, n, n)]) for _ in range(boot)]
+    return {k: [round(float(np.nanpercentile([d[k] for d in draws], q)), 4) for q in (2.5, 97.5)] for k in draws[0]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default=None, help="a run folder of `tcplug fit` (holding checkpoints/last.ckpt)")
@@ -54,12 +63,13 @@ def main() -> None:
     p.add_argument("--reference", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--img", default=None, help="write the strip here (PNG)")
+    p.add_argument("--boot", type=int, default=300, help="bootstrap resamples of the clips")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(args.run) if args.run else None
         if args.smoke:
-            args.clips, args.reference = 2, 4
+            args.clips, args.reference, args.boot = 2, 4, 10
             proc = subprocess.run([sys.executable, "-m", "tcplug", "fit", "--config", str(ROOT / "recipes" / "full.yaml"),
                                    *SMOKE, f"--trainer.logger.init_args.save_dir={tmp}"], cwd=tmp,
                                   capture_output=True, text=True)
@@ -79,13 +89,16 @@ def main() -> None:
         ref = per_clip(reference_clips(cfg["data"], args.reference), {})
         video, oracle = sample(ckpt, batch, args.seed)
         data = (batch["video"].float() + 1) / 2
-        gen_m, data_m = aggregate([per_clip(video, batch)], ref), aggregate([per_clip(data, batch)], ref)
+        gen_c, data_c = per_clip(video, batch), per_clip(data, batch)
+        gen_m, data_m = aggregate([gen_c], ref), aggregate([data_c], ref)
+        gen_ci, data_ci = clip_interval(gen_c, ref, args.boot), clip_interval(data_c, ref, args.boot)
         if args.img:
             strip(data, video, Path(args.img))
         metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
         print(json.dumps({"bench": "main_job", "run": str(run), "global_step": metrics.get("global_step"),
                           "clips": args.clips, "reference": args.reference, "oracle": oracle,
-                          "generated": gen_m, "data_floor": data_m, "score_s": round(time.perf_counter() - t0, 1)}))
+                          "generated": gen_m, "data_floor": data_m, "generated_ci95": gen_ci, "data_floor_ci95": data_ci,
+                          "score_s": round(time.perf_counter() - t0, 1)}))
 
 
 if __name__ == "__main__":
