@@ -55,6 +55,8 @@ class Backbone(nn.Module):
     ``in_channels``, ``patch_size`` (latent pixels per token side), ``token_dim`` (token width),
     ``num_blocks``. Optional capabilities, asked for by other components when a recipe needs
     them (the default raises a clear error): :meth:`add_cross_attention`, :meth:`add_ffn_experts`.
+    A model family whose pipeline sets its sampler's timesteps its own way (LTX-Video's
+    ``sigmas`` and resolution-dependent shift ``mu``) defines :meth:`timestep_schedule`.
     """
 
     in_channels: int = 3
@@ -64,6 +66,12 @@ class Backbone(nn.Module):
 
     def forward(self, x: Tensor, timesteps: Tensor, context: dict[str, Any] | None = None) -> Tensor:
         raise NotImplementedError
+
+    def timestep_schedule(self, scheduler: Any, steps: int, latent_shape: tuple[int, ...]) -> dict | None:
+        """Keyword arguments for ``scheduler.set_timesteps`` when sampling ``steps`` steps of
+        latents ``(B, T, C, h, w)``, as the model's own pipeline passes them; None (the
+        default) calls ``set_timesteps(steps)``."""
+        return None
 
     def add_cross_attention(self) -> None:
         """Give every block a cross-attention to ``context["text"]`` (zero-initialized output,

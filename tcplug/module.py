@@ -621,8 +621,17 @@ class TCPlugModule(pl.LightningModule):
 
         z = sample_loop(model_fn, noise, self.schedule,
                         steps or self.sample_steps, generator=gen, progress=progress,
-                        lock=mask, lock_timestep=self.lock_timestep, copy_anchor=self.lock_copy_anchor)
+                        lock=mask, lock_timestep=self.lock_timestep, copy_anchor=self.lock_copy_anchor,
+                        configure=self._timestep_schedule(shape))
         return self.latent.decode(z).clamp(-1, 1)
+
+    def _timestep_schedule(self, shape: tuple[int, ...]):
+        """The backbone's :meth:`~tcplug.Backbone.timestep_schedule` for latents of ``shape``
+        ``(B, T', C, h, w)``, as the sampler's ``configure`` callback (None: the scheduler's default)."""
+        hook = getattr(self.backbone, "timestep_schedule", None)
+        if hook is None:
+            return None
+        return lambda sched, steps: hook(sched, steps, tuple(shape))
 
     @property
     def can_stream(self) -> bool:
@@ -655,8 +664,9 @@ class TCPlugModule(pl.LightningModule):
             return self.backbone(x, t, {"stream": stream})
 
         carried: dict[str, Any] = {}  # what the latent design carries across chunks (a global code)
+        configure = self._timestep_schedule((num, latent_frames, *frame_shape))
         for z in stream_sample(model_fn, frame_shape, latent_frames, latent_chunk, self.schedule, steps or self.sample_steps,
-                               seed=seed, num_clips=num, device=self.device, progress=progress):
+                               seed=seed, num_clips=num, device=self.device, progress=progress, configure=configure):
             yield self.latent.decode_stream(z, carried).clamp(-1, 1)
 
     @rank_zero_only

@@ -18,7 +18,7 @@ Timesteps may be per clip ``(B,)``, per frame ``(B, T)``, or per latent pixel
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
@@ -128,8 +128,12 @@ class NoiseSchedule:
         return a * xt - b * pred  # v_prediction
 
     # ----- sampling ---------------------------------------------------------------------
-    def make_sampler(self, steps: int):
-        """A fresh diffusers scheduler set to ``steps`` inference steps."""
+    def make_sampler(self, steps: int, configure: Callable[[Any, int], dict | None] | None = None):
+        """A fresh diffusers scheduler set to ``steps`` inference steps.
+
+        ``configure(scheduler, steps)`` may return the keyword arguments of ``set_timesteps``
+        instead (a model family whose pipeline passes its own ``sigmas`` or a dynamic shift
+        ``mu``, see :meth:`tcplug.Backbone.timestep_schedule`); None keeps ``set_timesteps(steps)``."""
         n = self.num_train_timesteps
         if self.scheduler_config is not None:  # the one the model folder names (e.g. Wan's UniPC)
             import diffusers
@@ -147,7 +151,11 @@ class NoiseSchedule:
                 num_train_timesteps=n, beta_schedule=self.beta_schedule, prediction_type=self.prediction_type,
                 clip_sample=False, timestep_spacing="trailing",
             )
-        sched.set_timesteps(steps)
+        kwargs = configure(sched, steps) if configure is not None else None
+        if kwargs:
+            sched.set_timesteps(**kwargs)
+        else:
+            sched.set_timesteps(steps)
         return sched
 
 
@@ -196,6 +204,7 @@ def sample_loop(
     lock: Tensor | None = None,
     lock_timestep: float = 0.0,
     copy_anchor: bool = False,
+    configure: Callable[[Any, int], dict | None] | None = None,
 ) -> Tensor:
     """Denoise ``noise`` (latents ``(B, T, C, h, w)``) in ``steps`` sampler steps.
 
@@ -209,9 +218,10 @@ def sample_loop(
     at the end they hold the anchor's last clean estimate re-noised to ``lock_timestep``.
     ``copy_anchor`` then overwrites them with the anchor frame's final latents (exactly still
     backgrounds, but a copy, not something the model produced: off by default, and a metric
-    measured with it on says so). Returns clean latents of the input's shape.
+    measured with it on says so). ``configure``: see :meth:`NoiseSchedule.make_sampler`.
+    Returns clean latents of the input's shape.
     """
-    sched = schedule.make_sampler(steps)
+    sched = schedule.make_sampler(steps, configure)
     x = noise * getattr(sched, "init_noise_sigma", 1.0)
     scale = getattr(sched, "scale_model_input", None)
     locked = None
@@ -309,6 +319,7 @@ def stream_sample(
     num_clips: int = 1,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    configure: Callable[[Any, int], dict | None] | None = None,
 ):
     """Sample ``num_frames`` frames in chunks of ``chunk``, carrying the K/V buffer.
 
@@ -326,7 +337,7 @@ def stream_sample(
     for start in range(0, num_frames, chunk):
         frames = range(start, min(start + chunk, num_frames))
         x = torch.stack([frame_noise(seed, c, frames, frame_shape) for c in range(num_clips)]).to(device)
-        sched = schedule.make_sampler(steps)
+        sched = schedule.make_sampler(steps, configure)
         x = x * getattr(sched, "init_noise_sigma", 1.0)
         stream.frame_start = start
         for j, t in enumerate(sched.timesteps):

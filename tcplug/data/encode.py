@@ -74,7 +74,7 @@ def encode_shards(configs: Sequence[str], shards: str, out: str, batch_size: int
     import webdataset as wds
     from tqdm.auto import tqdm
 
-    from tcplug.data.shards import _npy_bytes, decode_clip, iter_tar, list_shards
+    from tcplug.data.shards import PRECOMPUTED_KEYS, _npy_bytes, decode_clip, iter_tar, list_shards
 
     if dtype not in ("float32", "float16"):
         raise TcplugError(f"--dtype must be float32 or float16, got {dtype}")
@@ -144,7 +144,8 @@ def encode_shards(configs: Sequence[str], shards: str, out: str, batch_size: int
                     continue
                 if pending and clip["video"].shape != pending[0]["clip"]["video"].shape:
                     flush(pending, writer)
-                clean = {k: v for k, v in raw.items() if k not in ("__url__",) and k not in ("latents.npy", "text_emb.npy")}
+                clean = {k: v for k, v in raw.items()
+                         if k != "__url__" and k not in {f"{key}.npy" for key in PRECOMPUTED_KEYS}}
                 pending.append({"raw": clean, "clip": clip})
                 if len(pending) >= batch_size:
                     flush(pending, writer)

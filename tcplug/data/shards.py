@@ -4,7 +4,8 @@ A sample is one clip. Keys (ARCHITECTURE.md, Data): ``frames.npy`` or ``frames.m
 (uint8 ``T x H x W x 3``), ``flow.npy`` (forward), ``flow_bwd.npy``, ``occ.npy``,
 ``depth.npy``, ``skeleton.npy``, ``static.npy``, ``state.json``, ``txt``, ``json``; and, in
 shards written by ``tcplug data encode``, ``latents.npy`` (float ``T' x C x h x w``) and
-``text_emb.npy`` (float ``L x D``).
+``text_emb.npy`` (float ``L x D``), and ``text_mask.npy`` (``L``, 1 = a real token) for text
+encoders whose model masks padding (LTX-Video).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import torch
 from tcplug.errors import TcplugError
 
 ARRAY_KEYS = ("flow", "flow_bwd", "occ", "depth", "skeleton", "static")
-# written by `tcplug data encode`: VAE latents (T', C, h, w) and text embeddings (L, D), float
-PRECOMPUTED_KEYS = ("latents", "text_emb")
+# written by `tcplug data encode`: VAE latents (T', C, h, w), text embeddings (L, D) and, for
+# text encoders whose model reads an attention mask over the tokens (LTX-Video), that mask (L,); float
+PRECOMPUTED_KEYS = ("latents", "text_emb", "text_mask")
+_PRECOMPUTED_SHAPES = {"latents": (4, "(T, C, h, w)"), "text_emb": (2, "(L, D)"), "text_mask": (1, "(L,)")}
 ALL_KEYS = ARRAY_KEYS + ("state", "txt") + PRECOMPUTED_KEYS
 
 
@@ -153,8 +156,9 @@ def decode_clip(sample: dict, keys: Iterable[str] = (), frames: int | None = Non
             out[k] = ten
         elif k in PRECOMPUTED_KEYS:
             arr = _sample_array(sample, k)
-            if arr.ndim != (4 if k == "latents" else 2):
-                raise ValueError(f"{k}.npy: shape {arr.shape}, expected {'(T, C, h, w)' if k == 'latents' else '(L, D)'}")
+            ndim, want = _PRECOMPUTED_SHAPES[k]
+            if arr.ndim != ndim:
+                raise ValueError(f"{k}.npy: shape {arr.shape}, expected {want}")
             out[k] = torch.from_numpy(np.ascontiguousarray(arr)).float()
         elif k == "state":
             if "state.json" not in sample:
