@@ -701,14 +701,22 @@ class TCPlugModule(pl.LightningModule):
 
     def folder_weights(self) -> set[str]:
         """State-dict keys of frozen parameters that a component loaded from a local model folder
-        (a component that did sets ``pretrained`` to that folder)."""
+        (a component that did sets ``pretrained`` to that folder), and the stored buffers of such
+        a component when nothing in it trains (a VAE's latent statistics)."""
         keys: set[str] = set()
+        own = set(self.state_dict())
         for prefix, module in self.named_modules():
             if not getattr(module, "pretrained", None) or not isinstance(module.pretrained, str):
                 continue
+            frozen = True
             for name, p in module.named_parameters():
                 if not p.requires_grad:
                     keys.add(f"{prefix}.{name}" if prefix else name)
+                else:
+                    frozen = False
+            if frozen:
+                keys.update(k for name, _ in module.named_buffers()
+                            if (k := f"{prefix}.{name}" if prefix else name) in own)
         return keys
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from tcplug_families.tiny import VOCAB, WORDS, tokenizer  # noqa: F401  (re-exported)
+
 TEXT_DIM = 32
 TRANSFORMER = dict(
     patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
@@ -19,25 +21,9 @@ TRANSFORMER = dict(
 )
 VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
 SCHEDULER = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-WORDS = ("a an the red green blue yellow orange purple cyan magenta white gray square triangle circle disc "
-         "moves left right up down over under striped textured background bounces falls slowly quickly and "
-         "with of on in small large two three one object objects video clip scene").split()
 
 
-def tokenizer():
-    """A word-level tokenizer (``PreTrainedTokenizerFast``) with pad ``<pad>`` (id 0) and
-    end-of-sequence ``</s>`` appended, as UMT5's is; unknown words map to ``<unk>``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-
-
-def text_encoder(vocab: int = len(WORDS) + 3):
+def text_encoder(vocab: int = VOCAB):
     """A tiny random UMT5 encoder with ``d_model = TEXT_DIM``."""
     from transformers import UMT5Config, UMT5EncoderModel
 

@@ -1,7 +1,8 @@
-"""tcplug's techniques inside a real model family (tiny random Wan on CPU): attention variants as
-Wan processors (visibility rule, full3d == Wan, streaming == all at once), per-token motion locking,
-conditioner adapters that start as no-ops, Wan 2.2's two experts routed alike in training and
-sampling."""
+"""tcplug's techniques inside real model families (tiny random Wan and LTX-Video on CPU):
+attention variants as the models' processors (visibility rule, full3d == the model, streaming ==
+all at once), per-token motion locking, conditioner adapters that start as no-ops, temporal losses
+through each video VAE, Wan 2.2's two experts routed alike in training and sampling (and the
+noise-boundary experts on LTX)."""
 
 import pytest
 import torch
@@ -13,29 +14,63 @@ from tests.test_attention import ALL, CAUSAL, ident
 ONE_BLOCK = dict(patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=16, in_channels=16,
                  out_channels=16, text_dim=32, freq_dim=64, ffn_dim=64, num_layers=1, cross_attn_norm=True,
                  qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+WAN_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+LTX_ONE_BLOCK = dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8,
+                     cross_attention_dim=16, num_layers=1, qk_norm="rms_norm_across_heads", caption_channels=32)
+#: per family: backbone name and config, latent channels, latent side (N = 4 tokens per frame),
+#: VAE name and config (LTX's: the tiny folder's, 4x in space and time)
+FAMILIES = {
+    "wan": dict(backbone="wan", config=ONE_BLOCK, channels=16, side=4, vae="wan_vae", vae_config=WAN_VAE),
+    "ltx": dict(backbone="ltx", config=LTX_ONE_BLOCK, channels=8, side=2, vae="ltx_vae", vae_config=None),
+}
+family_param = pytest.mark.parametrize("family", list(FAMILIES))
 
 
-def wan(attention=None, layers=1, seed=0):
+def backbone(family="wan", attention=None, layers=1, seed=0):
+    f = FAMILIES[family]
     torch.manual_seed(seed)
-    cfg = {**ONE_BLOCK, "num_layers": layers}
+    cfg = {**f["config"], "num_layers": layers}
     if attention is not None:
         name, kw = attention
         attention = tcplug.get_component("attention", name)(**kw)
-    return tcplug.get_component("backbone", "wan")(config=cfg, attention=attention).eval()
+    return tcplug.get_component("backbone", f["backbone"])(config=cfg, attention=attention).eval()
 
 
-def latents(t=5, seed=1):
-    return torch.randn(1, t, 16, 4, 4, generator=torch.Generator().manual_seed(seed))
+def wan(attention=None, layers=1, seed=0):
+    return backbone("wan", attention, layers, seed)
 
 
+def vae(family):
+    f = FAMILIES[family]
+    if f["vae_config"] is None:
+        from tcplug_ltx.tiny import VAE
+
+        return tcplug.get_component("latent", f["vae"])(config=dict(VAE))
+    return tcplug.get_component("latent", f["vae"])(config=f["vae_config"])
+
+
+def latents(t=5, seed=1, family="wan"):
+    f = FAMILIES[family]
+    return torch.randn(1, t, f["channels"], f["side"], f["side"], generator=torch.Generator().manual_seed(seed))
+
+
+def per_token(diff, bb):
+    """``(B, T, C, h, w)`` -> the largest absolute value per backbone token ``(B, T, N)``."""
+    b, t, c, h, w = diff.shape
+    p = bb.patch_size
+    return diff.abs().view(b, t, c, h // p, p, w // p, p).permute(0, 1, 3, 5, 2, 4, 6).reshape(b, t, -1, c * p * p) \
+        .amax(-1)
+
+
+@family_param
 @pytest.mark.parametrize("spec", ALL, ids=[ident(a) for a in ALL])
-def test_visibility_rule_holds_inside_wan(spec):
-    """One Wan block with the variant installed: perturbing key frame j changes query frame i's
-    output exactly when the variant's rule lets i see j (patch embedding, feed-forward and
-    cross-attention are per token, so attention is the only path between frames; a frame's own
-    tokens always reach its output through the residual connection)."""
-    bb = wan(spec)
-    x = latents()
+def test_visibility_rule_holds_inside_the_model(spec, family):
+    """One block of the real model with the variant installed: perturbing key frame j changes
+    query frame i's output exactly when the variant's rule lets i see j (patch embedding,
+    feed-forward and cross-attention are per token, so attention is the only path between
+    frames; a frame's own tokens always reach its output through the residual connection)."""
+    bb = backbone(family, spec)
+    x = latents(family=family)
     t = x.shape[1]
     ts = torch.tensor([400.0])
     with torch.no_grad():
@@ -49,19 +84,22 @@ def test_visibility_rule_holds_inside_wan(spec):
                 assert bool(changed[i]) == (bool(rule[i, j]) or i == j), (spec, i, j)
 
 
-def test_full3d_equals_the_unmodified_model():
-    plain, framed = wan(layers=2), wan(("full3d", {}), layers=2)
+@family_param
+def test_full3d_equals_the_unmodified_model(family):
+    plain, framed = backbone(family, layers=2), backbone(family, ("full3d", {}), layers=2)
     framed.model.load_state_dict(plain.model.state_dict())
-    x, text = latents(), torch.randn(1, 7, 32)
+    x, text = latents(family=family), torch.randn(1, 7, 32)
     with torch.no_grad():
         a = plain(x, torch.tensor([700.0]), {"text": text})
         b = framed(x, torch.tensor([700.0]), {"text": text})
     assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
 
 
-def test_a_third_party_variant_works_in_wan_unchanged():
+@family_param
+def test_a_third_party_variant_works_in_the_model_unchanged(family):
     """Any AttentionVariant (here one defined in the test, not registered by a built-in) runs in
-    Wan: the processor hands it (B, T', heads, N, D) after Wan's projections, norms and rotary."""
+    the model: the processor hands it (B, T', heads, N, D) after the model's projections, norms
+    and rotary embedding."""
     from tcplug import AttentionVariant
 
     class Scaled(AttentionVariant):
@@ -72,24 +110,29 @@ def test_a_third_party_variant_works_in_wan_unchanged():
             return torch.nn.functional.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1),
                                                                     v.flatten(0, 1)).view_as(q)
 
+    f = FAMILIES[family]
     torch.manual_seed(0)
-    bb = tcplug.get_component("backbone", "wan")(config=ONE_BLOCK, attention=Scaled()).eval()
+    bb = tcplug.get_component("backbone", f["backbone"])(config=f["config"], attention=Scaled()).eval()
+    x = latents(t=3, family=family)
     with torch.no_grad():
-        out = bb(latents(t=3), torch.tensor([10.0]))
-    assert out.shape == (1, 3, 16, 4, 4) and Scaled.seen == [(1, 3, 2, 4, 16)]
+        out = bb(x, torch.tensor([10.0]))
+    head_dim = bb.token_dim // 2
+    assert out.shape == x.shape and Scaled.seen == [(1, 3, 2, 4, head_dim)]
 
 
 STREAMING = [s for s in CAUSAL if s != ("temporal", {"causal": True})]  # an unbounded window cannot stream
 
 
+@family_param
 @pytest.mark.parametrize("spec", STREAMING, ids=[ident(a) for a in STREAMING])
-def test_streaming_equals_all_at_once_in_wan(spec):
+def test_streaming_equals_all_at_once_in_the_model(spec, family):
     """Causal variants: sampling 7 latent frames in chunks of 3 with the K/V frame buffer (and
     the chunk's absolute rotary positions) equals sampling them all at once."""
-    bb = wan(spec, layers=2)
+    bb = backbone(family, spec, layers=2)
     assert bb.supports_streaming
     schedule = NoiseSchedule("flow_matching", "flow", shift=3.0)
-    frames, shape = 7, (16, 4, 4)
+    f = FAMILIES[family]
+    frames, shape = 7, (f["channels"], f["side"], f["side"])
     noise = frame_noise(5, 0, range(frames), shape)[None]
     with torch.no_grad():
         whole = sample_loop(lambda x, t: bb(x, t), noise, schedule, 3)
@@ -98,16 +141,18 @@ def test_streaming_equals_all_at_once_in_wan(spec):
     assert torch.allclose(whole, streamed, atol=1e-4), (whole - streamed).abs().max()
 
 
-def test_non_causal_variant_does_not_stream_in_wan():
-    assert not wan(("full3d", {})).supports_streaming and not wan().supports_streaming
+@family_param
+def test_non_causal_variant_does_not_stream(family):
+    assert not backbone(family, ("full3d", {})).supports_streaming and not backbone(family).supports_streaming
 
 
-def test_locked_tokens_keep_their_timestep_in_wan():
-    """Per-token timesteps reach Wan's blocks: a token's output depends on its own timestep (a
-    locked token given t=0 differs from the same token at the free tokens' t), and giving every
+@family_param
+def test_locked_tokens_keep_their_timestep(family):
+    """Per-token timesteps reach the model's blocks: a token's output depends on its own timestep
+    (a locked token given t=0 differs from the same token at the free tokens' t), and giving every
     token the clip's timestep equals per-clip timesteps."""
-    bb = wan(layers=2)
-    x = latents(t=3)
+    bb = backbone(family, layers=2)
+    x = latents(t=3, family=family)
     n = 4
     free = torch.full((1, 3, n), 600.0)
     locked = free.clone()
@@ -116,18 +161,19 @@ def test_locked_tokens_keep_their_timestep_in_wan():
         a, b = bb(x, free), bb(x, locked)
         c = bb(x, torch.tensor([600.0]))
     assert torch.allclose(a, c, atol=1e-5)
-    tokens = (a - b).abs().view(1, 3, 16, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6).reshape(1, 3, 4, -1).amax(-1)
+    tokens = per_token(a - b, bb)
     assert tokens[0, 1:, :2].min() > 1e-4  # the locked tokens' own outputs changed
 
 
-def test_motion_lock_trains_and_samples_with_wan(tmp_path):
-    """The module's motion lock (mask at latent resolution, whole Wan tokens, latent-frame
+@family_param
+def test_motion_lock_trains_and_samples(family, tmp_path):
+    """The module's motion lock (mask at latent resolution, whole tokens, latent-frame
     granularity) in a training step and in sampling: locked tokens follow the anchor frame."""
     from tcplug.module import TCPlugModule
 
     torch.manual_seed(0)
-    vae_cfg = dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
-    m = TCPlugModule(backbone=wan(layers=1), latent=tcplug.get_component("latent", "wan_vae")(config=vae_cfg),
+    latent = vae(family)
+    m = TCPlugModule(backbone=backbone(family, layers=1), latent=latent,
                      motion_lock=tcplug.get_component("motion_lock", "mask")(source="static"), lock_prob=1.0,
                      noise="flow_matching", prediction_type="flow")
     video = torch.rand(2, 9, 3, 32, 32) * 2 - 1
@@ -137,29 +183,33 @@ def test_motion_lock_trains_and_samples_with_wan(tmp_path):
     m.train()
     total, _ = m.training_losses(batch)
     total.backward()
-    assert m._last_timesteps.shape == (2, 3, 1, 4, 4)
-    assert (m._last_timesteps[:, 1:, :, :2] == 0).all() and (m._last_timesteps[:, 0] > 0).all()
+    side = 32 // latent.downsample
+    half = side // 2
+    assert m._last_timesteps.shape == (2, 3, 1, side, side)
+    assert (m._last_timesteps[:, 1:, :, :half] == 0).all() and (m._last_timesteps[:, 0] > 0).all()
     m.eval()
-    lock = m.lock_mask(batch, None, (2, 3, 16, 4, 4))
-    assert lock.shape == (2, 1, 1, 4, 4) and lock[:, :, :, :2].eq(1).all() and lock[:, :, :, 2:].eq(0).all()
+    lock = m.lock_mask(batch, None, (2, 3, latent.latent_channels, side, side))
+    assert lock.shape == (2, 1, 1, side, side) and lock[:, :, :, :half].eq(1).all() and lock[:, :, :, half:].eq(0).all()
 
 
-def test_conditioner_adapters_leave_wan_unchanged_at_initialisation():
-    """depth / skeleton / physics_state add zero-initialised residuals to Wan's blocks: at
+@family_param
+def test_conditioner_adapters_leave_the_model_unchanged_at_initialisation(family):
+    """depth / skeleton / physics_state add zero-initialised residuals to the model's blocks: at
     initialisation the output equals the plain model's; a non-zero residual changes it."""
     from tcplug.module import TCPlugModule
     from tests.helpers import synthetic_batch
 
     torch.manual_seed(0)
-    vae_cfg = dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
     batch = synthetic_batch(n=1, frames=9, size=32)
-    x = latents(t=3)
+    latent = vae(family)
+    side = 32 // latent.downsample
+    x = torch.randn(1, 3, latent.latent_channels, side, side)
     ts = torch.tensor([500.0])
     for name in ("depth", "skeleton", "physics_state"):
-        bb = wan(layers=2)
+        bb = backbone(family, layers=2)
         cond = tcplug.get_component("conditioner", name)()
-        m = TCPlugModule(backbone=bb, latent=tcplug.get_component("latent", "wan_vae")(config=vae_cfg),
-                         conditioner=cond, noise="flow_matching", prediction_type="flow").eval()
+        m = TCPlugModule(backbone=bb, latent=latent, conditioner=cond, noise="flow_matching",
+                         prediction_type="flow").eval()
         with torch.no_grad():
             ctx = m.context(batch, tuple(x.shape))
             assert len(ctx["residuals"]) == 2
@@ -227,8 +277,7 @@ def test_train_one_expert_only():
 
     get = tcplug.get_component
     m = TCPlugModule(backbone=[wan(), wan(seed=1)], router=get("router", "noise_boundary")(num_experts=2),
-                     latent=get("latent", "wan_vae")(config=dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1],
-                                                                 num_res_blocks=1, temperal_downsample=[False, True, True])),
+                     latent=vae("wan"),
                      train_experts=[1], noise="flow_matching", prediction_type="flow")
     opt = m.configure_optimizers()
     opt = opt["optimizer"] if isinstance(opt, dict) else opt
@@ -264,8 +313,9 @@ def test_wan_full_recipe_stacks_every_technique_on_cpu(tmp_path):
                                   ("perceptual_temporal", {"features": "random_trunk", "max_clips": 1})],
                          ids=["flow_warp-latent", "flow_warp-pixel-1clip", "perceptual-latent-encoder",
                               "perceptual-trunk-1clip"])
-def test_temporal_losses_through_a_time_compressing_vae(term):
-    """Both routes of the temporal losses on Wan: the decoded prediction (a subset of clips), or
+@family_param
+def test_temporal_losses_through_a_time_compressing_vae(term, family):
+    """Both routes of the temporal losses on Wan and LTX: the decoded prediction (a subset of clips), or
     latents / VAE features at the latent frame rate with flows pooled over each latent frame's
     span; finite, and they send gradient into the backbone."""
     from tcplug.module import TCPlugModule
@@ -273,8 +323,7 @@ def test_temporal_losses_through_a_time_compressing_vae(term):
 
     get = tcplug.get_component
     name, kw = term
-    vae_cfg = dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
-    m = TCPlugModule(backbone=wan(layers=1), latent=get("latent", "wan_vae")(config=vae_cfg),
+    m = TCPlugModule(backbone=backbone(family, layers=1), latent=vae(family),
                      losses=[get("loss", "denoise")(weight=0.0), get("loss", name)(weighting="none", **kw)],
                      noise="flow_matching", prediction_type="flow").train()
     total, terms = m.training_losses(synthetic_batch(n=2, frames=9, size=32))
