@@ -17,7 +17,10 @@ variants call :func:`torch.nn.functional.scaled_dot_product_attention`. In train
 ``kv_index``) the fast paths gather keys/values as strided *views* where the frames are
 contiguous (``first_frame``, ``cross_frame`` without anchor, ``full3d``, ``per_frame``);
 ``sparse_causal`` and an anchored ``cross_frame`` gather non-contiguous frames, which copies.
-With ``kv_index`` (streaming), one general masked path serves every variant.
+With ``kv_index`` (streaming), one general masked path serves every variant: SDPA with a boolean
+frame mask on CPU, and on a GPU PyTorch's ``flex_attention`` with a block-sparse mask built from
+the variant's frame rule, so blocks of frames the rule hides are skipped, not computed and masked
+(``FrameRule.backend``: ``auto``, ``sdpa`` or ``flex``).
 """
 
 from __future__ import annotations
@@ -46,17 +49,62 @@ def from_bh(y: Tensor, b: int, h: int) -> Tensor:
     return y.view(b, h, t, n, d).transpose(1, 2)
 
 
+_FLEX = {}
+
+
+def frame_block_mask(mask: Tensor, n: int, device: torch.device | str):
+    """A ``flex_attention`` ``BlockMask`` over frame-major tokens (``n`` per frame) from a frame
+    visibility matrix ``mask (Tq, Tk)``: a block of tokens whose frames are all hidden is absent
+    from it (never computed)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    mask = mask.to(device)
+    tq, tk = mask.shape
+
+    def mask_mod(bi, hi, qi, ki):
+        return mask[qi // n, ki // n]
+
+    return create_block_mask(mask_mod, None, None, tq * n, tk * n, device=device)
+
+
+def flex_frames(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Attention of query frames ``q (B, Tq, H, N, D)`` to key frames ``k, v (B, Tk, H, N, D)``
+    where ``mask (Tq, Tk)`` (bool) says which key frames each query frame sees, through
+    ``flex_attention`` with a block-sparse mask: blocks of hidden frames are skipped. Compiled
+    on a GPU; eager (a reference implementation, for checking) on a CPU."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    b, tq, h, n, d = q.shape
+    block = frame_block_mask(mask, n, q.device)
+    fn = flex_attention
+    if q.is_cuda:
+        fn = _FLEX.setdefault("compiled", torch.compile(flex_attention))
+    flat = [y.permute(0, 2, 1, 3, 4).reshape(b, h, -1, d) for y in (q, k, v)]  # frame-major tokens per head
+    out = fn(*flat, block_mask=block)
+    return out.view(b, h, tq, n, d).permute(0, 2, 1, 3, 4)
+
+
 class FrameRule(AttentionVariant):
     """Base for variants defined by a frame-visibility rule ``allowed(q_index, k_index)``.
 
     Subclasses implement :meth:`allowed` (a boolean ``(Tq, Tk)`` matrix from absolute frame
-    indices) and may add a fast path for training. The general path (used when streaming)
-    attends, for each query frame, to every token of the allowed key frames through a
-    boolean mask given to SDPA.
+    indices) and may add a fast path for training. The general path (used when streaming, and
+    by a subclass without a fast path) attends, for each query frame, to every token of the
+    allowed key frames: through a boolean mask given to SDPA, or (:attr:`backend` ``flex``, the
+    ``auto`` choice on a GPU) through ``flex_attention`` with a block-sparse mask, so hidden
+    frames cost no compute.
     """
+
+    #: ``auto`` (``flex`` on a GPU, ``sdpa`` elsewhere), ``sdpa`` or ``flex``; set on an instance
+    backend: str = "auto"
 
     def allowed(self, q_index: Tensor, k_index: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def _use_flex(self, q: Tensor) -> bool:
+        if self.backend not in ("auto", "sdpa", "flex"):
+            raise TcplugError(f"{type(self).__name__}.backend must be auto, sdpa or flex, got {self.backend!r}")
+        return self.backend == "flex" or (self.backend == "auto" and q.is_cuda)
 
     def general(self, q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor) -> Tensor:
         b, tq, h, n, d = q.shape
@@ -65,6 +113,8 @@ class FrameRule(AttentionVariant):
         mask = self.allowed(q_index[:, None], kv_index[None, :])  # (Tq, Tk)
         if not mask.any(1).all():
             raise TcplugError(f"{type(self).__name__}: a query frame has no key frame to attend to")
+        if self._use_flex(q):
+            return flex_frames(q, k, v, mask)
         qb = to_bh(q)  # (BH, Tq, N, D)
         kb = to_bh(k).reshape(b * h, 1, tk * n, d).expand(b * h, tq, tk * n, d)
         vb = to_bh(v).reshape(b * h, 1, tk * n, d).expand(b * h, tq, tk * n, d)
