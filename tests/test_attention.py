@@ -234,9 +234,14 @@ FRAME_MASKED = [s for s in ALL if s[0] != "temporal"]  # temporal attends per lo
 
 
 @pytest.mark.parametrize("spec", FRAME_MASKED, ids=[ident(a) for a in FRAME_MASKED])
-def test_block_sparse_flex_path_equals_sdpa(spec):
+def test_block_sparse_flex_path_equals_sdpa(spec, monkeypatch):
     """The general (streaming) path through flex_attention with a block-sparse frame mask (what a
     GPU uses) equals the SDPA path with a dense boolean mask; eager flex on the CPU here."""
+    import tcplug_attention
+
+    calls = []
+    real = tcplug_attention.flex_frames
+    monkeypatch.setattr(tcplug_attention, "flex_frames", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
     v = variant(spec[0], **spec[1])
     b, tk, tq, h, n, d = 1, 6, 3, 2, 4, 16
@@ -244,8 +249,10 @@ def test_block_sparse_flex_path_equals_sdpa(spec):
     kv_index = torch.tensor([0, 3, 4, 5, 6, 7]) if v.causal else torch.arange(tk)
     v.backend = "sdpa"
     dense = v(q, k, val, kv_index)
+    assert not calls
     v.backend = "flex"
     sparse = v(q, k, val, kv_index)
+    assert calls  # the flex path ran
     assert torch.allclose(dense, sparse, atol=1e-5), (dense - sparse).abs().max()
 
 
