@@ -67,6 +67,19 @@ class Backbone(nn.Module):
     def forward(self, x: Tensor, timesteps: Tensor, context: dict[str, Any] | None = None) -> Tensor:
         raise NotImplementedError
 
+    def check_latents(self, x: Tensor, name: str | None = None) -> tuple[int, int, int, int, int]:
+        """``x``'s shape ``(B, T, C, h, w)`` after checking it fits: ``C == in_channels`` and
+        ``h, w`` multiples of ``patch_size`` (a clear error otherwise)."""
+        name = name or type(self).__name__
+        if x.dim() != 5:
+            raise TcplugError(f"{name} expects latents (B, T, C, h, w), got shape {tuple(x.shape)}")
+        b, t, c, h, w = x.shape
+        if c != self.in_channels:
+            raise TcplugError(f"{name} expects {self.in_channels} latent channels, got {c}")
+        if h % self.patch_size or w % self.patch_size:
+            raise TcplugError(f"latent size {h}x{w} is not a multiple of the {name} patch size {self.patch_size}")
+        return b, t, c, h, w
+
     def timestep_schedule(self, scheduler: Any, steps: int, latent_shape: tuple[int, ...]) -> dict | None:
         """Keyword arguments for ``scheduler.set_timesteps`` when sampling ``steps`` steps of
         latents ``(B, T, C, h, w)``, as the model's own pipeline passes them; None (the

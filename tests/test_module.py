@@ -47,7 +47,7 @@ def test_dit_attention_per_block_list_and_errors():
     assert len(net.blocks) == 2 and net.blocks[0].attn is not net.blocks[1].attn
     with pytest.raises(tcplug.TcplugError, match="2 attention variants for depth 3"):
         dit(depth=3, attention=[pf(), pf()])
-    with pytest.raises(tcplug.TcplugError, match="multiple of dit patch_size"):
+    with pytest.raises(tcplug.TcplugError, match="multiple of the dit patch size"):
         dit(patch_size=3)(torch.randn(1, 2, 3, 8, 8), torch.tensor([1]))
 
 

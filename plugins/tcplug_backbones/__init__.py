@@ -230,12 +230,8 @@ class DiT(Backbone):
         return self.t_embed(emb.to(self.patch.weight.dtype)).view(*ts.shape, self.dim)
 
     def forward(self, x: Tensor, timesteps: Tensor, context: dict[str, Any] | None = None) -> Tensor:
-        b, t, c, h, w = x.shape
+        b, t, c, h, w = self.check_latents(x, "dit")
         p = self.patch_size
-        if c != self.in_channels:
-            raise TcplugError(f"dit expects {self.in_channels} latent channels, got {c}")
-        if h % p or w % p:
-            raise TcplugError(f"latent size {h}x{w} is not a multiple of dit patch_size {p}")
         feats = None
         if self.conv_channels > 0:
             feats = self.stem(x.flatten(0, 1))

@@ -215,12 +215,8 @@ class JointTokenBackbone(Backbone):
         return timesteps
 
     def forward(self, x: Tensor, timesteps: Tensor, context: dict[str, Any] | None = None) -> Tensor:
-        b, t, c, h, w = x.shape
+        b, t, c, h, w = self.check_latents(x, f"{self.family} backbone")
         p = self.patch_size
-        if c != self.in_channels:
-            raise TcplugError(f"{self.family} backbone expects {self.in_channels} latent channels, got {c}")
-        if h % p or w % p:
-            raise TcplugError(f"latent size {h}x{w} is not a multiple of the {self.family} patch size {p}")
         n = (h // p) * (w // p)
         timesteps = self.flat_timesteps(timesteps, b, t, n)
         context = context or {}
