@@ -3,11 +3,12 @@ PyTorch loop. Time per step = wall clock between consecutive steps (data loading
 backward, clipping, optimizer, logging: everything), median after warm-up.
 
 `--recipe baseline` is the `dit` of recipes/baseline.yaml; `--recipe wan` the tiny random Wan of
-recipes/wan/tiny.yaml (its VAE encodes every batch, as in a run without precomputed shards).
+recipes/wan/tiny.yaml (its VAE encodes every batch, as in a run without precomputed shards);
+`--recipe ltx` the tiny random LTX-Video of recipes/ltx/tiny.yaml, likewise.
 
 Prints one JSON line. Usage:
-  python benchmarks/overhead.py [--recipe baseline|wan] [--steps 200] [--warmup 20]
-  python benchmarks/overhead.py --smoke [--recipe wan]
+  python benchmarks/overhead.py [--recipe baseline|wan|ltx] [--steps 200] [--warmup 20]
+  python benchmarks/overhead.py --smoke [--recipe wan|ltx]
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = {"baseline": ROOT / "recipes" / "baseline.yaml", "wan": ROOT / "recipes" / "wan" / "tiny.yaml"}
+RECIPES = {"baseline": ROOT / "recipes" / "baseline.yaml", "wan": ROOT / "recipes" / "wan" / "tiny.yaml",
+           "ltx": ROOT / "recipes" / "ltx" / "tiny.yaml"}
 RECIPE = RECIPES["baseline"]
 
 
