@@ -197,3 +197,23 @@ def test_seam_components_by_registry_name():
         assert tcplug.get_component("conditioner", "residual_test") is ResidualConditioner
     finally:
         tcplug.unregister_plugin(name)
+
+
+def test_dit_conv_head_knows_the_noise_level():
+    """With a conv stem/head (conv_channels), the head is modulated by each token's timestep
+    embedding: with the transformer's own output silenced, the timestep still changes the
+    prediction through the head alone; and the modulation starts at zero (no change at init)."""
+    torch.manual_seed(0)
+    net = tcplug.get_component("backbone", "dit")(in_channels=3, patch_size=4, dim=32, depth=1, heads=2,
+                                                  conv_channels=8).eval()
+    x = torch.randn(1, 2, 3, 16, 16)
+    torch.nn.init.normal_(net.head[2].weight, std=0.1)
+    with torch.no_grad():
+        net.out.weight.zero_()
+        net.out.bias.zero_()
+        assert torch.equal(net(x, torch.tensor([10])), net(x, torch.tensor([900])))  # zero-initialised
+        torch.nn.init.normal_(net.head_film.weight, std=0.1)
+        lo, hi = net(x, torch.tensor([10])), net(x, torch.tensor([900]))
+        per_token = net(x, torch.tensor([[[10] * 16, [900] * 16]]))
+    assert (lo - hi).abs().max() > 1e-4
+    assert torch.allclose(per_token[:, 0], lo[:, 0], atol=1e-6) and torch.allclose(per_token[:, 1], hi[:, 1], atol=1e-6)

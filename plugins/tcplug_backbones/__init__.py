@@ -133,8 +133,10 @@ class DiT(Backbone):
         conv_channels: if > 0, a per-frame convolutional stem and head at full latent
             resolution around the transformer (a U-ViT-style hourglass): the stem's features are
             patchified, and the head sees them again beside the unpatchified tokens, so fine
-            detail need not pass through the patch bottleneck. Convolutions never mix frames:
-            frames still meet only in the attention variant.
+            detail need not pass through the patch bottleneck. The head is modulated by the
+            timestep embedding (per token; zero-initialised), since what it keeps of the stem's
+            features depends on the noise level. Convolutions never mix frames: frames still meet
+            only in the attention variant.
 
     Timesteps may be per clip ``(B,)``, per frame ``(B, T)`` or per token ``(B, T, N)``.
     ``context["residuals"]``, if present, is a list (one per block) of tensors broadcastable
@@ -188,6 +190,12 @@ class DiT(Backbone):
             )
             nn.init.zeros_(self.head[2].weight)
             nn.init.zeros_(self.head[2].bias)
+            # the head knows the noise level: whether the stem's features are mostly noise (high t)
+            # or mostly signal (low t) decides what it must keep of them; a scale and shift per
+            # channel from each token's timestep embedding (zero-initialised: no change at start)
+            self.head_film = nn.Linear(dim, 2 * conv_channels)
+            nn.init.zeros_(self.head_film.weight)
+            nn.init.zeros_(self.head_film.bias)
         self.patch = nn.Linear(feat * patch_size * patch_size, dim)
         self.t_embed = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.blocks = nn.ModuleList(DiTBlock(dim, heads, mlp_ratio, a) for a in variants)
@@ -257,7 +265,11 @@ class DiT(Backbone):
         out = rearrange(tokens, "b t (hh ww) (p1 p2 c) -> b t c (hh p1) (ww p2)", hh=hh, p1=p, p2=p)
         if feats is None:
             return out
-        out = self.head(torch.cat([out.flatten(0, 1), feats], dim=1))
+        film = self.head_film(cond).expand(b, t, hh * ww, -1)  # (B, T, N, 2C): per token
+        film = rearrange(film, "b t (hh ww) c -> (b t) c hh ww", hh=hh).repeat_interleave(p, 2).repeat_interleave(p, 3)
+        scale, shift = film.chunk(2, dim=1)
+        hid = self.head[0](torch.cat([out.flatten(0, 1), feats], dim=1)) * (1 + scale) + shift
+        out = self.head[2](self.head[1](hid))
         return out.view(b, t, c, h, w)
 
 
