@@ -25,7 +25,8 @@ between the ablation markers of README.md and docs/benchmarks.md. Prints one JSO
 
 Each finished (recipe, seed) keeps its per-clip scores in ``--out/runs/`` (keyed by the recipe's
 text, the overlays, the steps and the clips), so a stopped ablation run again resumes where it
-stopped; ``--fresh`` ignores them. ``--keep OLD.json`` carries the rows of recipes not run now
+stopped; ``--fresh`` ignores them. The key does not see the code: after changing a component,
+delete that recipe's files there (or use ``--fresh``). ``--keep OLD.json`` carries the rows of recipes not run now
 over from an earlier ablation of the same seeds and clips (their footnote says so).
 
 Usage:
