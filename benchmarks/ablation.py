@@ -467,7 +467,7 @@ def merge_kept(rows: list[dict], old: dict, args) -> list[dict]:
     if om["seeds"] != args.seeds or om["clips"] != args.clips or om["reference"] != args.reference:
         raise SystemExit(f"--keep {args.keep}: seeds/clips/reference differ from this run's")
     have = {r["recipe"] for r in rows}
-    kept = [{**r, "kept_from": om["date"]} for r in old["rows"]
+    kept = [{**r, "kept_from": r.get("kept_from", om["date"])} for r in old["rows"]  # keep the first date
             if r["kind"] == "recipe" and r["recipe"] not in have and "error" not in r]
     order = {n: i for i, n in enumerate(RECIPES)}
     return sorted(rows + kept, key=lambda r: order.get(r["recipe"], len(order)))
