@@ -201,10 +201,6 @@ class WanText(FrozenTextEncoder):
     encoder_cls_name = "UMT5EncoderModel"
     uses_mask = False  # WanPipeline zero-pads the states and Wan attends to every token
 
-    def __init__(self, pretrained: str | None = None, precomputed: bool = False, negative_prompt: str = "",
-                 negative_embeds: str | None = None, max_length: int = 512, dropout: float = 0.1) -> None:
-        super().__init__(pretrained, precomputed, negative_prompt, negative_embeds, max_length, dropout)
-
     def encode_with(self, tokenizer, encoder, prompts, device):
         from diffusers import WanPipeline
 
