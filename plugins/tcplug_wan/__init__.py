@@ -188,13 +188,12 @@ class WanText(FrozenTextEncoder):
     ``WanPipeline`` does: from the batch's ``negative_text_emb`` (precomputed shards carry it),
     else from ``negative_embeds``, else encoded.
 
-    Args:
-        pretrained: a local diffusers Wan folder (``text_encoder/`` and ``tokenizer/``).
-        precomputed: never load the encoder: every batch must carry ``text_emb``.
-        negative_prompt: the negative prompt (Wan's default is empty).
-        negative_embeds: a ``.npy`` file of the negative prompt's embedding ``(L, text_dim)``.
-        max_length: tokens per prompt (``WanPipeline`` default 512).
-        dropout: probability of training on the negative prompt instead (for guidance).
+    Its arguments are ``FrozenTextEncoder``'s (defaults as ``WanPipeline``'s): ``pretrained``, a
+    local diffusers Wan folder (``text_encoder/`` and ``tokenizer/``); ``precomputed``, never load
+    the encoder (every batch must carry ``text_emb``); ``negative_prompt`` (Wan's default is
+    empty); ``negative_embeds``, a ``.npy`` file of the negative prompt's embedding
+    ``(L, text_dim)``; ``max_length``, tokens per prompt (512); ``dropout``, the probability of
+    training on the negative prompt instead (for guidance).
     """
 
     what = "wan_text"
