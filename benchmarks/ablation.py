@@ -16,7 +16,9 @@ oracle copy`` (the same, with frame 0 copied into the data's static region).
 Intervals: 95 % bootstrap over seeds and clips (hierarchical: seeds with replacement, then
 clips within each). A recipe **improves** on ``baseline`` only when the interval of its TVS
 difference excludes 0 (below), **and** its motion ratio stays within ``--motion-tol`` of
-baseline's, **and** its frame distance is at most ``--distance-tol`` times baseline's.
+baseline's or of 1 (or comes closer to 1 from baseline's side), **and** its sharpness ratio within ``--sharpness-tol`` (blur lowers TVS: the blurred
+control scores like the data), **and** its frame distance is at most ``--distance-tol`` times
+baseline's.
 Recipes that read an oracle input (the data's all-frame static mask, per-frame ground-truth
 maps) are marked. A strip of sample frames per recipe goes to ``--img`` (default docs/img).
 
@@ -253,6 +255,13 @@ def save_run(path: Path, key: str, group: dict, wall: float, oracle: bool) -> No
 
 
 # ----- the table -----------------------------------------------------------------------------
+def near_data(value: float, base: float, tol: float) -> bool:
+    """A ratio (1 = like the data) kept: within ``tol`` of baseline's or of 1, or closer to 1 than
+    baseline's from the same side (a frozen clip's motion 0 is not "closer" to 1 than 2.3)."""
+    return (abs(value - base) <= tol or abs(value - 1) <= tol
+            or (abs(value - 1) <= abs(base - 1) and (value - 1) * (base - 1) >= 0))
+
+
 def verdict(row: dict, base: dict | None, args) -> str:
     if row["kind"] == "control":
         return "control"
@@ -262,10 +271,11 @@ def verdict(row: dict, base: dict | None, args) -> str:
     better = hi < 0
     # within the tolerance of baseline's motion, or closer to the data's motion (ratio 1) than baseline:
     # a baseline of independent frames "moves" far too much, and coming closer to 1 is no defect
-    motion_ok = (abs(row["motion_ratio"] - base["motion_ratio"]) <= args.motion_tol
-                 or abs(row["motion_ratio"] - 1) <= abs(base["motion_ratio"] - 1))
+    motion_ok = near_data(row["motion_ratio"], base["motion_ratio"], args.motion_tol)
     dist_ok = row["frame_distance"] <= args.distance_tol * base["frame_distance"]
-    if better and motion_ok and dist_ok:
+    # blur lowers TVS (the blurred control scores like the data); sharpness must stay near baseline's or 1
+    sharp_ok = near_data(row["sharpness_ratio"], base["sharpness_ratio"], args.sharpness_tol)
+    if better and motion_ok and dist_ok and sharp_ok:
         return "improves"
     why = []
     if not better:
@@ -274,6 +284,8 @@ def verdict(row: dict, base: dict | None, args) -> str:
         why.append("motion off")
     if not dist_ok:
         why.append("frames farther from data")
+    if not sharp_ok:
+        why.append("blurred" if row["sharpness_ratio"] < base["sharpness_ratio"] else "sharpness off")
     return "does not improve (" + ", ".join(why) + ")"
 
 
@@ -353,7 +365,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
             "All rows scored with DIS flow. TVS, warping error, frame distance, trajectory error: lower is better; "
             "motion and sharpness ratios: 1 = like the reference; coverage: share of pixels the flow check kept. "
             f"\"improves\" = the Δ TVS interval is below 0, the motion ratio within ±{meta['motion_tol']} of baseline's "
-            f"or closer to 1 than baseline's, and the frame distance ≤ {meta['distance_tol']}× baseline's. Oracle = reads an input that encodes the future "
+            f"or of 1, or closer to 1 than baseline's from the same side, the sharpness ratio likewise "
+            f"(±{meta.get('sharpness_tol', 0.4)}), "
+            f"and the frame distance ≤ {meta['distance_tol']}× baseline's. Oracle = reads an input that encodes the future "
             f"(all-frame static mask, per-frame ground-truth maps).{partial}_\n")
     checked = "".join(f"\n- {g}" for g in goals(rows))
     return head + "\n".join(lines) + "\n" + foot + ("\nGoals:" + checked + "\n" if checked else "")
@@ -379,6 +393,8 @@ def main() -> None:
     p.add_argument("--boot", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--motion-tol", type=float, default=0.2, help="largest |motion ratio - baseline's| to improve")
     p.add_argument("--distance-tol", type=float, default=1.25, help="largest frame distance / baseline's to improve")
+    p.add_argument("--sharpness-tol", type=float, default=0.4,
+                   help="largest |sharpness ratio - baseline's| to improve (unless closer to 1)")
     p.add_argument("--config", action="append", default=[], help="extra --config overlay for every recipe")
     p.add_argument("--out", default=None, help="folder for the table and JSON (default: a temporary one)")
     p.add_argument("--img", default=str(ROOT / "docs" / "img" / "ablation"), help="folder for the sample strips")
@@ -392,6 +408,7 @@ def main() -> None:
     t_start = time.perf_counter()
     if args.render:
         saved = json.loads((Path(args.out) / "ablation.json").read_text())
+        saved["meta"].setdefault("sharpness_tol", args.sharpness_tol)  # tables made before the rule had it
         finish(saved["rows"], saved["meta"], Path(args.out), args)
         return
     if args.smoke:
@@ -482,7 +499,7 @@ def meta_of(args, t_start: float) -> dict:
     return {"machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores",
             "date": datetime.date.today().isoformat(), "steps": args.steps or "each recipe's", "seeds": args.seeds,
             "clips": args.clips, "reference": args.reference, "motion_tol": args.motion_tol,
-            "distance_tol": args.distance_tol, "wall_min": round((time.perf_counter() - t_start) / 60, 1),
+            "distance_tol": args.distance_tol, "sharpness_tol": args.sharpness_tol, "wall_min": round((time.perf_counter() - t_start) / 60, 1),
             "args": " ".join(a for a in sys.argv[1:] if a != "--update-docs")}
 
 
@@ -490,8 +507,9 @@ def finish(rows: list[dict], meta: dict, out: Path, args) -> None:
     base = next((r for r in rows if r["recipe"] == "baseline" and "error" not in r), None)
     for r in rows:
         if "error" not in r:
-            r["verdict"] = verdict(r, base, argparse.Namespace(motion_tol=meta["motion_tol"],
-                                                               distance_tol=meta["distance_tol"]))
+            r["verdict"] = verdict(r, base, argparse.Namespace(
+                motion_tol=meta["motion_tol"], distance_tol=meta["distance_tol"],
+                sharpness_tol=meta.get("sharpness_tol", 0.4)))
     table = markdown(rows, meta)
     (out / "ablation.md").write_text(table)
     (out / "ablation.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

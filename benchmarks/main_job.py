@@ -11,6 +11,12 @@ Usage:
   tcplug fit --config recipes/full.yaml                       # README command 1
   python benchmarks/main_job.py --run runs/full/version_0 --img docs/img/main_job.png
   python benchmarks/main_job.py --smoke                        # trains a tiny run first
+  python benchmarks/main_job.py --run runs/full/version_0 --trajectory docs/img/main_job_x0.png
+
+``--trajectory PNG`` renders where sampling goes wrong, for the first clip: the model's x0
+prediction from the data clip noised to a few timesteps (one-shot denoising, rows 1-5), beside
+its x0 prediction along its own sampling trajectory at the nearest sampler steps (rows 6-10);
+the data clip above each. The mean squared error of each one-shot prediction is printed.
 """
 
 from __future__ import annotations
@@ -47,6 +53,47 @@ def strip(data: torch.Tensor, gen: torch.Tensor, path: Path, rows: int = 3) -> N
     Image.fromarray(img).resize((img.shape[1] * 3, img.shape[0] * 3), Image.NEAREST).save(path)
 
 
+def trajectory(model, batch: dict, path: Path, levels=(999, 900, 800, 600, 400), seed: int = 0) -> dict:
+    """x0 predictions of the first clip, one-shot from the noised data and along the sampler's
+    own trajectory (the same conditioning, guidance and steps as ``generate``); see the
+    module docstring. Returns the one-shot MSE in latent units per timestep."""
+    one = {k: (v[:1] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in batch.items()}
+    video = one["video"].float()
+    cond = {k: v for k, v in one.items() if k != "video"}
+    _, t, _, h, w = video.shape
+    with torch.no_grad():
+        z0 = model.latent.encode(video.to(model.device))
+        context = model.context({**cond, "frame_size": (h, w), "num_clips": 1, "num_frames": t}, tuple(z0.shape))
+        null = model.null_context(context)
+        gen = torch.Generator().manual_seed(seed)
+        shots, mse = [], {}
+        for level in levels:
+            tt = torch.full((1,), level, device=model.device)
+            xt = model.schedule.add_noise(z0, torch.randn(z0.shape, generator=gen).to(z0), tt)
+            x0 = model.schedule.pred_x0(xt, model.guided(xt, tt, context, null, model.guidance_scale), tt)
+            mse[level] = round(float(((x0 - z0) ** 2).mean()), 4)
+            shots.append(model.latent.decode(x0))
+        seen: list[tuple[float, torch.Tensor]] = []
+        guided = model.guided
+
+        def record(xt, timesteps, ctx, nul, scale):  # the sampler's own call, x0 kept
+            out = guided(xt, timesteps, ctx, nul, scale)
+            tt = timesteps.reshape(timesteps.shape[0], -1).amax(1)
+            seen.append((float(tt[0]), model.schedule.pred_x0(xt, out, tt)[:1]))
+            return out
+
+        model.guided = record
+        try:
+            model.generate(1, t, h, w, seed=seed, batch=cond, lock=False)
+        finally:
+            del model.guided
+        along = [model.latent.decode(min(seen, key=lambda s: abs(s[0] - level))[1]) for level in levels]
+    data = (video + 1) / 2
+    gen_rows = torch.cat([(torch.cat(r).float().cpu() + 1) / 2 for r in (shots, along)])
+    strip(data.expand(len(gen_rows), *data.shape[1:]), gen_rows, path, rows=len(gen_rows))
+    return {"one_shot_x0_mse": mse, "latent_variance": round(float(z0.var()), 4)}
+
+
 def clip_interval(group: dict, ref: dict, boot: int, seed: int = 0) -> dict:
     """95 % bootstrap interval of every metric over the clips (one training run: clips resampled
     with replacement; the ablation adds seeds)."""
@@ -64,6 +111,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--img", default=None, help="write the strip here (PNG)")
     p.add_argument("--boot", type=int, default=300, help="bootstrap resamples of the clips")
+    p.add_argument("--trajectory", default=None, help="write the x0-prediction diagnostic here (PNG)")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,6 +134,12 @@ def main() -> None:
         cfg = yaml.safe_load((run / "config.yaml").read_text())
         t0 = time.perf_counter()
         batch = data_clips(cfg["data"], args.clips)
+        if args.trajectory:
+            from tcplug.cli import model_from_checkpoint
+
+            model, _ = model_from_checkpoint(str(ckpt))
+            found = trajectory(model, batch, Path(args.trajectory), seed=args.seed)
+            print(json.dumps({"bench": "main_job_trajectory", "run": str(run), **found}))
         ref = per_clip(reference_clips(cfg["data"], args.reference), {})
         video, oracle = sample(ckpt, batch, args.seed)
         data = (batch["video"].float() + 1) / 2

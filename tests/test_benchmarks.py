@@ -35,3 +35,23 @@ def test_overhead_benchmark_covers_the_wan_family(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = json.loads([x for x in proc.stdout.splitlines() if x.startswith("{")][0])
     assert line["recipe"] == "recipes/wan/tiny.yaml" and line["plain_ms_per_step"] > 0
+
+
+def test_ablation_rule_refuses_blur_and_lost_motion():
+    """A recipe improves only with a lower TVS interval *and* motion, sharpness and frame distance
+    near baseline's: blurred or frozen samples lower TVS too (the controls show it)."""
+    import argparse
+
+    sys.path.insert(0, str(BENCH))
+    from ablation import verdict
+
+    tol = argparse.Namespace(motion_tol=0.2, distance_tol=1.25, sharpness_tol=0.4)
+    base = {"recipe": "baseline", "kind": "recipe", "motion_ratio": 2.27, "sharpness_ratio": 1.21,
+            "frame_distance": 0.80}
+    good = {"recipe": "x", "kind": "recipe", "tvs_diff_ci": [-3.0, -1.0], "motion_ratio": 1.1,
+            "sharpness_ratio": 1.05, "frame_distance": 0.6}
+    assert verdict(good, base, tol) == "improves"
+    assert verdict({**good, "tvs_diff_ci": [-1.0, 0.5]}, base, tol) == "does not improve (TVS interval overlaps 0)"
+    assert verdict({**good, "sharpness_ratio": 0.08}, base, tol) == "does not improve (blurred)"
+    assert verdict({**good, "motion_ratio": 0.0}, base, tol) == "does not improve (motion off)"
+    assert verdict({**good, "frame_distance": 1.2}, base, tol) == "does not improve (frames farther from data)"
