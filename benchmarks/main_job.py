@@ -118,6 +118,7 @@ def main() -> None:
         run = Path(args.run) if args.run else None
         if args.smoke:
             args.clips, args.reference, args.boot = 2, 4, 10
+            args.trajectory = args.trajectory or str(Path(tmp) / "x0.png")  # the diagnostic runs too
             proc = subprocess.run([sys.executable, "-m", "tcplug", "fit", "--config", str(ROOT / "recipes" / "full.yaml"),
                                    *SMOKE, f"--trainer.logger.init_args.save_dir={tmp}"], cwd=tmp,
                                   capture_output=True, text=True)
@@ -138,8 +139,9 @@ def main() -> None:
             from tcplug.cli import model_from_checkpoint
 
             model, _ = model_from_checkpoint(str(ckpt))
-            found = trajectory(model, batch, Path(args.trajectory), seed=args.seed)
-            print(json.dumps({"bench": "main_job_trajectory", "run": str(run), **found}))
+            found = {"trajectory": trajectory(model, batch, Path(args.trajectory), seed=args.seed)}
+        else:
+            found = {}
         ref = per_clip(reference_clips(cfg["data"], args.reference), {})
         video, oracle = sample(ckpt, batch, args.seed)
         data = (batch["video"].float() + 1) / 2
@@ -152,7 +154,7 @@ def main() -> None:
         print(json.dumps({"bench": "main_job", "run": str(run), "global_step": metrics.get("global_step"),
                           "clips": args.clips, "reference": args.reference, "oracle": oracle,
                           "generated": gen_m, "data_floor": data_m, "generated_ci95": gen_ci, "data_floor_ci95": data_ci,
-                          "score_s": round(time.perf_counter() - t0, 1)}))
+                          **found, "score_s": round(time.perf_counter() - t0, 1)}))
 
 
 if __name__ == "__main__":
