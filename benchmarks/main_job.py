@@ -16,7 +16,8 @@ Usage:
 ``--trajectory PNG`` renders where sampling goes wrong, for the first clip: the model's x0
 prediction from the data clip noised to a few timesteps (one-shot denoising, rows 1-5), beside
 its x0 prediction along its own sampling trajectory at the nearest sampler steps (rows 6-10);
-the data clip above each. The mean squared error of each one-shot prediction is printed.
+the data clip above each. The JSON line's ``trajectory`` holds each one-shot prediction's mean
+squared error and the clip's latent variance.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablation import SMOKE, aggregate, data_clips, per_clip, reference_clips, sample  # noqa: E402
+from ablation import SMOKE, aggregate, data_clips, load, per_clip, reference_clips, sample  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +57,7 @@ def strip(data: torch.Tensor, gen: torch.Tensor, path: Path, rows: int = 3) -> N
 def trajectory(model, batch: dict, path: Path, levels=(999, 900, 800, 600, 400), seed: int = 0) -> dict:
     """x0 predictions of the first clip, one-shot from the noised data and along the sampler's
     own trajectory (the same conditioning, guidance and steps as ``generate``); see the
-    module docstring. Returns the one-shot MSE in latent units per timestep."""
+    module docstring. Returns the one-shot MSE per timestep and the clip's latent variance."""
     one = {k: (v[:1] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in batch.items()}
     video = one["video"].float()
     cond = {k: v for k, v in one.items() if k != "video"}
@@ -135,15 +136,10 @@ def main() -> None:
         cfg = yaml.safe_load((run / "config.yaml").read_text())
         t0 = time.perf_counter()
         batch = data_clips(cfg["data"], args.clips)
-        if args.trajectory:
-            from tcplug.cli import model_from_checkpoint
-
-            model, _ = model_from_checkpoint(str(ckpt))
-            found = {"trajectory": trajectory(model, batch, Path(args.trajectory), seed=args.seed)}
-        else:
-            found = {}
+        model = load(ckpt)
+        found = {"trajectory": trajectory(model, batch, Path(args.trajectory), seed=args.seed)} if args.trajectory else {}
         ref = per_clip(reference_clips(cfg["data"], args.reference), {})
-        video, oracle = sample(ckpt, batch, args.seed)
+        video, oracle = sample(model, batch, args.seed)
         data = (batch["video"].float() + 1) / 2
         gen_c, data_c = per_clip(video, batch), per_clip(data, batch)
         gen_m, data_m = aggregate([gen_c], ref), aggregate([data_c], ref)
