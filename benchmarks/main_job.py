@@ -111,6 +111,7 @@ def main() -> None:
     p.add_argument("--reference", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--img", default=None, help="write the strip here (PNG)")
+    p.add_argument("--rows", type=int, default=3, help="clips in the strip (data clip above its sample)")
     p.add_argument("--boot", type=int, default=300, help="bootstrap resamples of the clips")
     p.add_argument("--trajectory", default=None, help="write the x0-prediction diagnostic here (PNG)")
     p.add_argument("--smoke", action="store_true")
@@ -145,7 +146,7 @@ def main() -> None:
         gen_m, data_m = aggregate([gen_c], ref), aggregate([data_c], ref)
         gen_ci, data_ci = clip_interval(gen_c, ref, args.boot), clip_interval(data_c, ref, args.boot)
         if args.img:
-            strip(data, video, Path(args.img))
+            strip(data, video, Path(args.img), rows=args.rows)
         metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
         print(json.dumps({"bench": "main_job", "run": str(run), "global_step": metrics.get("global_step"),
                           "clips": args.clips, "reference": args.reference, "oracle": oracle,

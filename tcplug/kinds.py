@@ -47,7 +47,9 @@ class Backbone(nn.Module):
       ignores keys it does not know. Keys the built-in ``dit`` reads: ``residuals`` (one tensor
       per block, broadcastable to ``(B, T, N, token_dim)``, added after the block), ``text``
       ``(B, L, token_dim)`` with ``text_mask`` ``(B, L)`` bool (cross-attention),
-      ``expert_weights`` ``(B, E)`` (feed-forward experts), ``stream`` (a FrameStream).
+      ``expert_weights`` ``(B, E)`` (feed-forward experts), ``stream`` (a FrameStream),
+      ``input_maps`` ``(B, T, K, h, w)`` (maps at latent resolution added at the input, after
+      ``add_map_input(K)``).
     - returns the model prediction ``(B, T, C, h, w)`` (epsilon, v, x0 or velocity: the
       schedule decides what it is trained to mean).
 
@@ -299,10 +301,12 @@ class WorldConditioner(nn.Module):
     the batch (ground truth in training; a data clip, a state file or a caption at sampling)
     and returns a context dict merged into the backbone's ``context``. ``latent_shape`` is
     ``(B, T, C, h, w)``. Several conditioners may be stacked: their ``residuals`` are summed
-    block by block; other keys must not clash.
+    block by block, their ``maps`` and ``input_maps`` concatenated along ``K``; other keys must
+    not clash.
 
     Conventions: conditioning maps at pixel resolution go under ``maps`` ``(B, T, K, H, W)``
-    (motion lockers may read them); ControlNet-style residuals under ``residuals``.
+    (motion lockers may read them); ControlNet-style residuals under ``residuals``; maps for
+    the backbone's input, at latent resolution, under ``input_maps`` ``(B, T, K, h, w)``.
 
     Optional methods:
 

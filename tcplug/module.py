@@ -101,7 +101,10 @@ class TCPlugModule(pl.LightningModule):
             --lora OUT`` writes the adapters in the family's pipeline format.
         train_experts: with several expert backbones, train only these (indices; expert 0 takes
             the highest noise); the others are frozen. Default: all.
-        lr: AdamW learning rate; weight_decay, betas: AdamW settings.
+        lr: AdamW learning rate; weight_decay, betas: AdamW settings. Any submodule with a
+            float attribute ``lr_scale`` (a component's part that must learn faster or slower,
+            e.g. ``physics_state``'s dynamics) trains at ``lr * lr_scale`` in a parameter
+            group of its own.
         warmup_steps: linear learning-rate warm-up.
         gradient_clip: max gradient norm (None = no clipping), for every optimizer.
         disc_lr: the discriminator's learning rate (its own AdamW); disc_betas: its betas.
@@ -253,7 +256,7 @@ class TCPlugModule(pl.LightningModule):
             for key, value in c(batch, latent_shape).items():
                 if key == "residuals" and key in merged:
                     merged[key] = [a + b for a, b in zip(merged[key], value)]
-                elif key == "maps" and key in merged:
+                elif key in ("maps", "input_maps") and key in merged:
                     merged[key] = torch.cat([merged[key], value], dim=2)
                 elif key in merged:
                     raise TcplugError(f"two conditioners both set context[{key!r}]")
@@ -736,8 +739,21 @@ class TCPlugModule(pl.LightningModule):
     # ----- optimization ------------------------------------------------------------------
     def configure_optimizers(self):
         disc = set(id(p) for p in self.discriminator.parameters()) if self.discriminator is not None else set()
-        params = [p for p in self.parameters() if p.requires_grad and id(p) not in disc]
-        opt = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        # a submodule with a float ``lr_scale`` attribute trains at lr * lr_scale (its own group)
+        scaled: dict[float, list] = {}
+        seen = set(disc)
+        for mod in self.modules():
+            factor = getattr(mod, "lr_scale", None)
+            if isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor != 1:
+                if factor <= 0:
+                    raise TcplugError(f"{type(mod).__name__}.lr_scale must be > 0, got {factor}")
+                for p in mod.parameters():
+                    if p.requires_grad and id(p) not in seen:
+                        scaled.setdefault(float(factor), []).append(p)
+                        seen.add(id(p))
+        params = [p for p in self.parameters() if p.requires_grad and id(p) not in seen]
+        groups = [{"params": params}] + [{"params": ps, "lr": self.lr * f} for f, ps in scaled.items()]
+        opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _Warmup(self.warmup_steps)) if self.warmup_steps > 0 else None
         if self.automatic_optimization:
             if sched is None:

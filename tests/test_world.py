@@ -1,6 +1,7 @@
 """Noise-level experts (routers), world-model conditioners, captions + guidance, motion locking."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -195,6 +196,63 @@ def test_conditioners_stack_and_missing_inputs_are_clear(batch):
         m.context({"video": batch["video"]}, tuple(batch["video"].shape))
 
 
+@pytest.mark.parametrize("conv_channels", [0, 8])
+def test_input_maps_reach_the_output_pixel_exactly(conv_channels, batch):
+    """``input_maps=True``: the maps also enter the dit's input at latent resolution. Zero at
+    initialisation; once trained, a change of the maps at one pixel changes the output there,
+    through the input path alone (every adapter residual zeroed)."""
+    torch.manual_seed(0)
+    bb = dit(conv_channels=conv_channels, patch_size=4)
+    plain = TCPlugModule(copy.deepcopy(bb)).eval()
+    m = TCPlugModule(bb, conditioner=[comp("conditioner", "depth", input_maps=True),
+                                      comp("conditioner", "skeleton", input_maps=True)]).eval()
+    assert m.backbone.map_in.in_channels == 3  # 1 depth + 2 skeleton channels, in conditioner order
+    x, t = noisy(batch)
+    ctx = m.context(batch, tuple(x.shape))
+    assert ctx["input_maps"].shape == (2, 4, 3, 16, 16)
+    torch.testing.assert_close(m.denoise(x, t, ctx), plain.denoise(x, t, None), rtol=0, atol=0)
+    wake(m.backbone.map_in)
+    zero = {**ctx, "residuals": [torch.zeros_like(r) for r in ctx["residuals"]]}
+    base = m.denoise(x, t, zero)
+    moved = ctx["input_maps"].clone()
+    moved[:, 2, 0, 9, 9] += 1.0
+    diff = (m.denoise(x, t, {**zero, "input_maps": moved}) - base).abs().amax(dim=2)  # (B, T, H, W)
+    assert diff[:, 2, 9, 9].min() > 1e-5        # the pixel itself
+    assert diff[:, [0, 1, 3]].max() == 0        # frames never mix outside the attention
+    with pytest.raises(Exception, match="input_maps"):
+        m.denoise(x, t, {**ctx, "input_maps": moved[:, :, :2]})
+
+
+def test_input_maps_need_a_backbone_that_takes_them():
+    class NoMaps(torch.nn.Module):
+        token_dim, num_blocks, patch_size = 8, 1, 1
+
+    with pytest.raises(Exception, match="add_map_input"):
+        comp("conditioner", "depth", input_maps=True).setup(NoMaps())
+
+
+def test_physics_state_shapes_draw_the_worlds_silhouettes():
+    """``shapes=True`` renders each object as its class's silhouette: its occupancy matches
+    the pixels the synthetic world covers far better than a disc of the object's size."""
+    from tcplug.data.synthetic import make_clip
+
+    def iou(shapes):
+        ps = comp("conditioner", "physics_state", shapes=shapes)
+        scores = []
+        for i in range(12):
+            clip = make_clip(3, i, frames=4, size=32, world="simple")
+            st = ps.parse([clip["state"]])
+            occ = ps.render(st["pos"], st, 32, 32)[0, :, 0] > 0  # (T, H, W)
+            covered = torch.from_numpy(clip["depth"].astype("float32") < 1)
+            scores.append(float((occ & covered).sum() / (occ | covered).sum()))
+        return sum(scores) / len(scores)
+
+    silhouettes, discs = iou(True), iou(False)
+    assert silhouettes > 0.9 and silhouettes > discs + 0.05, (silhouettes, discs)
+    with pytest.raises(Exception, match="not one of"):
+        comp("conditioner", "physics_state").parse([{"objects": [{"class": "blob", "size": 3}], "position": [[[1, 1]]]}])
+
+
 def test_physics_state_dynamics_beat_constant_position():
     """After a short training on the synthetic world (bounces and gravity), the learned
     dynamics predict the next positions better than 'nothing moves'."""
@@ -220,6 +278,58 @@ def test_physics_state_dynamics_beat_constant_position():
     # rendered maps from a rollout: one frame of state is enough to condition a whole clip
     maps = world.maps({"state": [s for s in train[0][:2]], "frame_size": (16, 16)}, (2, 6, 3, 16, 16))
     assert maps.shape == (2, 6, 5, 16, 16) and maps[:, :, 0].max() > 0.5
+
+
+@functools.lru_cache(maxsize=1)
+def _world_states() -> tuple[list, list]:
+    """States of 512 training and 64 unseen clips of the synthetic world (8 frames, 32 px)."""
+    from tcplug.data.synthetic import make_clip
+
+    return ([make_clip(0, i, 8, 32, 2, 0.0, world="simple")["state"] for i in range(512)],
+            [make_clip(5, i, 8, 32, 2, 0.0, world="simple")["state"] for i in range(64)])
+
+
+def _rollout_error(**kw):
+    """Mean rollout error (pixels, frames 1..7) of a physics_state trained as the module trains it
+    (its dynamics at lr * lr_scale) on the synthetic world, on clips it never saw."""
+    torch.manual_seed(0)
+    world = comp("conditioner", "physics_state", **kw)
+    states, unseen = _world_states()
+    opt = torch.optim.AdamW(world.dynamics.parameters(), lr=5e-4 * world.dynamics.lr_scale)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(400):
+        idx = torch.randint(0, len(states), (8,), generator=g)
+        loss = world.auxiliary_loss({"state": [states[i] for i in idx]})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    st = world.parse(unseen)
+    with torch.no_grad():
+        pos, _ = world.rollout(st, 8)
+    return float((pos - st["pos"]).norm(dim=-1)[:, 1:].mean())
+
+
+def test_physics_state_rollout_stays_on_the_true_trajectory():
+    """The maps are rendered from the rollout, so its error is what the denoiser is conditioned
+    on. Free flight as the prior, the rollout loss and the dynamics' own learning rate each
+    keep it near the truth; without any one of them it drifts further."""
+    default = _rollout_error()
+    assert default < 1.25, default
+    for ablated in ({"prior": False}, {"rollout_loss": False}, {"lr_scale": 1.0}):
+        worse = _rollout_error(**ablated)
+        assert worse > 1.3 * default, (ablated, worse, default)
+
+
+def test_lr_scale_puts_a_submodule_in_its_own_parameter_group(batch):
+    world = comp("conditioner", "physics_state", lr_scale=4.0)
+    m = TCPlugModule(dit(), conditioner=world, lr=1e-3)
+    opt = m.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    dyn = {id(p) for p in world.dynamics.parameters()}
+    groups = [(g.get("initial_lr", g["lr"]), {id(p) for p in g["params"]}) for g in opt.param_groups]  # before warm-up
+    assert [lr for lr, ids in groups if ids == dyn] == [4e-3]
+    assert all(not (ids & dyn) for lr, ids in groups if lr == 1e-3)
+    assert sum(len(ids) for _, ids in groups) == len([p for p in m.parameters() if p.requires_grad])
 
 
 # ----- motion locking ----------------------------------------------------------------------

@@ -178,6 +178,7 @@ class DiT(Backbone):
             if len(variants) != depth:
                 raise TcplugError(f"dit got {len(variants)} attention variants for depth {depth}; give one or {depth}")
         self.conv_channels = conv_channels
+        self.map_channels, self.map_in = 0, None
         feat = conv_channels if conv_channels > 0 else in_channels
         if conv_channels > 0:
             self.stem = nn.Sequential(
@@ -214,6 +215,22 @@ class DiT(Backbone):
             if block.cross is None:
                 block.cross = CrossAttention(self.dim, self.heads)
 
+    def add_map_input(self, channels: int) -> None:
+        """Conditioning maps ``context["input_maps"]`` ``(B, T, channels, h, w)`` at latent
+        resolution also enter at the input, channel-concatenated in effect (as Wan's
+        image-to-video or an inpainting model takes its mask): a zero-initialized 3x3
+        convolution adds them to the stem's features (or to the latents before patchifying
+        without a stem), so pixel-exact shapes need not pass through the patch tokens. Called
+        once per map conditioner; the channels accumulate in call order. A context without
+        ``input_maps`` (an unconditioned pass) adds nothing, as one without ``residuals``."""
+        if channels < 1:
+            raise TcplugError(f"dit map input needs >= 1 channel, got {channels}")
+        self.map_channels += channels
+        feat = self.conv_channels if self.conv_channels > 0 else self.in_channels
+        self.map_in = nn.Conv2d(self.map_channels, feat, 3, padding=1)
+        nn.init.zeros_(self.map_in.weight)
+        nn.init.zeros_(self.map_in.bias)
+
     def add_ffn_experts(self, num_experts: int) -> None:
         """Every block's MLP becomes ``num_experts`` copies mixed by ``context["expert_weights"]``."""
         for block in self.blocks:
@@ -240,17 +257,25 @@ class DiT(Backbone):
     def forward(self, x: Tensor, timesteps: Tensor, context: dict[str, Any] | None = None) -> Tensor:
         b, t, c, h, w = self.check_latents(x, "dit")
         p = self.patch_size
+        context = context or {}
         feats = None
         if self.conv_channels > 0:
             feats = self.stem(x.flatten(0, 1))
-            x_in = feats.view(b, t, *feats.shape[1:])
-        else:
-            x_in = x
+        maps = context.get("input_maps") if self.map_in is not None else None
+        if maps is not None:  # absent (an unconditioned pass), like absent residuals: no map input
+            if maps.shape[:3] != (b, t, self.map_channels) or maps.shape[-2:] != (h, w):
+                raise TcplugError(f"dit takes input maps ({b}, {t}, {self.map_channels}, {h}, {w}) in "
+                                  f"context['input_maps'], got {tuple(maps.shape)}")
+            added = self.map_in(maps.flatten(0, 1).to(x.dtype))
+            if feats is not None:
+                feats = feats + added
+            else:
+                x = x + added.view(b, t, c, h, w)
+        x_in = feats.view(b, t, *feats.shape[1:]) if feats is not None else x
         tokens = rearrange(x_in, "b t c (hh p1) (ww p2) -> b t (hh ww) (p1 p2 c)", p1=p, p2=p)
         hh, ww = h // p, w // p
         tokens = self.patch(tokens) + sincos_2d(hh, ww, self.dim, x.device).to(tokens.dtype)
         cond = self.embed_timesteps(timesteps, b, t, hh * ww)
-        context = context or {}
         residuals, stream = context.get("residuals"), context.get("stream")
         extra = {k: context.get(k) for k in ("text", "text_mask", "expert_weights")}
         for i, block in enumerate(self.blocks):

@@ -91,13 +91,17 @@ class MapConditioner(WorldConditioner):
 
     Args:
         scale: multiplier of the residuals (a ControlNet "conditioning scale").
+        input_maps: also hand the maps, at latent resolution, to the backbone's input
+            (``context["input_maps"]``, channel-concatenated like an inpainting model's mask):
+            pixel-exact shapes then reach the output without passing through the patch tokens.
+            The backbone must offer ``add_map_input(channels)`` (the built-in ``dit`` does).
     """
 
     channels: int = 1
 
-    def __init__(self, scale: float = 1.0) -> None:
+    def __init__(self, scale: float = 1.0, input_maps: bool = False) -> None:
         super().__init__()
-        self.scale = scale
+        self.scale, self.input_maps = scale, input_maps
         self.adapter: ControlAdapter | None = None
 
     def setup(self, backbone: Backbone) -> None:
@@ -106,6 +110,11 @@ class MapConditioner(WorldConditioner):
                               "a ControlNet-style adapter cannot size itself to it")
         if self.adapter is None:
             self.adapter = ControlAdapter(self.channels, backbone.patch_size, backbone.token_dim, backbone.num_blocks)
+            if self.input_maps:
+                if not hasattr(backbone, "add_map_input"):
+                    raise TcplugError(f"{type(self).__name__}(input_maps=True): backbone {type(backbone).__name__} "
+                                      "takes no input maps (it has no add_map_input)")
+                backbone.add_map_input(self.channels)
 
     def maps(self, batch: dict[str, Any], latent_shape: tuple[int, ...]) -> Tensor:
         """Conditioning maps ``(B, T, channels, H, W)`` for the clip."""
@@ -121,7 +130,10 @@ class MapConditioner(WorldConditioner):
             raise TcplugError(f"{type(self).__name__}: conditioning maps {tuple(maps.shape)} do not match "
                               f"latents of {b} clips x {t} frames")
         small = F.adaptive_avg_pool2d(small.flatten(0, 1), (h, w)).unflatten(0, (b, t))
-        return {"maps": maps, "residuals": [r * self.scale for r in self.adapter(small)]}
+        out = {"maps": maps, "residuals": [r * self.scale for r in self.adapter(small)]}
+        if self.input_maps:
+            out["input_maps"] = small
+        return out
 
 
 class Depth(MapConditioner):
@@ -146,13 +158,14 @@ class Skeleton(MapConditioner):
     Args:
         channels: ``K``, the number of heatmap channels.
         scale: residual multiplier.
+        input_maps: also hand the maps to the backbone's input (see :class:`MapConditioner`).
     """
 
     oracle = True
     needs = ("skeleton",)
 
-    def __init__(self, channels: int = 2, scale: float = 1.0) -> None:
-        super().__init__(scale)
+    def __init__(self, channels: int = 2, scale: float = 1.0, input_maps: bool = False) -> None:
+        super().__init__(scale, input_maps)
         self.channels = channels
 
     def maps(self, batch: dict[str, Any], latent_shape: tuple[int, ...]) -> Tensor:
@@ -163,13 +176,18 @@ class Skeleton(MapConditioner):
 
 
 # ----- the world model ---------------------------------------------------------------------------
+SHAPES = ("circle", "square", "triangle", "diamond")
+
+
 class PhysicsState(MapConditioner):
     """A world model: object state -> learned dynamics -> rendered conditioning maps.
 
     The state of the first frame (per object: position, velocity, size, depth, colour; and the
     world's gravity; the synthetic world's ``state.json``) is advanced frame by frame by a
-    learned dynamics MLP, ``s_{n+1} = s_n + f(s_n)``, and rendered to five maps per frame
-    (occupancy, depth, RGB colour; objects as soft discs, near over far). The maps enter the
+    free flight plus a learned correction, ``s_{n+1} = flight(s_n) + f(s_n)`` (``f`` an MLP,
+    zero at the start, that learns the bounces), and rendered to five maps per frame
+    (occupancy, depth, RGB colour; objects as soft discs, or as their own silhouettes with
+    ``shapes``, near over far). The maps enter the
     backbone through a zero-initialized adapter. In training the dynamics learn from the
     true trajectory (one-step prediction error, ``auxiliary_loss``), and the denoiser is
     conditioned on the *rolled-out* maps, exactly as at sampling, where the rollout starts
@@ -180,6 +198,19 @@ class PhysicsState(MapConditioner):
         aux_weight: weight of the dynamics loss in the training objective.
         softness: edge width of the rendered discs, in pixels.
         scale: residual multiplier.
+        input_maps: also hand the maps to the backbone's input (see :class:`MapConditioner`).
+        prior: advance the state by free flight (velocity, gravity) and learn only the
+            correction (zero at the start); without it the MLP must learn all of the motion,
+            and its rollout drifts from the true positions within a few frames at the main
+            job's budget (the denoiser then learns to distrust the maps).
+        rollout_loss: also train on the error of the whole rollout from the first frame (the
+            one-step error alone lets small velocity errors after a bounce compound).
+        lr_scale: the learning rate of the dynamics as a multiple of ``model.lr`` (the
+            module's ``lr_scale`` rule): the dynamics are a small regression that the
+            denoiser's step size leaves far from fit at the main job's budget.
+        shapes: render each object as its class's silhouette (``circle``, ``square``,
+            ``triangle``, ``diamond``: the synthetic world's shapes, as it draws them) instead
+            of a disc of its size; an object without a class is a disc.
     """
 
     channels = 5
@@ -187,18 +218,27 @@ class PhysicsState(MapConditioner):
 
     needs = ("state",)
 
-    def __init__(self, hidden: int = 64, aux_weight: float = 1.0, softness: float = 0.5, scale: float = 1.0) -> None:
-        super().__init__(scale)
-        self.aux_weight, self.softness = aux_weight, softness
+    def __init__(self, hidden: int = 128, aux_weight: float = 1.0, softness: float = 0.5, scale: float = 1.0,
+                 input_maps: bool = False, shapes: bool = False, prior: bool = True, rollout_loss: bool = True,
+                 lr_scale: float = 6.0) -> None:
+        super().__init__(scale, input_maps)
+        self.aux_weight, self.softness, self.shapes, self.prior = aux_weight, softness, shapes, prior
+        self.rollout_loss = rollout_loss
         self.aux_name = "dynamics"
-        self.dynamics = nn.Sequential(nn.Linear(self.state_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
-                                      nn.SiLU(), nn.Linear(hidden, 4))
+        # ReLU: a bounce is a kink (a reflection), which piecewise-linear units draw exactly
+        self.dynamics = nn.Sequential(nn.Linear(self.state_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                                      nn.ReLU(), nn.Linear(hidden, 4))
+        self.dynamics.lr_scale = lr_scale  # read by the module's optimizer
+        if prior:  # the correction starts at zero: free flight from the first step
+            nn.init.zeros_(self.dynamics[-1].weight)
+            nn.init.zeros_(self.dynamics[-1].bias)
 
     # state.json -> tensors
     @staticmethod
     def parse(states: list[dict[str, Any]], frames: int | None = None, device=None) -> dict[str, Tensor]:
         """Batch the ``state.json`` dicts: ``pos``/``vel`` ``(B, T, K, 2)`` (pixels), ``size``,
-        ``depth``, ``present`` ``(B, K)``, ``colour`` ``(B, K, 3)`` in [0, 1], ``gravity``
+        ``depth``, ``present``, ``shape`` (index into :data:`SHAPES`; a disc without a class)
+        ``(B, K)``, ``colour`` ``(B, K, 3)`` in [0, 1], ``gravity``
         ``(B,)``, ``world`` (frame size in pixels, ``(B,)``). ``T`` is the number of frames
         given (1 for an initial state), cut to ``frames``."""
         if isinstance(states, dict):
@@ -212,6 +252,7 @@ class PhysicsState(MapConditioner):
         b = len(states)
         out = {"pos": torch.zeros(b, t, k, 2), "vel": torch.zeros(b, t, k, 2), "size": torch.zeros(b, k),
                "depth": torch.ones(b, k), "colour": torch.zeros(b, k, 3), "present": torch.zeros(b, k),
+               "shape": torch.zeros(b, k, dtype=torch.long),
                "gravity": torch.zeros(b), "world": torch.zeros(b)}
         for i, s in enumerate(states):
             n = len(s["objects"])
@@ -222,6 +263,10 @@ class PhysicsState(MapConditioner):
                 out["size"][i, j] = float(o["size"])
                 out["depth"][i, j] = float(o.get("depth", 0.5))
                 out["colour"][i, j] = torch.tensor(o.get("colour", [255, 255, 255]), dtype=torch.float32) / 255
+                kind = o.get("class", "circle")
+                if kind not in SHAPES:
+                    raise TcplugError(f"physics_state: object class {kind!r} is not one of {SHAPES}")
+                out["shape"][i, j] = SHAPES.index(kind)
                 out["present"][i, j] = 1
             out["gravity"][i] = float(s.get("gravity", 0))
             out["world"][i] = float(s.get("size", 32))
@@ -235,9 +280,18 @@ class PhysicsState(MapConditioner):
         return torch.cat([pos / s * 2 - 1, vel / s * 8, size * 4, grav * 8], -1)
 
     def step(self, pos: Tensor, vel: Tensor, st: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """One learned step: ``(pos, vel)`` ``(B, K, 2)`` in pixels -> the next frame's."""
+        """One step: ``(pos, vel)`` ``(B, K, 2)`` in pixels -> the next frame's.
+
+        Free flight (``vel += (0, gravity)``, then ``pos += vel``, semi-implicit Euler) plus
+        the learned correction, which starts at zero and learns what free flight misses (the
+        bounces off the walls); see ``prior``."""
         s = st["world"].view(-1, 1, 1)
         delta = self.dynamics(self._vector(pos, vel, st).to(self.dynamics[0].weight))
+        if self.prior:
+            g = torch.zeros_like(vel)
+            g[..., 1] = st["gravity"].view(-1, 1)
+            vel = vel + g
+            pos = pos + vel
         return pos + delta[..., :2].float() * s / 2, vel + delta[..., 2:].float() * s / 8
 
     def rollout(self, st: dict[str, Tensor], frames: int) -> tuple[Tensor, Tensor]:
@@ -251,7 +305,7 @@ class PhysicsState(MapConditioner):
         return torch.stack(ps, 1), torch.stack(vs, 1)
 
     def render(self, pos: Tensor, st: dict[str, Tensor], height: int, width: int) -> Tensor:
-        """Soft discs ``(B, T, 5, H, W)``: occupancy, depth, RGB; near objects over far ones."""
+        """Soft discs (or silhouettes) ``(B, T, 5, H, W)``: occupancy, depth, RGB; near objects over far ones."""
         b, t, k, _ = pos.shape
         scale_x, scale_y = width / st["world"], height / st["world"]
         ys = torch.arange(height, device=pos.device, dtype=torch.float32).view(1, 1, 1, height, 1)
@@ -259,8 +313,16 @@ class PhysicsState(MapConditioner):
         cx = (pos[..., 0] * scale_x.view(-1, 1, 1))[..., None, None]
         cy = (pos[..., 1] * scale_y.view(-1, 1, 1))[..., None, None]
         r = (st["size"] * scale_x[:, None]).view(b, 1, k, 1, 1)
-        dist = ((xs - cx) ** 2 + (ys - cy) ** 2).sqrt()
-        occ = torch.sigmoid((r - dist) / self.softness) * st["present"].view(b, 1, k, 1, 1)  # (B, T, K, H, W)
+        dx, dy = xs - cx, ys - cy
+        margin = r - (dx**2 + dy**2).sqrt()  # > 0 inside, in pixels
+        if self.shapes:  # each class as the synthetic world draws it (edge pixels inclusive)
+            square = r - torch.maximum(dx.abs(), dy.abs())
+            triangle = torch.minimum(torch.minimum(r - dy, dy + r), (dy + r) / 2 - dx.abs())
+            diamond = 1.3 * r - (dx.abs() + dy.abs())
+            kind = st["shape"].view(b, 1, k, 1, 1)
+            margin = torch.where(kind == 1, square, torch.where(kind == 2, triangle,
+                                 torch.where(kind == 3, diamond, margin))) + 0.5
+        occ = torch.sigmoid(margin / self.softness) * st["present"].view(b, 1, k, 1, 1)  # (B, T, K, H, W)
         canvas = torch.zeros(b, t, 5, height, width, device=pos.device)
         canvas[:, :, 1] = 1  # background depth
         rows = torch.arange(b, device=pos.device)
@@ -288,7 +350,9 @@ class PhysicsState(MapConditioner):
         return self.render(pos, st, height, width)
 
     def auxiliary_loss(self, batch: dict[str, Any]) -> Tensor:
-        """One-step prediction error of the dynamics on the true trajectory (normalized units)."""
+        """Prediction error of the dynamics on the true trajectory (normalized units): of one
+        step from every true frame, plus (``rollout_loss``) of the whole rollout from the first
+        frame, which is what the maps are rendered from."""
         st = self.parse(_need(batch, "state", "physics_state"), device=self.dynamics[0].weight.device)
         if st["pos"].shape[1] < 2:
             return self.dynamics[0].weight.sum() * 0
@@ -296,9 +360,19 @@ class PhysicsState(MapConditioner):
         t = st["pos"].shape[1] - 1
         rep = {k: v.repeat_interleave(t, 0) for k, v in st.items() if k != "pos" and k != "vel"}
         p1, v1 = self.step(pos, vel, rep)
-        s = rep["world"].view(-1, 1, 1)
-        err = ((p1 - st["pos"][:, 1:].flatten(0, 1)) / s * 2) ** 2 + ((v1 - st["vel"][:, 1:].flatten(0, 1)) / s * 8) ** 2
-        mask = rep["present"][..., None]
+        loss = self._error(p1, v1, st["pos"][:, 1:].flatten(0, 1), st["vel"][:, 1:].flatten(0, 1), rep)
+        if self.rollout_loss:
+            p, v = self.rollout(st, t + 1)
+            loss = loss + self._error(p[:, 1:].flatten(0, 1), v[:, 1:].flatten(0, 1), st["pos"][:, 1:].flatten(0, 1),
+                                      st["vel"][:, 1:].flatten(0, 1), rep)
+        return loss
+
+    @staticmethod
+    def _error(pos: Tensor, vel: Tensor, true_pos: Tensor, true_vel: Tensor, st: dict[str, Tensor]) -> Tensor:
+        """Mean squared normalized error of positions and velocities ``(N, K, 2)`` over present objects."""
+        s = st["world"].view(-1, 1, 1)
+        err = ((pos - true_pos) / s * 2) ** 2 + ((vel - true_vel) / s * 8) ** 2
+        mask = st["present"][..., None]
         return (err * mask).sum() / (mask.sum() * 2).clamp_min(1)
 
 
