@@ -9,12 +9,12 @@ Prints one JSON line.
 
 Usage:
   tcplug fit --config recipes/full.yaml                       # README command 1
-  python benchmarks/main_job.py --run runs/full/version_0 --img docs/img/main_job.png
+  python benchmarks/main_job.py --run runs/full/version_0 --img docs/img/main_job.png --rows 6
   python benchmarks/main_job.py --smoke                        # trains a tiny run first
   python benchmarks/main_job.py --run runs/full/version_0 --trajectory docs/img/main_job_x0.png
 
-``--trajectory PNG`` renders where sampling goes wrong, for the first clip: the model's x0
-prediction from the data clip noised to a few timesteps (one-shot denoising, rows 1-5), beside
+``--trajectory PNG`` shows whether sampling keeps what one-shot denoising finds, for the first
+clip: the model's x0 prediction from the data clip noised to a few timesteps (rows 1-5), beside
 its x0 prediction along its own sampling trajectory at the nearest sampler steps (rows 6-10);
 the data clip above each. The JSON line's ``trajectory`` holds each one-shot prediction's mean
 squared error and the clip's latent variance.

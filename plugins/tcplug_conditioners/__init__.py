@@ -189,7 +189,7 @@ class PhysicsState(MapConditioner):
     (occupancy, depth, RGB colour; objects as soft discs, or as their own silhouettes with
     ``shapes``, near over far). The maps enter the
     backbone through a zero-initialized adapter. In training the dynamics learn from the
-    true trajectory (one-step prediction error, ``auxiliary_loss``), and the denoiser is
+    true trajectory (one-step and rollout prediction errors, ``auxiliary_loss``), and the denoiser is
     conditioned on the *rolled-out* maps, exactly as at sampling, where the rollout starts
     from a state given in a file (``tcplug sample --state``) or taken from a data clip.
 
@@ -359,12 +359,12 @@ class PhysicsState(MapConditioner):
         pos, vel = st["pos"][:, :-1].flatten(0, 1), st["vel"][:, :-1].flatten(0, 1)
         t = st["pos"].shape[1] - 1
         rep = {k: v.repeat_interleave(t, 0) for k, v in st.items() if k != "pos" and k != "vel"}
+        true_pos, true_vel = st["pos"][:, 1:].flatten(0, 1), st["vel"][:, 1:].flatten(0, 1)
         p1, v1 = self.step(pos, vel, rep)
-        loss = self._error(p1, v1, st["pos"][:, 1:].flatten(0, 1), st["vel"][:, 1:].flatten(0, 1), rep)
+        loss = self._error(p1, v1, true_pos, true_vel, rep)
         if self.rollout_loss:
             p, v = self.rollout(st, t + 1)
-            loss = loss + self._error(p[:, 1:].flatten(0, 1), v[:, 1:].flatten(0, 1), st["pos"][:, 1:].flatten(0, 1),
-                                      st["vel"][:, 1:].flatten(0, 1), rep)
+            loss = loss + self._error(p[:, 1:].flatten(0, 1), v[:, 1:].flatten(0, 1), true_pos, true_vel, rep)
         return loss
 
     @staticmethod
