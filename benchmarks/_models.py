@@ -8,13 +8,12 @@ import torch
 def load_model(ckpt: str | None, smoke: bool):
     """``(model, chunk, size)``: from a checkpoint (its recipe inside), else a random-weight dit
     with cross_frame window 2 + anchor (sampling speed and memory do not depend on weights)."""
-    if ckpt:
-        from tcplug.cli import model_from_checkpoint
-
-        model, cfg = model_from_checkpoint(ckpt)
-        return model, int(cfg["data"]["frames"]), int(cfg["data"]["size"])
     import tcplug
     from tcplug.module import TCPlugModule
+
+    if ckpt:
+        model = TCPlugModule.from_checkpoint(ckpt)
+        return model, int(model.recipe["data"]["frames"]), int(model.recipe["data"]["size"])
 
     torch.manual_seed(0)
     att = tcplug.get_component("attention", "cross_frame")(window=2, anchor=True)

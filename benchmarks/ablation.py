@@ -202,9 +202,9 @@ def train(recipe: str, extra: list[str], work: Path, steps: int | None, seed: in
 
 def load(ckpt: Path):
     """The trained module of a run's checkpoint (its EMA weights when the recipe averages them)."""
-    from tcplug.cli import model_from_checkpoint
+    from tcplug.module import TCPlugModule
 
-    return model_from_checkpoint(str(ckpt))[0]
+    return TCPlugModule.from_checkpoint(str(ckpt))
 
 
 def sample(model, batch: dict, seed: int) -> tuple[torch.Tensor, bool]:

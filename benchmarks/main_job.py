@@ -64,30 +64,30 @@ def trajectory(model, batch: dict, path: Path, levels=(999, 900, 800, 600, 400),
     _, t, _, h, w = video.shape
     with torch.no_grad():
         z0 = model.latent.encode(video.to(model.device))
-        context = model.context({**cond, "frame_size": (h, w), "num_clips": 1, "num_frames": t}, tuple(z0.shape))
-        null = model.null_context(context)
+        context = model.diffusion.context({**cond, "frame_size": (h, w), "num_clips": 1, "num_frames": t}, tuple(z0.shape))
+        null = model.diffusion.null_context(context)
         gen = torch.Generator().manual_seed(seed)
         shots, mse = [], {}
         for level in levels:
             tt = torch.full((1,), level, device=model.device)
-            xt = model.schedule.add_noise(z0, torch.randn(z0.shape, generator=gen).to(z0), tt)
-            x0 = model.schedule.pred_x0(xt, model.guided(xt, tt, context, null, model.guidance_scale), tt)
+            xt = model.diffusion.schedule.add_noise(z0, torch.randn(z0.shape, generator=gen).to(z0), tt)
+            x0 = model.diffusion.schedule.pred_x0(xt, model.diffusion.guided(xt, tt, context, null, model.diffusion.guidance_scale), tt)
             mse[level] = round(float(((x0 - z0) ** 2).mean()), 4)
             shots.append(model.latent.decode(x0))
         seen: list[tuple[float, torch.Tensor]] = []
-        guided = model.guided
+        guided = model.diffusion.guided
 
         def record(xt, timesteps, ctx, nul, scale):  # the sampler's own call, x0 kept
             out = guided(xt, timesteps, ctx, nul, scale)
             tt = timesteps.reshape(timesteps.shape[0], -1).amax(1)
-            seen.append((float(tt[0]), model.schedule.pred_x0(xt, out, tt)[:1]))
+            seen.append((float(tt[0]), model.diffusion.schedule.pred_x0(xt, out, tt)[:1]))
             return out
 
-        model.guided = record
+        model.diffusion.guided = record
         try:
             model.generate(1, t, h, w, seed=seed, batch=cond, lock=False)
         finally:
-            del model.guided
+            del model.diffusion.guided
         along = [model.latent.decode(min(seen, key=lambda s: abs(s[0] - level))[1]) for level in levels]
     data = (video + 1) / 2
     gen_rows = torch.cat([(torch.cat(r).float().cpu() + 1) / 2 for r in (shots, along)])

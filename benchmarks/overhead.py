@@ -58,13 +58,15 @@ def plain_loop(steps: int, smoke: bool, work: Path) -> list[float]:
     """The same model, data and optimizer settings, by hand: no Lightning, no logging."""
     import yaml
 
-    from tcplug.cli import instantiate_recipe
+    from tcplug.data import VideoDataModule
+    from tcplug.module import TCPlugModule
+    from tcplug.recipe import instantiate
 
     # resolve the recipe exactly as `tcplug fit` does, then build the objects ourselves
     text = subprocess.run([sys.executable, "-m", "tcplug", "fit", "--config", str(RECIPE), *overrides(steps, smoke),
                            "--print_config"], capture_output=True, text=True, check=True, cwd=work).stdout
     cfg = yaml.safe_load(text)
-    init = instantiate_recipe(cfg, ("model", "data"))
+    init = instantiate(cfg, {"model": TCPlugModule, "data": VideoDataModule})
     model, data = init.model, init.data
     torch.manual_seed(cfg.get("seed_everything") or 0)
     data.prepare_data()

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from tcplug.metrics.score import load_frames, score_frames
+from tcplug.scoring import load_frames, score_frames
 
 
 def add_flicker(frames: np.ndarray, amplitude: float, seed: int = 0) -> np.ndarray:

@@ -1,4 +1,6 @@
-"""Checkpoint writing that a kill cannot corrupt."""
+"""Checkpoints: writing that a kill cannot corrupt, reading that never unpickles code, and what
+tcplug keeps in them: the recipe, the layout of the state-dict keys (and the one migration of
+older layouts), the weights a local model folder holds (left out, filled in on load)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from tcplug.errors import TcplugError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -53,9 +57,6 @@ def load_checkpoint(path, map_location: Any = "cpu") -> dict:
     import pickle
     import re
     import zipfile
-    from pathlib import Path
-
-    from tcplug.errors import TcplugError
 
     if Path(path).is_file() and not zipfile.is_zipfile(path):  # torch.save writes a zip archive
         raise TcplugError(f"{path}: not a readable checkpoint (not a complete PyTorch archive: truncated, or "
@@ -73,3 +74,97 @@ def load_checkpoint(path, map_location: Any = "cpu") -> dict:
         ) from None
     except Exception as exc:
         raise TcplugError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+# ----- what tcplug keeps in a checkpoint --------------------------------------------------------
+#: the module layout a checkpoint's state-dict keys follow (``tcplug_layout``). 1 (no stamp):
+#: before the model moved into ``TCPlugModule.diffusion``; 2: ``diffusion.<component>...``.
+LAYOUT = 2
+#: state-dict prefixes that moved under ``diffusion.`` in layout 2
+_MOVED_TO_DIFFUSION = ("latent.", "conditioners.", "router.", "experts.", "motion_lock.")
+#: the checkpoint entries that hold state-dict keys
+_KEYED = ("state_dict", "current_model_state")
+
+
+def stamp_layout(checkpoint: dict[str, Any]) -> None:
+    checkpoint["tcplug_layout"] = LAYOUT
+
+
+def migrate(checkpoint: dict[str, Any]) -> None:
+    """Bring an older checkpoint's state-dict keys to today's layout, in place: its ``state_dict``,
+    the EMA callback's ``current_model_state`` and the ``tcplug_folder_weights`` list. The one
+    place that knows old layouts; a checkpoint of today's layout is left as it is."""
+    if checkpoint.get("tcplug_layout", 1) >= LAYOUT:
+        return
+
+    def moved(key: str) -> str:
+        return f"diffusion.{key}" if key.startswith(_MOVED_TO_DIFFUSION) else key
+
+    for entry in _KEYED:
+        if isinstance(checkpoint.get(entry), dict):
+            checkpoint[entry] = {moved(k): v for k, v in checkpoint[entry].items()}
+    if checkpoint.get("tcplug_folder_weights"):
+        checkpoint["tcplug_folder_weights"] = [moved(k) for k in checkpoint["tcplug_folder_weights"]]
+    checkpoint["tcplug_layout"] = LAYOUT
+
+
+def folder_weights(module) -> set[str]:
+    """State-dict keys of frozen parameters that a component loaded from a local model folder
+    (a component that did sets :attr:`~tcplug.Component.pretrained` to that folder), and the
+    stored buffers of such a component when nothing in it trains (a VAE's latent statistics)."""
+    from tcplug.kinds import Component
+
+    keys: set[str] = set()
+    own = set(module.state_dict())
+    for prefix, sub in module.named_modules():
+        if not isinstance(sub, Component) or not isinstance(sub.pretrained, str) or not sub.pretrained:
+            continue
+        frozen = True
+        for name, p in sub.named_parameters():
+            if not p.requires_grad:
+                keys.add(f"{prefix}.{name}" if prefix else name)
+            else:
+                frozen = False
+        if frozen:
+            keys.update(k for name, _ in sub.named_buffers() if (k := f"{prefix}.{name}" if prefix else name) in own)
+    return keys
+
+
+def leave_out_folder_weights(module, checkpoint: dict[str, Any]) -> None:
+    """Drop the frozen weights a model folder holds from ``checkpoint["state_dict"]``, listing
+    them as ``tcplug_folder_weights`` (so a LoRA checkpoint of a 1.3 B model holds the adapters)."""
+    skip = folder_weights(module)
+    if skip:
+        state = checkpoint.get("state_dict", {})
+        for key in skip:
+            state.pop(key, None)
+        checkpoint["tcplug_folder_weights"] = sorted(skip)
+
+
+def fill_folder_weights(module, checkpoint: dict[str, Any]) -> None:
+    """Put back the weights a checkpoint left out, from those the components just loaded from
+    their folders."""
+    left_out = checkpoint.get("tcplug_folder_weights")
+    if not left_out:
+        return
+    own = module.state_dict()
+    missing = [k for k in left_out if k not in own]
+    if missing:
+        raise TcplugError(f"checkpoint leaves out {len(missing)} folder weights this model does not have "
+                          f"(e.g. {missing[0]}): was it made with another recipe?")
+    state = checkpoint.setdefault("state_dict", {})
+    for key in left_out:
+        state[key] = own[key]
+
+
+def parse_recipe(text: str, where: str = "the checkpoint") -> dict:
+    """The resolved recipe (YAML) a checkpoint carries, as a dict."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise TcplugError(f"{where}: the recipe inside is not valid YAML ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise TcplugError(f"{where}: the recipe inside is not a mapping")
+    return cfg

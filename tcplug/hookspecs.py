@@ -30,3 +30,22 @@ def tcplug_register_components(register: Callable[..., None]) -> None:
         def tcplug_register_components(register):
             register(TokenShift, name="token_shift")
     """
+
+
+@hookspec
+def tcplug_register_commands(register: Callable[..., None]) -> None:
+    """Declare subcommands of the ``tcplug`` command.
+
+    Call ``register(name, run, help="")`` once per command: ``run(argv: list[str]) -> int`` gets
+    the arguments after the command's name and returns the exit status; raise
+    :class:`tcplug.TcplugError` for an error the user caused (printed as one line, status 2).
+    Names are unique; a name of a built-in command is refused. ``tcplug --help`` and ``tcplug
+    plugins`` list the commands. Like :func:`tcplug_register_components`, the hook only says what
+    exists: import heavy dependencies inside ``run``.
+
+    Example::
+
+        @hookimpl
+        def tcplug_register_commands(register):
+            register("hello", hello_main, help="say hello")
+    """

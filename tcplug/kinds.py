@@ -1,40 +1,96 @@
-"""The base class (interface) of every kind of component.
+"""The base class (interface) of every kind of component, and every question the engine asks.
 
 A component's *kind* is the base class it subclasses; the registry infers it when a plugin
 registers the class. Tensor layout everywhere: video ``(B, T, C, H, W)`` with pixels in
 ``[-1, 1]``; latents ``(B, T, c, h, w)``. Components must be picklable (DDP spawns processes):
 no lambdas, no local classes, no plugin manager kept as an attribute.
+
+Every capability the engine may use is declared here with its default, on :class:`Component`
+(all eight module kinds) or on the kind itself; the engine calls these methods and reads these
+attributes, it never probes a component with ``hasattr``. The ninth kind, ``metric``
+(:class:`~tcplug.metrics.base.VideoMetric`, a torchmetrics ``Metric``; ``tcplug.VideoMetric``),
+lives with the metrics, so that importing the kinds does not import torchmetrics.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
-from torchmetrics import Metric
 
 from tcplug.errors import TcplugError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from tcplug.sampling import NoiseSchedule
+    from tcplug.diffusion.sampling import NoiseSchedule
+    from tcplug.loss_context import LossContext
 
 __all__ = [
     "AttentionVariant",
     "Backbone",
+    "Component",
+    "DataKey",
     "Discriminator",
-    "KINDS",
     "LatentDesign",
-    "LossContext",
     "LossTerm",
     "MotionLocker",
     "Router",
-    "VideoMetric",
     "WorldConditioner",
 ]
 
 
-class Backbone(nn.Module):
+@dataclass(frozen=True)
+class DataKey:
+    """A key of a shard sample that a component reads, and how to decode it.
+
+    Attributes:
+        name: the batch key (``batch[name]``), also what ``data.keys`` lists.
+        entry: the sample entry that holds it (``"depth.npy"``, ``"state.json"``, ``"txt"``).
+        decode: a module-level function ``decode(raw: bytes, frames: int, height: int, width: int)
+            -> Tensor | Any`` (picklable: data-loader workers call it); it raises ``ValueError`` for
+            bytes it cannot decode or a shape that does not fit the clip. Tensors are stacked into
+            ``(B, ...)`` batches; anything else is collated into a list.
+        doc: what the key holds, with its shape (shown by ``tcplug data inspect`` and the docs).
+    """
+
+    name: str
+    entry: str
+    decode: Callable[[bytes, int, int, int], Any]
+    doc: str = ""
+
+
+class Component(nn.Module):
+    """What every kind of component may declare. Defaults mean "nothing of the sort".
+
+    Attributes:
+        pretrained: the local model folder this component loaded its weights from (None: it
+            loaded none). Frozen parameters of such a component, and the stored buffers of one in
+            which nothing trains (a VAE's latent statistics), are left out of checkpoints and
+            reloaded from the folder.
+        oracle: True when the component reads something a user could not give at sampling time
+            (the clip's future, the simulator's exact state): results with it are labelled.
+        needs: batch keys the component reads at sampling (``txt``, ``state``, ``depth``,
+            ``static``...); ``a|b`` means either. ``tcplug sample`` names the flags that give
+            missing ones.
+        data_keys: shard keys the component reads that the engine does not know
+            (:class:`DataKey`); the DataModule decodes them like its own.
+    """
+
+    pretrained: str | None = None
+    oracle: ClassVar[bool] = False
+    needs: ClassVar[tuple[str, ...]] = ()
+    data_keys: ClassVar[tuple[DataKey, ...]] = ()
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Parameters of this component that train with settings of their own: a list of
+        ``{"params": [...], "lr_scale": float, ...}``; they train at ``lr * lr_scale`` in their own
+        optimizer group (other keys, e.g. ``weight_decay``, go to the group as they are). Every
+        other trainable parameter trains in the main group. Default: none."""
+        return []
+
+
+class Backbone(Component):
     """A denoiser over latents.
 
     ``forward(x, timesteps, context=None) -> Tensor``
@@ -55,16 +111,19 @@ class Backbone(nn.Module):
 
     Attributes a backbone exposes so conditioners and routers can size themselves:
     ``in_channels``, ``patch_size`` (latent pixels per token side), ``token_dim`` (token width),
-    ``num_blocks``. Optional capabilities, asked for by other components when a recipe needs
-    them (the default raises a clear error): :meth:`add_cross_attention`, :meth:`add_ffn_experts`.
-    A model family whose pipeline sets its sampler's timesteps its own way (LTX-Video's
-    ``sigmas`` and resolution-dependent shift ``mu``) defines :meth:`timestep_schedule`.
+    ``num_blocks``; ``supports_streaming`` (it takes ``context["stream"]``, the K/V frame buffer).
+    Capabilities other components ask for (the default raises a clear error):
+    :meth:`add_cross_attention`, :meth:`add_ffn_experts`, :meth:`add_map_input`. LoRA adapters go
+    into :attr:`lora_target`; :meth:`save_lora_weights` writes them in the family's format. A model
+    family whose pipeline sets its sampler's timesteps its own way (LTX-Video's ``sigmas`` and
+    resolution-dependent shift ``mu``) defines :meth:`timestep_schedule`.
     """
 
     in_channels: int = 3
     patch_size: int = 1
     token_dim: int = 0
     num_blocks: int = 0
+    supports_streaming: bool = False
 
     def forward(self, x: Tensor, timesteps: Tensor, context: dict[str, Any] | None = None) -> Tensor:
         raise NotImplementedError
@@ -98,8 +157,26 @@ class Backbone(nn.Module):
         ``context["expert_weights"]`` ``(B, E)``. Called once, before training."""
         raise TcplugError(f"backbone {type(self).__name__} has no feed-forward experts (no add_ffn_experts)")
 
+    def add_map_input(self, channels: int) -> None:
+        """Take ``context["input_maps"]`` ``(B, T, channels, h, w)`` at the input (a
+        zero-initialized convolution added to the stem, so the model is unchanged until it
+        trains). Called once per conditioner that gives input maps, before training."""
+        raise TcplugError(f"backbone {type(self).__name__} takes no maps at its input (no add_map_input)")
 
-class AttentionVariant(nn.Module):
+    @property
+    def lora_target(self) -> nn.Module:
+        """The module LoRA adapters go into (default: the backbone itself; a family points at the
+        wrapped diffusers model, so adapter names are the ones its pipeline loads)."""
+        return self
+
+    def save_lora_weights(self, out: str, state_dict: dict[str, Tensor]) -> None:
+        """Write adapters (a peft state dict of :attr:`lora_target`) to the folder ``out`` in the
+        format the family's pipeline loads. Default: no export format."""
+        raise TcplugError(f"backbone {type(self).__name__} has no save_lora_weights: its family defines no "
+                          "export format for adapters")
+
+
+class AttentionVariant(Component):
     """Which frames' keys/values each frame's queries see.
 
     ``forward(q, k, v, kv_index=None) -> Tensor``
@@ -131,7 +208,7 @@ class AttentionVariant(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} does not support streaming")
 
 
-class LatentDesign(nn.Module):
+class LatentDesign(Component):
     """Encodes video to the space diffusion runs in, and back.
 
     - ``encode(video (B, T, 3, H, W)) -> latents (B, T', latent_channels, H/f, W/f)``
@@ -180,72 +257,16 @@ class LatentDesign(nn.Module):
         return self.decode(latents)
 
 
-@dataclass
-class LossContext:
-    """Everything a :class:`LossTerm` may look at in one training step.
-
-    Attributes:
-        batch: the data batch (``batch["video"]`` is ``(B, T, 3, H, W)`` in ``[-1, 1]``;
-            ground truth such as ``flow`` when the data has it).
-        x0: clean latents ``(B, T, C, h, w)``.
-        noise: the noise that was added, same shape as ``x0``.
-        xt: noisy latents fed to the backbone, same shape.
-        timesteps: ``(B,)`` per clip, or ``(B, T, 1, h, w)`` per latent pixel when a motion
-            lock gives locked tokens their own timestep (what the schedule's methods take).
-        pred: the backbone's prediction, same shape as ``x0``.
-        target: what ``pred`` should equal under the schedule's parameterization.
-        schedule: the :class:`~tcplug.sampling.NoiseSchedule` (e.g. ``schedule.pred_x0``).
-        latent: the :class:`LatentDesign` (to decode predictions to pixels).
-        discriminator: the module's :class:`Discriminator`, if any.
-        step: the global training step (for warm-ups).
-        extras: scratch space shared between terms within one step (e.g. a decoded clip).
-        weight_mask: ``(B, T, 1, h, w)`` per-latent-pixel weight of the denoising error, or
-            None (a motion lock down-weights the locked tokens it gave away).
-    """
-
-    batch: dict[str, Any]
-    x0: Tensor
-    noise: Tensor
-    xt: Tensor
-    timesteps: Tensor
-    pred: Tensor
-    target: Tensor
-    schedule: NoiseSchedule
-    latent: LatentDesign
-    discriminator: Discriminator | None = None
-    step: int = 0
-    extras: dict[str, Any] = field(default_factory=dict)
-    weight_mask: Tensor | None = None
-
-    def pred_x0(self) -> Tensor:
-        """The prediction expressed as clean latents ``(B, T, C, h, w)`` (cached)."""
-        if "pred_x0" not in self.extras:
-            self.extras["pred_x0"] = self.schedule.pred_x0(self.xt, self.pred, self.timesteps)
-        return self.extras["pred_x0"]
-
-    def pred_video(self) -> Tensor:
-        """The predicted clean clip decoded to pixels ``(B, T, 3, H, W)`` (cached, differentiable)."""
-        if "pred_video" not in self.extras:
-            self.extras["pred_video"] = self.latent.decode(self.pred_x0())
-        return self.extras["pred_video"]
-
-    def snr_weight(self) -> Tensor:
-        """Per-clip weight ``SNR / (1 + SNR)`` in (0, 1): near 1 at low noise, near 0 at high
-        noise, where the predicted clean clip is still a blur. Shape ``(B,)``."""
-        t = self.timesteps if self.timesteps.dim() == 1 else self.timesteps.flatten(1).float().mean(1)
-        snr = self.schedule.snr(t if self.schedule.kind != "ddpm" else t.long()).float()
-        return snr / (1 + snr)
-
-
-class LossTerm(nn.Module):
+class LossTerm(Component):
     """A weighted term of the training objective.
 
     ``forward(ctx: LossContext) -> Tensor`` returns the *unweighted* scalar term; the module
     multiplies by ``self.weight`` and logs each term as ``train/loss_<name>``.
 
-    A term that also trains the discriminator (an adversarial term) implements
-    ``discriminator_loss(ctx, discriminator) -> Tensor``; the module then switches to manual
-    optimization and alternates a discriminator step with its own optimizer.
+    ``ctx`` is a :class:`~tcplug.loss_context.LossContext`. A term that also trains the
+    discriminator (an adversarial term) overrides
+    :meth:`discriminator_loss`; the module then switches to manual optimization and alternates
+    a discriminator step with its own optimizer (:attr:`trains_discriminator` says so).
     """
 
     def __init__(self, weight: float = 1.0) -> None:
@@ -257,8 +278,19 @@ class LossTerm(nn.Module):
     def forward(self, ctx: LossContext) -> Tensor:
         raise NotImplementedError
 
+    def discriminator_loss(self, ctx: LossContext, discriminator: Discriminator) -> Tensor | None:
+        """The discriminator's loss for this step (None: no discriminator step this time, e.g.
+        before the term's start step). Default: this term trains no discriminator."""
+        return None
 
-class Discriminator(nn.Module):
+    @property
+    def trains_discriminator(self) -> bool:
+        """Whether the term trains a discriminator: true when it overrides
+        :meth:`discriminator_loss`."""
+        return type(self).discriminator_loss is not LossTerm.discriminator_loss
+
+
+class Discriminator(Component):
     """Judges clips for the adversarial term.
 
     ``forward(video (B, T, C, H, W)) -> logits`` of any shape starting with ``B``
@@ -269,32 +301,37 @@ class Discriminator(nn.Module):
         raise NotImplementedError
 
 
-class Router(nn.Module):
+class Router(Component):
     """Sends each noise level to its expert(s).
 
     ``forward(timesteps (B,), schedule) -> weights (B, num_experts)``; rows sum to one, a hard
     router returns one-hot rows. ``timesteps`` are in the schedule's timestep space (after any
     flow-matching shift), the same numbers the backbone sees, in training and in the sampler,
-    so both route identically. ``schedule`` is the :class:`~tcplug.sampling.NoiseSchedule`
+    so both route identically. ``schedule`` is the :class:`~tcplug.diffusion.sampling.NoiseSchedule`
     (for routing in SNR space).
 
     ``experts`` says what is replicated per expert: ``backbone`` (whole backbones) or ``ffn``
     (the feed-forward layer inside each block, see :meth:`Backbone.add_ffn_experts`).
 
-    A router with a training objective of its own (a load-balancing term) implements
-    ``auxiliary_loss(timesteps, schedule) -> Tensor`` and sets ``aux_weight``; the module adds
-    ``aux_weight * term`` to the loss and logs it as ``train/loss_<aux_name>`` (default: the
-    router's registry name).
+    A router with a training objective of its own (a load-balancing term) overrides
+    :meth:`auxiliary_loss`; the module adds ``aux_weight * term`` to the loss and logs it as
+    ``train/loss_<aux_name>`` (default: the router's registry name).
     """
 
     num_experts: int = 1
     experts: str = "backbone"
+    aux_weight: float = 1.0
+    aux_name: str | None = None
 
     def forward(self, timesteps: Tensor, schedule: NoiseSchedule) -> Tensor:
         raise NotImplementedError
 
+    def auxiliary_loss(self, timesteps: Tensor, schedule: NoiseSchedule) -> Tensor | None:
+        """The router's own training term for timesteps ``(B,)`` (None, the default: none)."""
+        return None
 
-class WorldConditioner(nn.Module):
+
+class WorldConditioner(Component):
     """Structural inputs (depth, skeleton, physical state, captions) for the backbone.
 
     ``forward(batch: dict, latent_shape: tuple) -> dict[str, Tensor]``: reads its inputs from
@@ -308,29 +345,47 @@ class WorldConditioner(nn.Module):
     (motion lockers may read them); ControlNet-style residuals under ``residuals``; maps for
     the backbone's input, at latent resolution, under ``input_maps`` ``(B, T, K, h, w)``.
 
-    Optional methods:
-
-    - ``setup(backbone)``: called once by the module before training, to size adapters to
-      the backbone (``token_dim``, ``num_blocks``, ``patch_size``) or ask it for a capability.
-    - ``auxiliary_loss(batch) -> Tensor`` with ``aux_weight``: a training objective of its own
-      (the world model's dynamics), logged as ``train/loss_<aux_name>`` (default: the
-      conditioner's registry name).
-    - ``null_context(context) -> dict``: the unconditional context for classifier-free
-      guidance (a caption conditioner replaces the caption by the empty one).
+    What the engine may ask of a conditioner, with its default: :meth:`setup` (size adapters to
+    the backbone), :meth:`auxiliary_loss` with ``aux_weight`` / ``aux_name`` (a training objective
+    of its own, e.g. the world model's dynamics), :meth:`null_context` (the unconditional context
+    for classifier-free guidance), :meth:`precompute` / :meth:`precompute_shared` (what
+    ``tcplug data encode`` stores in shards), and ``needs`` (batch keys read at sampling).
     """
 
-    #: batch keys the conditioner reads at sampling (``txt``, ``state``, ``depth``, ``skeleton``,
-    #: ...); ``a|b`` means either. ``tcplug sample`` names the flags that give missing ones.
-    needs: ClassVar[tuple[str, ...]] = ()
+    aux_weight: float = 1.0
+    aux_name: str | None = None
 
     def setup(self, backbone: Backbone) -> None:
-        """Size the conditioner to ``backbone`` (default: nothing to do)."""
+        """Size the conditioner to ``backbone`` or ask it for a capability (``token_dim``,
+        ``num_blocks``, ``patch_size``, :meth:`Backbone.add_cross_attention`). Called once by the
+        model before training (default: nothing to do)."""
 
     def forward(self, batch: dict[str, Any], latent_shape: tuple[int, ...]) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def auxiliary_loss(self, batch: dict[str, Any]) -> Tensor | None:
+        """A training term of the conditioner itself, logged as ``train/loss_<aux_name>``
+        (default: the registry name) and weighted by ``aux_weight``; None (the default): none."""
+        return None
 
-class MotionLocker(nn.Module):
+    def null_context(self, context: dict[str, Any]) -> dict[str, Any] | None:
+        """``context`` with this conditioner's condition dropped, for classifier-free guidance (a
+        caption conditioner puts the empty caption's embedding in place); None (the default):
+        this conditioner has no unconditional form, and a model with none samples unguided."""
+        return None
+
+    def precompute(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Per-clip arrays ``{key: (B, ...)}`` that ``tcplug data encode`` stores in the shards
+        (a text encoder's ``text_emb``), so training never runs the encoder. Default: none."""
+        return {}
+
+    def precompute_shared(self) -> dict[str, Tensor]:
+        """Arrays stored once for the whole shard folder (the negative prompt's embedding); the
+        DataModule adds them to every batch. Default: none."""
+        return {}
+
+
+class MotionLocker(Component):
     """Per-region mask of what may move between frames.
 
     ``forward(batch, context=None, preview=None) -> mask (B, 1, H, W)`` at pixel resolution,
@@ -342,10 +397,10 @@ class MotionLocker(nn.Module):
     - ``preview``: a callable returning a cheap first-pass sample ``(B, T, 3, H, W)`` (few
       sampler steps, no lock), for lockers that estimate motion from it.
 
-    The module reduces the mask to whole backbone tokens (a token is locked only if all its
+    The model reduces the mask to whole backbone tokens (a token is locked only if all its
     pixels are) and the sampler gives locked tokens of frames after the anchor the anchor's
     noise and a near-zero per-token timestep (``model.lock_timestep``) while free tokens get
-    the full step; training uses the same per-token timesteps.
+    the full step; training uses the same per-token timesteps (:mod:`tcplug.diffusion.lock`).
     """
 
     def forward(self, batch: dict[str, Any], context: dict[str, Any] | None = None,
@@ -353,46 +408,8 @@ class MotionLocker(nn.Module):
         raise NotImplementedError
 
 
-class VideoMetric(Metric):
-    """A measurement of clips, picked by name in a recipe (``model.metrics``) and in
-    ``tcplug score --metrics``, and computed the same way in both.
-
-    A torchmetrics :class:`~torchmetrics.Metric`: states are reduced across DDP processes, so 1
-    and N processes agree. The caller feeds it:
-
-    - ``update(video, flows=None, batch=None)``: the clips judged. ``video`` ``(B, T, C, H, W)``
-      float in ``[0, 1]``; ``flows`` the pair ``(fwd, bwd)`` of ``(B, T-1, 2, H, W)`` optical
-      flows in pixels, estimated once per clip by the caller (OpenCV DIS) and shared by every
-      metric that sets ``needs_flow``; ``batch`` what the data knows about the clips (a
-      ``static`` mask ``(B, 1, H, W)``, an object ``state``), or None.
-    - ``update_reference(video, flows=None, batch=None)``: reference clips (real footage of
-      the same world), for metrics that compare with them (``needs_reference``). Called
-      before or after ``update``; both feed the same ``compute``.
-    - ``compute()``: a scalar tensor; NaN when nothing could be measured (the caller then
-      reports nothing rather than a number).
-
-    Attributes: ``higher_is_better`` (True, False, or None when the target is 1, as for a
-    ratio to the reference); ``needs_flow``; ``needs_reference``.
-    """
-
-    full_state_update: ClassVar[bool] = False
-    higher_is_better: ClassVar[bool | None] = None
-    needs_flow: ClassVar[bool] = False
-    needs_reference: ClassVar[bool] = False
-
-    def update(self, video: Tensor, flows: tuple[Tensor, Tensor] | None = None,
-               batch: dict[str, Any] | None = None) -> None:
-        raise NotImplementedError
-
-    def update_reference(self, video: Tensor, flows: tuple[Tensor, Tensor] | None = None,
-                         batch: dict[str, Any] | None = None) -> None:
-        """Feed reference clips (default: this metric has no use for them)."""
-
-    def compute(self) -> Tensor:
-        raise NotImplementedError
-
-
-KINDS: dict[str, type[nn.Module]] = {
+# ----- the kinds by name (the registry infers a component's kind from these) --------------------
+MODULE_KINDS: dict[str, type[Component]] = {
     "backbone": Backbone,
     "attention": AttentionVariant,
     "latent": LatentDesign,
@@ -401,5 +418,4 @@ KINDS: dict[str, type[nn.Module]] = {
     "router": Router,
     "conditioner": WorldConditioner,
     "motion_lock": MotionLocker,
-    "metric": VideoMetric,
 }

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from importlib.metadata import EntryPoint, entry_points
 
@@ -140,3 +142,40 @@ def get_plugin_manager() -> pluggy.PluginManager:
     """The plugin manager with every plugin loaded."""
     load_plugins()
     return pm
+
+
+@dataclass
+class Command:
+    """A subcommand a plugin adds to ``tcplug`` (:func:`~tcplug.hookspecs.tcplug_register_commands`)."""
+
+    name: str
+    run: Callable[[list[str]], int]
+    help: str
+    plugin: str
+
+
+def plugin_commands(reserved: Iterable[str] = ()) -> dict[str, Command]:
+    """Every plugin's commands by name. A plugin whose hook raises, or that registers a name of
+    ``reserved`` (the built-in commands) or one already taken, gets a warning and that command
+    is left out."""
+    taken = set(reserved)
+    commands: dict[str, Command] = {}
+    manager = get_plugin_manager()
+    for impl in manager.hook.tcplug_register_commands.get_hookimpls():
+        plugin = manager.get_name(impl.plugin) or repr(impl.plugin)
+
+        def register(name: str, run: Callable[[list[str]], int], help: str = "", _plugin: str = plugin) -> None:
+            if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
+                raise ValueError(f"invalid command name {name!r}: use lower-case letters, digits, - and _")
+            if name in taken or name in commands:
+                owner = f"plugin {commands[name].plugin!r}'s" if name in commands else "a tcplug command"
+                warnings.warn(f"tcplug plugin {_plugin!r}: command {name!r} is already {owner}; left out",
+                              PluginLoadWarning, stacklevel=2)
+                return
+            commands[name] = Command(name, run, help, _plugin)
+
+        try:
+            impl.function(register=register)
+        except Exception as exc:  # a broken plugin must never take the tool down
+            mark_failed(plugin, exc)
+    return dict(sorted(commands.items()))

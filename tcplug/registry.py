@@ -10,13 +10,69 @@ from __future__ import annotations
 import difflib
 import inspect
 import re
+import sys
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from torch import nn
 
 from tcplug import plugins
 from tcplug.errors import RegistryError, UnknownComponentError
-from tcplug.kinds import KINDS
+from tcplug.kinds import MODULE_KINDS
+
+# ----- the kinds by name ------------------------------------------------------------------------
+_METRIC_MODULE = "tcplug.metrics.base"  # the metric kind's base class, imported on first use
+
+
+def kind_base(kind: str) -> type:
+    """The base class of ``kind`` (the metric kind's is imported on first use)."""
+    if kind == "metric":
+        import importlib
+
+        return importlib.import_module(_METRIC_MODULE).VideoMetric
+    return MODULE_KINDS[kind]
+
+
+def kinds_of(cls: type) -> list[str]:
+    """The kinds ``cls`` subclasses. The metric kind is checked only when its base class has
+    been imported: a class cannot subclass it otherwise (so this imports nothing)."""
+    kinds = [kind for kind, base in MODULE_KINDS.items() if issubclass(cls, base)]
+    if _METRIC_MODULE in sys.modules and issubclass(cls, sys.modules[_METRIC_MODULE].VideoMetric):
+        kinds.append("metric")
+    return kinds
+
+
+def kind_of_base(cls: object) -> str | None:
+    """The kind whose base class ``cls`` is (None if it is no kind's base); imports nothing."""
+    for kind, base in MODULE_KINDS.items():
+        if cls is base:
+            return kind
+    metric = sys.modules.get(_METRIC_MODULE)
+    return "metric" if metric is not None and cls is metric.VideoMetric else None
+
+
+class _Kinds(Mapping):
+    """kind name -> base class, in the documented order; the metric base is imported on access."""
+
+    _names = (*MODULE_KINDS, "metric")
+
+    def __getitem__(self, kind: str) -> type:
+        if kind not in self._names:
+            raise KeyError(kind)
+        return kind_base(kind)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+#: every kind by name: ``backbone``, ``attention``, ``latent``, ``loss``, ``discriminator``, ``router``,
+#: ``conditioner``, ``motion_lock``, ``metric``
+KINDS: Mapping[str, type] = _Kinds()
+#: the base class of each kind, by class name (what a component subclasses)
+KIND_BASE_NAMES: tuple[str, ...] = (*(b.__name__ for b in MODULE_KINDS.values()), "VideoMetric")
 
 
 def snake_case(name: str) -> str:
@@ -29,9 +85,9 @@ def kind_of(cls: type) -> str:
     """The kind of a component class, from the one kind base class it subclasses."""
     if not inspect.isclass(cls):
         raise RegistryError(f"register() expects a class, got {cls!r}")
-    kinds = [kind for kind, base in KINDS.items() if issubclass(cls, base)]
+    kinds = kinds_of(cls)
     if not kinds:
-        bases = ", ".join(b.__name__ for b in KINDS.values())
+        bases = ", ".join(KIND_BASE_NAMES)
         raise RegistryError(
             f"{cls.__module__}.{cls.__qualname__} subclasses no tcplug kind; "
             f"subclass one of: {bases}"

@@ -102,14 +102,16 @@ def gif_bytes(frames: np.ndarray, fps: int = 8) -> bytes:
     return buf.getvalue()
 
 
-def add_video_gif(experiment, tag: str, frames: np.ndarray, step: int, fps: int = 8) -> None:
-    """Log frames to a TensorBoard ``SummaryWriter`` as an animated image (no moviepy needed)."""
+def add_video_gif(writer, tag: str, frames: np.ndarray, step: int, fps: int = 8) -> None:
+    """Log frames to a TensorBoard ``SummaryWriter`` as an animated image (no moviepy needed),
+    in the writer's own event file."""
     from tensorboard.compat.proto.summary_pb2 import Summary
+
+    from tcplug.compat import tensorboard_file_writer
 
     t, h, w, c = frames.shape
     image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=gif_bytes(frames, fps))
-    summary = Summary(value=[Summary.Value(tag=tag, image=image)])
-    experiment._get_file_writer().add_summary(summary, global_step=step)
+    tensorboard_file_writer(writer).add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), global_step=step)
 
 
 def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> Tensor:

@@ -142,7 +142,7 @@ def test_per_block_attention_list_streams_too():
 
 
 def test_stream_buffer_is_bounded_by_the_window():
-    from tcplug.sampling import FrameStream, stream_sample
+    from tcplug.diffusion.sampling import FrameStream, stream_sample
 
     m = model(variant("cross_frame", window=2, anchor=True))
     counts = []
@@ -152,7 +152,7 @@ def test_stream_buffer_is_bounded_by_the_window():
         counts.append(stream.buffered_frames())
         return out
 
-    for _ in stream_sample(fn, (3, 8, 8), 24, 4, m.schedule, steps=2):
+    for _ in stream_sample(fn, (3, 8, 8), 24, 4, m.diffusion.schedule, steps=2):
         pass
     # per block and step: first frame + 2 window frames at most; never grows with the length
     assert max(counts) <= 2 * 2 * 3 and counts[-1] == counts[len(counts) // 2]

@@ -95,7 +95,7 @@ def test_unknown_component_name(override):
 
 def test_unknown_component_name_in_yaml(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(FULL.read_text().replace("class_path: dit", "class_path: ditt"))
+    bad.write_text(f"base: {FULL}\nmodel:\n  backbone:\n    class_path: ditt\n")
     proc = run_tcplug("fit", "--config", bad, "--print_config")
     assert proc.returncode == 2
     no_traceback(proc)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import tcplug
 from tcplug.data import VideoDataModule, make_clip
 from tcplug.data.shards import (
     DataSkipWarning,
@@ -261,3 +262,67 @@ def test_ingest_exits_nonzero_when_nothing_read(tmp_path):
     (tmp_path / "bad.mp4").write_bytes(b"nope")
     proc = run_tcplug("data", "ingest", tmp_path / "bad.mp4", tmp_path / "gone.mp4", "--out", tmp_path / "o")
     assert proc.returncode == 1 and proc.stderr.count("error:") == 2 and "Traceback" not in proc.stderr
+
+
+def decode_marker(raw, frames, height, width):
+    """A third-party key: ``marker.npy`` (T,) per-frame floats (module level: picklable)."""
+    import io
+
+    arr = np.load(io.BytesIO(raw), allow_pickle=False)[:frames]
+    if arr.shape != (frames,):
+        raise ValueError(f"shape {arr.shape}, expected ({frames},)")
+    return torch.from_numpy(arr).float()
+
+
+class MarkerReader(tcplug.WorldConditioner):
+    """Declares the shard key it reads; the engine has never heard of it."""
+
+    data_keys = (tcplug.DataKey("marker", "marker.npy", decode_marker, "per-frame marker (T,)"),)
+
+    def forward(self, batch, latent_shape):
+        return {}
+
+
+class _MarkerPlugin:
+    @tcplug.hookimpl
+    def tcplug_register_components(self, register):
+        register(MarkerReader, name="marker_reader")
+
+
+def test_a_component_reads_a_shard_key_of_its_own(tmp_path):
+    """The schema is the union of declarations: a key a registered component declares is
+    detected in the shards, decoded into every batch and listed by inspect; without the
+    declaration it is ignored, and asking for it is an error listing the known keys."""
+    from tcplug.data.shards import encode_sample
+
+    def samples():
+        for i in range(4):
+            s = encode_sample(f"c{i}", make_clip(0, i, 4, 16))
+            s["marker.npy"] = _npy(np.arange(4, dtype=np.float32) + i)
+            yield s
+
+    write_shards(tmp_path, samples(), maxcount=2)
+    kwargs = dict(shards=str(tmp_path), frames=4, size=16, batch_size=2, epoch_batches=1, val_clips=2)
+    plain = VideoDataModule(**kwargs)
+    plain.setup("fit")
+    assert "marker" not in plain.keys and "flow" in plain.keys
+    with pytest.raises(tcplug.TcplugError, match="unknown data.keys \\['marker'\\]"):
+        VideoDataModule(**kwargs, keys=["marker"])
+    name = tcplug.register_plugin(_MarkerPlugin(), name="marker-keys")
+    try:
+        dm = VideoDataModule(**kwargs)
+        dm.setup("fit")
+        assert "marker" in dm.keys
+        batch = next(iter(dm.train_dataloader()))
+        assert batch["marker"].shape == (2, 4)
+        assert inspect_shards(tmp_path)["shapes"]["marker"] == [4]  # decoded, not only counted
+    finally:
+        tcplug.unregister_plugin(name)
+
+
+def _npy(array) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()

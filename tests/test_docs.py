@@ -66,3 +66,17 @@ def test_plugin_tutorial_is_the_example_package():
     squash = lambda s: re.sub(r"\s+", " ", s)  # noqa: E731
     for chunk in code.split("\n\n\n"):
         assert squash(chunk.strip()) in squash(source), f"the example package differs from the tutorial at:\n{chunk}"
+
+
+def test_every_declared_capability_is_documented():
+    """docs/concepts/plugins.md lists every attribute and method a kind declares."""
+    from tcplug.kinds import Component
+    from tcplug.registry import KINDS
+
+    text = (DOCS / "concepts" / "plugins.md").read_text().split("## What the engine asks of a component")[1]
+    text = text.split("\n## ")[0]
+    skip = {"training", "dump_patches", "call_super_init", "full_state_update"}
+    for base in [Component, *KINDS.values()]:
+        for name in vars(base):
+            if not name.startswith("_") and name not in skip:
+                assert f"`{name}" in text, f"{base.__name__}.{name} is not in docs/concepts/plugins.md"

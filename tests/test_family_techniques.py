@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tcplug
-from tcplug.sampling import NoiseSchedule, frame_noise, sample_loop, stream_sample
+from tcplug.diffusion.sampling import NoiseSchedule, frame_noise, sample_loop, stream_sample
 from tests.test_attention import ALL, CAUSAL, ident
 
 ONE_BLOCK = dict(patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=16, in_channels=16,
@@ -188,7 +188,7 @@ def test_motion_lock_trains_and_samples(family, tmp_path):
     assert m._last_timesteps.shape == (2, 3, 1, side, side)
     assert (m._last_timesteps[:, 1:, :, :half] == 0).all() and (m._last_timesteps[:, 0] > 0).all()
     m.eval()
-    lock = m.lock_mask(batch, None, (2, 3, latent.latent_channels, side, side))
+    lock = m.diffusion.lock_mask(batch, None, (2, 3, latent.latent_channels, side, side))
     assert lock.shape == (2, 1, 1, side, side) and lock[:, :, :, :half].eq(1).all() and lock[:, :, :, half:].eq(0).all()
 
 
@@ -211,7 +211,7 @@ def test_conditioner_adapters_leave_the_model_unchanged_at_initialisation(family
         m = TCPlugModule(backbone=bb, latent=latent, conditioner=cond, noise="flow_matching",
                          prediction_type="flow").eval()
         with torch.no_grad():
-            ctx = m.context(batch, tuple(x.shape))
+            ctx = m.diffusion.context(batch, tuple(x.shape))
             assert len(ctx["residuals"]) == 2
             plain = bb(x, ts)
             assert torch.equal(bb(x, ts, ctx), plain), name
@@ -251,13 +251,13 @@ def test_wan22_experts_route_alike_in_training_and_sampling_and_export(wan22_dir
     t = torch.tensor([990.0, 875.0, 874.0])
     ctx = {"text": torch.randn(3, 16, 32)}
     with torch.no_grad():
-        mixed = model.denoise(x, t, ctx)
-        e0 = model.experts[0](x, t, ctx)
-        e1 = model.experts[1](x, t, ctx)
+        mixed = model.diffusion.denoise(x, t, ctx)
+        e0 = model.diffusion.experts[0](x, t, ctx)
+        e1 = model.diffusion.experts[1](x, t, ctx)
     assert torch.allclose(mixed[:2], e0[:2], atol=1e-5) and torch.allclose(mixed[2:], e1[2:], atol=1e-5)
     assert not torch.allclose(e0, e1)  # two different models, not copies
     # sampling: the same routing as WanPipeline's boundary, with both experts' LoRA exported
-    for i, expert in enumerate(model.experts):
+    for i, expert in enumerate(model.diffusion.experts):
         export_lora(expert, str(tmp_path / f"expert_{i}"))
     pipe = WanPipeline.from_pretrained(d, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
@@ -269,7 +269,7 @@ def test_wan22_experts_route_alike_in_training_and_sampling_and_export(wan22_dir
                num_frames=9, output_type="pt", max_sequence_length=16).frames
     ours = (model.generate(1, 9, 32, 32, steps=6, batch={"txt": prompts}, latents=lat.permute(0, 2, 1, 3, 4)) + 1) / 2
     assert (ref - ours.clamp(0, 1)).abs().max() < 1e-4
-    assert model.sampler_expert_steps[0] > 0 and model.sampler_expert_steps[1] > 0
+    assert model.diffusion.sampler_expert_steps[0] > 0 and model.diffusion.sampler_expert_steps[1] > 0
 
 
 def test_train_one_expert_only():
@@ -282,8 +282,8 @@ def test_train_one_expert_only():
     opt = m.configure_optimizers()
     opt = opt["optimizer"] if isinstance(opt, dict) else opt
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
-    assert not any(id(p) in in_opt for p in m.experts[0].parameters())
-    assert all(id(p) in in_opt for p in m.experts[1].parameters())
+    assert not any(id(p) in in_opt for p in m.diffusion.experts[0].parameters())
+    assert all(id(p) in in_opt for p in m.diffusion.experts[1].parameters())
 
 
 @pytest.mark.slow

@@ -192,8 +192,8 @@ class _MetricPlugin:
 def test_third_party_metric_by_name_in_validation_and_score(tmp_path):
     """A registered metric is picked by name in model.metrics and in the score core, and reads
     the same on the same clip in both."""
-    from tcplug.metrics.score import reference_suite, score_frames
     from tcplug.module import TCPlugModule
+    from tcplug.scoring import reference_suite, score_frames
 
     name = tcplug.register_plugin(_MetricPlugin(), name="metric-test")
     try:
@@ -203,10 +203,10 @@ def test_third_party_metric_by_name_in_validation_and_score(tmp_path):
         assert row["mean_brightness"] == pytest.approx(expected, rel=1e-5) and "tvs" in row
         backbone = get_component("backbone", "dit")(in_channels=3, patch_size=2, dim=16, depth=1, heads=2)
         module = TCPlugModule(backbone, metrics=[MeanBrightness()])
-        assert list(module.val_metrics.metrics) == ["mean_brightness"]
+        assert list(module.validation.generated.metrics) == ["mean_brightness"]
         video = torch.from_numpy(clip).permute(0, 3, 1, 2)[None].float() / 127.5 - 1
         batch = {"video": torch.cat([video, video])}
-        module._update_metrics(video, {"video": video}, batch)
-        assert module.val_metrics.compute()["mean_brightness"] == pytest.approx(expected, rel=1e-5)
+        module.validation.update(video, {"video": video}, batch)
+        assert module.validation.generated.compute()["mean_brightness"] == pytest.approx(expected, rel=1e-5)
     finally:
         tcplug.unregister_plugin(name)

@@ -6,8 +6,8 @@ import torch
 import tcplug
 from tcplug import LossContext
 from tcplug.data import make_clip
+from tcplug.diffusion.sampling import NoiseSchedule
 from tcplug.module import TCPlugModule
-from tcplug.sampling import NoiseSchedule
 
 
 def comp(kind, name, **kw):

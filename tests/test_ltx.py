@@ -85,7 +85,7 @@ def test_sampler_timesteps_are_the_pipelines(ltx_dir):
 
     model = ltx_module(ltx_dir)
     shape = (1, 3, 8, 8, 8)
-    sched = model.schedule.make_sampler(7, model._timestep_schedule(shape))
+    sched = model.diffusion.schedule.make_sampler(7, model.diffusion.timestep_schedule(shape))
     ref = FlowMatchEulerDiscreteScheduler.from_pretrained(ltx_dir / "scheduler")
 
     mu = calculate_shift(3 * 8 * 8, 1024, 4096, 0.95, 2.05)
@@ -150,7 +150,7 @@ def test_lora_trains_adapters_only_and_exports_to_ltx_pipeline(ltx_dir, tmp_path
 
     model = ltx_module(ltx_dir, lora={"rank": 4, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
                                       "init": False})  # random B: the adapters change the output
-    trainable = [n for n, p in model.experts.named_parameters() if p.requires_grad]
+    trainable = [n for n, p in model.diffusion.experts.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     latents = start_latents(1)
     ours = tcplug_sample(model, latents).clamp(0, 1)
@@ -202,15 +202,15 @@ def test_noise_boundary_experts_route_alike_on_ltx(ltx_dir):
     x = torch.randn(3, 3, 8, 8, 8)
     t = torch.tensor([990.0, 875.0, 874.0])
     with torch.no_grad():
-        mixed = model.denoise(x, t, {})
-        e0, e1 = model.experts[0](x, t, {}), model.experts[1](x, t, {})
+        mixed = model.diffusion.denoise(x, t, {})
+        e0, e1 = model.diffusion.experts[0](x, t, {}), model.diffusion.experts[1](x, t, {})
     assert torch.allclose(mixed[:2], e0[:2], atol=1e-5) and torch.allclose(mixed[2:], e1[2:], atol=1e-5)
     assert not torch.allclose(e0, e1)
     steps = 8
     model.generate(1, 9, 32, 32, steps=steps, latents=torch.randn(1, 3, 8, 8, 8))
-    sched = model.schedule.make_sampler(steps, model._timestep_schedule((1, 3, 8, 8, 8)))
+    sched = model.diffusion.schedule.make_sampler(steps, model.diffusion.timestep_schedule((1, 3, 8, 8, 8)))
     high = int((sched.timesteps >= 875).sum())
-    assert 0 < high < steps and model.sampler_expert_steps == [high, steps - high]
+    assert 0 < high < steps and model.diffusion.sampler_expert_steps == [high, steps - high]
 
 
 @pytest.mark.slow
@@ -255,7 +255,7 @@ def test_precomputed_shards_train_without_the_encoders(ltx_dir, tmp_path, monkey
     model.train()
     total, _ = model.training_losses(batch)
     total.backward()
-    assert not model.latent.encoder_loaded and model.conditioners[0].text_encoder is None
+    assert not model.latent.encoder_loaded and model.diffusion.conditioners[0].text_encoder is None
 
 
 @pytest.mark.slow
@@ -265,7 +265,6 @@ def test_recipes_train_on_cpu_and_export(ltx_dir, tmp_path):
     the loaded pipeline reproduces the checkpoint's sample."""
     from diffusers import LTXPipeline
 
-    from tcplug.cli import model_from_checkpoint
 
     proc = run_tcplug("fit", "--config", RECIPES / "ltx" / "tiny.yaml", "--trainer.max_steps=6",
                       "--trainer.val_check_interval=6", "--trainer.enable_progress_bar=false", cwd=tmp_path, env=ENV)
@@ -282,9 +281,11 @@ def test_recipes_train_on_cpu_and_export(ltx_dir, tmp_path):
     out = tmp_path / "lora"
     proc = run_tcplug("export", ckpt, "--lora", out, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    model, _ = model_from_checkpoint(str(ckpt))
-    model.guidance_scale = 3.0
-    cond = model.conditioners[0]
+    from tcplug.module import TCPlugModule
+
+    model = TCPlugModule.from_checkpoint(str(ckpt))
+    model.diffusion.guidance_scale = 3.0
+    cond = model.diffusion.conditioners[0]
     cond.negative_prompt, cond._negative, cond.max_length = "gray static", None, 16
     pipe = LTXPipeline.from_pretrained(ltx_dir, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)

@@ -7,8 +7,8 @@ import torch
 
 import tcplug
 from tcplug import Router, WorldConditioner, hookimpl
+from tcplug.diffusion.sampling import NoiseSchedule, sample_loop
 from tcplug.module import TCPlugModule
-from tcplug.sampling import NoiseSchedule, sample_loop
 
 
 def dit(**kw):
@@ -165,15 +165,15 @@ class SeamPlugin:
 def test_router_seam_routes_each_sample_to_its_expert():
     torch.manual_seed(0)
     m = TCPlugModule(backbone=dit(), router=TwoExperts())
-    assert len(m.experts) == 2
-    for e in m.experts:
+    assert len(m.diffusion.experts) == 2
+    for e in m.diffusion.experts:
         for p in e.parameters():
             torch.nn.init.normal_(p, std=0.1)
     x = torch.randn(2, 2, 3, 8, 8)
     t = torch.tensor([900, 100])
-    out = m.denoise(x, t)
-    assert torch.allclose(out[0], m.experts[0](x[:1], t[:1])[0], atol=1e-5)
-    assert torch.allclose(out[1], m.experts[1](x[1:], t[1:])[0], atol=1e-5)
+    out = m.diffusion.denoise(x, t)
+    assert torch.allclose(out[0], m.diffusion.experts[0](x[:1], t[:1])[0], atol=1e-5)
+    assert torch.allclose(out[1], m.diffusion.experts[1](x[1:], t[1:])[0], atol=1e-5)
 
 
 def test_conditioner_seam_reaches_backbone():
@@ -185,8 +185,8 @@ def test_conditioner_seam_reaches_backbone():
         torch.nn.init.constant_(p, 0.01)
     x, t = torch.randn(1, 2, 3, 8, 8), torch.tensor([3])
     batch = {"video": x}
-    a = base.denoise(x, t, base.context(batch, x.shape))
-    b = cond.denoise(x, t, cond.context(batch, x.shape))
+    a = base.diffusion.denoise(x, t, base.diffusion.context(batch, x.shape))
+    b = cond.diffusion.denoise(x, t, cond.diffusion.context(batch, x.shape))
     assert not torch.allclose(a, b)
 
 

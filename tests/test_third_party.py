@@ -41,11 +41,8 @@ def test_listed_by_plugins(site):
 
 def test_used_by_name_in_yaml(site, tmp_path, tiny):
     recipe = tmp_path / "ts.yaml"
-    recipe.write_text(
-        (RECIPES / "baseline.yaml").read_text().replace(
-            "        class_path: per_frame", "        class_path: token_shift\n        init_args:\n          fraction: 0.5"
-        )
-    )
+    recipe.write_text(f"base: {RECIPES / 'baseline.yaml'}\nmodel:\n  backbone:\n    init_args:\n      attention:\n"
+                      "        class_path: token_shift\n        init_args:\n          fraction: 0.5\n")
     proc = run_tcplug("fit", "--config", recipe, *tiny, env=site, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cfg = next((tmp_path / "runs").rglob("config.yaml")).read_text()

@@ -90,13 +90,13 @@ def test_lora_trains_adapters_only_and_exports_to_wan_pipeline(wan_dir, tmp_path
 
     model = wan_module(wan_dir, lora={"rank": 4, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
                                       "init": False})  # random B: the adapters change the output
-    trainable = [n for n, p in model.experts.named_parameters() if p.requires_grad]
+    trainable = [n for n, p in model.diffusion.experts.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     opt = model.configure_optimizers()
     opt = opt["optimizer"] if isinstance(opt, dict) else opt
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
-    assert all(id(p) in in_opt for p in model.experts.parameters() if p.requires_grad)
-    assert not any(id(p) in in_opt for n, p in model.experts.named_parameters() if "lora_" not in n)
+    assert all(id(p) in in_opt for p in model.diffusion.experts.parameters() if p.requires_grad)
+    assert not any(id(p) in in_opt for n, p in model.diffusion.experts.named_parameters() if "lora_" not in n)
 
     latents = torch.randn(2, 16, 3, 4, 4, generator=torch.Generator().manual_seed(1))
     ours = tcplug_sample(model, latents).clamp(0, 1)
@@ -211,7 +211,7 @@ def test_precomputed_shards_train_without_the_encoders(wan_dir, tmp_path, monkey
     model.train()
     total, _ = model.training_losses(batch)
     total.backward()
-    assert not model.latent.encoder_loaded and model.conditioners[0].text_encoder is None
+    assert not model.latent.encoder_loaded and model.diffusion.conditioners[0].text_encoder is None
 
     # and the whole recipe trains on them through the CLI (cpu-smoke shrinks it), encoders unused
     proc = run_tcplug("fit", "--config", RECIPES / "wan" / "t2v-lora.yaml", "--config",
@@ -246,17 +246,17 @@ def test_t2v_lora_cpu_smoke_trains_and_exports(wan_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "pytorch_lora_weights.safetensors").exists()
 
-    from tcplug.cli import model_from_checkpoint
+    from tcplug.module import TCPlugModule
 
-    model, _ = model_from_checkpoint(str(ckpt))
-    model.guidance_scale = 3.0
+    model = TCPlugModule.from_checkpoint(str(ckpt))
+    model.diffusion.guidance_scale = 3.0
     latents = torch.randn(2, 16, 3, 4, 4, generator=torch.Generator().manual_seed(2))
     pipe = WanPipeline.from_pretrained(wan_dir, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(out))
-    model.conditioners[0].negative_prompt = "gray static"
-    model.conditioners[0]._negative = None
-    model.conditioners[0].max_length = 16
+    model.diffusion.conditioners[0].negative_prompt = "gray static"
+    model.diffusion.conditioners[0]._negative = None
+    model.diffusion.conditioners[0].max_length = 16
     ref = pipeline_sample(pipe, latents)
     ours = tcplug_sample(model, latents).clamp(0, 1)
     assert (ref - ours).abs().max() < 1e-4

@@ -51,17 +51,17 @@ def test_caption_changes_output_and_guidance_scale_one_is_conditional(batch):
     wake(m.backbone)  # the cross-attention's zero-initialized output too
     x, t = noisy(batch)
     shape = tuple(x.shape)
-    ctx = m.context(batch, shape)
-    other = m.context({**batch, "txt": ["a blue square falls"] * 2}, shape)
-    cond = m.denoise(x, t, ctx)
-    assert not torch.allclose(cond, m.denoise(x, t, other), atol=1e-4)  # the caption matters
-    null = m.null_context(ctx)
-    uncond = m.denoise(x, t, null)
+    ctx = m.diffusion.context(batch, shape)
+    other = m.diffusion.context({**batch, "txt": ["a blue square falls"] * 2}, shape)
+    cond = m.diffusion.denoise(x, t, ctx)
+    assert not torch.allclose(cond, m.diffusion.denoise(x, t, other), atol=1e-4)  # the caption matters
+    null = m.diffusion.null_context(ctx)
+    uncond = m.diffusion.denoise(x, t, null)
     assert not torch.allclose(cond, uncond, atol=1e-4)
-    assert torch.equal(m.guided(x, t, ctx, null, 1.0), cond)  # scale 1: the conditional prediction
-    torch.testing.assert_close(m.guided(x, t, ctx, null, 3.0), uncond + 3.0 * (cond - uncond))
+    assert torch.equal(m.diffusion.guided(x, t, ctx, null, 1.0), cond)  # scale 1: the conditional prediction
+    torch.testing.assert_close(m.diffusion.guided(x, t, ctx, null, 3.0), uncond + 3.0 * (cond - uncond))
     # caption dropout only in training
-    cap = m.conditioners[0]
+    cap = m.diffusion.conditioners[0]
     cap.train()
     torch.manual_seed(1)
     dropped = [bool((cap(batch, shape)["text_mask"].sum(1) == 1).all()) for _ in range(40)]
@@ -82,7 +82,7 @@ def test_pretrained_text_encoder_from_a_local_path(tmp_path, batch):
     tok.save_pretrained(tmp_path / "enc")
     cap = comp("conditioner", "caption", pretrained=str(tmp_path / "enc"))
     m = TCPlugModule(dit(), conditioner=cap).eval()
-    ctx = m.context(batch, tuple(batch["video"].shape))
+    ctx = m.diffusion.context(batch, tuple(batch["video"].shape))
     assert ctx["text"].shape[-1] == 32 and ctx["text_mask"].dtype == torch.bool
     assert not any(p.requires_grad for p in cap.encoder.parameters())
     with pytest.raises(Exception, match="not a local directory"):
@@ -94,8 +94,8 @@ class Recorder:
     """Forward pre-hooks recording which expert got which timesteps."""
 
     def __init__(self, module):
-        self.seen = {i: [] for i in range(len(module.experts))}
-        for i, e in enumerate(module.experts):
+        self.seen = {i: [] for i in range(len(module.diffusion.experts))}
+        for i, e in enumerate(module.diffusion.experts):
             e.register_forward_pre_hook(self.hook(i))
 
     def hook(self, i):
@@ -120,9 +120,9 @@ def test_noise_boundary_routes_identically_in_training_and_sampling(noise, shift
     for e, ts in sampled.items():
         for t in ts:
             rec.seen = {i: [] for i in rec.seen}
-            m.schedule.sample_timesteps = lambda b, device, generator=None, t=t: torch.full((b,), t)
+            m.diffusion.schedule.sample_timesteps = lambda b, device, generator=None, t=t: torch.full((b,), t)
             if noise == "ddpm":
-                m.schedule.sample_timesteps = lambda b, device, generator=None, t=t: torch.full((b,), int(t))
+                m.diffusion.schedule.sample_timesteps = lambda b, device, generator=None, t=t: torch.full((b,), int(t))
             m.training_losses(batch)
             assert rec.seen[e] and not rec.seen[1 - e], (t, e, rec.seen)
     if noise == "flow_matching" and shift > 1:
@@ -132,7 +132,7 @@ def test_noise_boundary_routes_identically_in_training_and_sampling(noise, shift
 
 
 def test_noise_boundary_snr_space_and_several_experts():
-    from tcplug.sampling import NoiseSchedule
+    from tcplug.diffusion.sampling import NoiseSchedule
 
     s = NoiseSchedule("ddpm")
     r = comp("router", "noise_boundary", num_experts=3, boundaries=[0.05, 2.0], space="snr")
@@ -165,9 +165,9 @@ def test_learned_router_balance_loss_is_logged_and_has_gradients(tmp_path, batch
 
 def test_whole_backbone_experts_are_separate_copies(batch):
     m = TCPlugModule(dit(), router=comp("router", "noise_boundary", num_experts=2))
-    assert len(m.experts) == 2 and m.experts[0] is not m.experts[1]
+    assert len(m.diffusion.experts) == 2 and m.diffusion.experts[0] is not m.diffusion.experts[1]
     m2 = TCPlugModule(dit(), router=comp("router", "noise_boundary", num_experts=3, experts="ffn"))
-    assert len(m2.experts) == 1 and len(m2.backbone.blocks[0].ffn_experts) == 3
+    assert len(m2.diffusion.experts) == 1 and len(m2.backbone.blocks[0].ffn_experts) == 3
 
 
 # ----- structural conditioners -------------------------------------------------------------
@@ -179,21 +179,21 @@ def test_zero_initialized_adapters_leave_outputs_unchanged(name, batch):
     kw = {"width": 32} if name == "caption" else {}
     cond = TCPlugModule(bb, conditioner=comp("conditioner", name, **kw)).eval()
     x, t = noisy(batch)
-    ctx = cond.context(batch, tuple(x.shape))
+    ctx = cond.diffusion.context(batch, tuple(x.shape))
     assert ctx  # it does produce conditioning
-    out = cond.denoise(x, t, ctx)
+    out = cond.diffusion.denoise(x, t, ctx)
     assert out.abs().mean() > 0.01
-    torch.testing.assert_close(out, plain.denoise(x, t, None), rtol=0, atol=0)
+    torch.testing.assert_close(out, plain.diffusion.denoise(x, t, None), rtol=0, atol=0)
     wake(cond)  # once the adapter is no longer zero (as after training), the conditioning matters
-    assert not torch.allclose(cond.denoise(x, t, cond.context(batch, tuple(x.shape))), out, atol=1e-4)
+    assert not torch.allclose(cond.diffusion.denoise(x, t, cond.diffusion.context(batch, tuple(x.shape))), out, atol=1e-4)
 
 
 def test_conditioners_stack_and_missing_inputs_are_clear(batch):
     m = TCPlugModule(dit(), conditioner=[comp("conditioner", "depth"), comp("conditioner", "skeleton")])
-    ctx = m.context(batch, tuple(batch["video"].shape))
+    ctx = m.diffusion.context(batch, tuple(batch["video"].shape))
     assert len(ctx["residuals"]) == 2 and ctx["maps"].shape[2] == 3
     with pytest.raises(Exception, match="needs 'depth'"):
-        m.context({"video": batch["video"]}, tuple(batch["video"].shape))
+        m.diffusion.context({"video": batch["video"]}, tuple(batch["video"].shape))
 
 
 @pytest.mark.parametrize("conv_channels", [0, 8])
@@ -208,19 +208,19 @@ def test_input_maps_reach_the_output_pixel_exactly(conv_channels, batch):
                                       comp("conditioner", "skeleton", input_maps=True)]).eval()
     assert m.backbone.map_in.in_channels == 3  # 1 depth + 2 skeleton channels, in conditioner order
     x, t = noisy(batch)
-    ctx = m.context(batch, tuple(x.shape))
+    ctx = m.diffusion.context(batch, tuple(x.shape))
     assert ctx["input_maps"].shape == (2, 4, 3, 16, 16)
-    torch.testing.assert_close(m.denoise(x, t, ctx), plain.denoise(x, t, None), rtol=0, atol=0)
+    torch.testing.assert_close(m.diffusion.denoise(x, t, ctx), plain.diffusion.denoise(x, t, None), rtol=0, atol=0)
     wake(m.backbone.map_in)
     zero = {**ctx, "residuals": [torch.zeros_like(r) for r in ctx["residuals"]]}
-    base = m.denoise(x, t, zero)
+    base = m.diffusion.denoise(x, t, zero)
     moved = ctx["input_maps"].clone()
     moved[:, 2, 0, 9, 9] += 1.0
-    diff = (m.denoise(x, t, {**zero, "input_maps": moved}) - base).abs().amax(dim=2)  # (B, T, H, W)
+    diff = (m.diffusion.denoise(x, t, {**zero, "input_maps": moved}) - base).abs().amax(dim=2)  # (B, T, H, W)
     assert diff[:, 2, 9, 9].min() > 1e-5        # the pixel itself
     assert diff[:, [0, 1, 3]].max() == 0        # frames never mix outside the attention
     with pytest.raises(Exception, match="input_maps"):
-        m.denoise(x, t, {**ctx, "input_maps": moved[:, :, :2]})
+        m.diffusion.denoise(x, t, {**ctx, "input_maps": moved[:, :, :2]})
 
 
 def test_input_maps_need_a_backbone_that_takes_them():
@@ -295,7 +295,7 @@ def _rollout_error(**kw):
     torch.manual_seed(0)
     world = comp("conditioner", "physics_state", **kw)
     states, unseen = _world_states()
-    opt = torch.optim.AdamW(world.dynamics.parameters(), lr=5e-4 * world.dynamics.lr_scale)
+    opt = torch.optim.AdamW(world.dynamics.parameters(), lr=5e-4 * world.lr_scale)
     g = torch.Generator().manual_seed(0)
     for _ in range(400):
         idx = torch.randint(0, len(states), (8,), generator=g)
@@ -345,7 +345,7 @@ def test_mask_locking_keeps_static_regions_still_and_lets_dynamic_ones_move(batc
         opt.step()
     m.eval()
     video = m.generate(2, 4, 16, 16, steps=5, batch=batch)
-    lock = m.lock_mask(batch, None, tuple(batch["video"].shape))[:, 0]  # (B, 1, 16, 16), token-aligned
+    lock = m.diffusion.lock_mask(batch, None, tuple(batch["video"].shape))[:, 0]  # (B, 1, 16, 16), token-aligned
     assert lock.mean() > 0.3
     unit = (video + 1) / 2
     zeros = torch.zeros(2, 3, 2, 16, 16)
@@ -365,7 +365,8 @@ def test_locked_tokens_get_the_lock_timestep_in_the_sampler_and_are_not_copied_b
     """The per-token timesteps themselves: after the first step the model sees lock_timestep on
     locked positions and the step's timestep elsewhere; without copy_anchor the locked
     positions are what the loop made of them, not a copy of frame 0."""
-    from tcplug.sampling import NoiseSchedule, sample_loop
+    from tcplug.diffusion.lock import LockedSampling
+    from tcplug.diffusion.sampling import NoiseSchedule, sample_loop
 
     schedule = NoiseSchedule("ddpm", "epsilon", 1000, "squaredcos_cap_v2", "ddim", 1.0)
     lock = torch.zeros(1, 1, 1, 8, 8)
@@ -377,12 +378,12 @@ def test_locked_tokens_get_the_lock_timestep_in_the_sampler_and_are_not_copied_b
         return torch.zeros_like(x) + 0.01 * x.mean(1, keepdim=True)
 
     noise = torch.randn(1, 3, 2, 8, 8, generator=torch.Generator().manual_seed(0))
-    out = sample_loop(model, noise, schedule, 5, lock=lock, lock_timestep=7)
+    out = sample_loop(model, noise, schedule, 5, lock=LockedSampling(lock, timestep=7))
     assert seen[0].dim() == 1  # step 0: one timestep per clip
     for t in seen[1:]:
         assert t.shape == (1, 3, 1, 8, 8)
         assert (t[:, 1:, ..., :4] == 7).all() and (t[:, 0] > 7).all() and (t[:, 1:, ..., 4:] > 7).all()
-    copied = sample_loop(model, noise, schedule, 5, lock=lock, lock_timestep=7, copy_anchor=True)
+    copied = sample_loop(model, noise, schedule, 5, lock=LockedSampling(lock, timestep=7, copy_anchor=True))
     assert torch.equal(copied[:, 1:, ..., :4], copied[:, :1, ..., :4].expand(-1, 2, -1, -1, -1))
     assert not torch.equal(out[:, 1:, ..., :4], out[:, :1, ..., :4].expand(-1, 2, -1, -1, -1))
 
@@ -402,8 +403,8 @@ def test_auto_lockers_estimate_static_regions(batch):
     shape = tuple(batch["video"].shape)
     world = comp("conditioner", "physics_state")
     m = TCPlugModule(dit(), conditioner=world, motion_lock=comp("motion_lock", "auto", source="conditioning"))
-    ctx = m.context(batch, shape)
-    mask = m.motion_lock(batch, ctx)
+    ctx = m.diffusion.context(batch, shape)
+    mask = m.diffusion.motion_lock(batch, ctx)
     assert mask.shape == (2, 1, 16, 16) and 0.2 < mask.mean() < 1
     flow_lock = comp("motion_lock", "auto", source="flow", threshold=0.5, dilate=0)(batch)
     # every pixel the data calls static is locked by the flow estimate too (moving ones may be too)
@@ -415,7 +416,7 @@ def test_auto_lockers_estimate_static_regions(batch):
         calls.append(1)
         return torch.zeros(2, 4, 3, 16, 16)
 
-    assert first.motion_lock({}, None, preview).min() == 1 and calls  # nothing moves: everything locked
+    assert first.diffusion.motion_lock({}, None, preview).min() == 1 and calls  # nothing moves: everything locked
     assert first.generate(2, 4, 16, 16, steps=2).shape == (2, 4, 3, 16, 16)
     assert comp("motion_lock", "none")(batch) is None
 

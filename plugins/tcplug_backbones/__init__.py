@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.embeddings import get_timestep_embedding
 from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -251,6 +250,8 @@ class DiT(Backbone):
                 f"timesteps of shape {tuple(timesteps.shape)} are not per clip ({b},), per frame "
                 f"({b}, {t}) or per token ({b}, {t}, {n})"
             )
+        from diffusers.models.embeddings import get_timestep_embedding  # imported on first use
+
         emb = get_timestep_embedding(ts.reshape(-1).float(), self.dim, flip_sin_to_cos=True, downscale_freq_shift=0)
         return self.t_embed(emb.to(self.patch.weight.dtype)).view(*ts.shape, self.dim)
 

@@ -205,9 +205,9 @@ class PhysicsState(MapConditioner):
             job's budget (the denoiser then learns to distrust the maps).
         rollout_loss: also train on the error of the whole rollout from the first frame (the
             one-step error alone lets small velocity errors after a bounce compound).
-        lr_scale: the learning rate of the dynamics as a multiple of ``model.lr`` (the
-            module's ``lr_scale`` rule): the dynamics are a small regression that the
-            denoiser's step size leaves far from fit at the main job's budget.
+        lr_scale: the learning rate of the dynamics as a multiple of ``model.lr`` (declared in
+            :meth:`param_groups`): the dynamics are a small regression that the denoiser's step
+            size leaves far from fit at the main job's budget.
         shapes: render each object as its class's silhouette (``circle``, ``square``,
             ``triangle``, ``diamond``: the synthetic world's shapes, as it draws them) instead
             of a disc of its size; an object without a class is a disc.
@@ -228,7 +228,7 @@ class PhysicsState(MapConditioner):
         # ReLU: a bounce is a kink (a reflection), which piecewise-linear units draw exactly
         self.dynamics = nn.Sequential(nn.Linear(self.state_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
                                       nn.ReLU(), nn.Linear(hidden, 4))
-        self.dynamics.lr_scale = lr_scale  # read by the module's optimizer
+        self.lr_scale = lr_scale
         if prior:  # the correction starts at zero: free flight from the first step
             nn.init.zeros_(self.dynamics[-1].weight)
             nn.init.zeros_(self.dynamics[-1].bias)
@@ -348,6 +348,12 @@ class PhysicsState(MapConditioner):
         with torch.no_grad():
             pos, _ = self.rollout(st, t)
         return self.render(pos, st, height, width)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The dynamics train at ``lr * lr_scale`` in a parameter group of their own."""
+        if self.lr_scale == 1:
+            return []
+        return [{"params": list(self.dynamics.parameters()), "lr_scale": self.lr_scale}]
 
     def auxiliary_loss(self, batch: dict[str, Any]) -> Tensor:
         """Prediction error of the dynamics on the true trajectory (normalized units): of one

@@ -8,24 +8,27 @@ data's static region), ``motion_ratio``, ``sharpness_ratio``, ``frame_distance``
 
 from __future__ import annotations
 
-from tcplug import (
-    BackgroundFlicker,
-    Coverage,
-    Flicker,
-    FrameDistance,
-    MotionRatio,
-    SharpnessRatio,
-    TemporalVarianceScore,
-    TrajectoryError,
-    WarpingError,
-    hookimpl,
-)
+from tcplug import hookimpl
 
 __version__ = "0.1.0"
 
 
 @hookimpl
 def tcplug_register_components(register):
+    # imported here, not with the plugin: the metric classes are torchmetrics Metrics, and
+    # torchmetrics is a heavy import that `tcplug --help` does not need
+    from tcplug import (
+        BackgroundFlicker,
+        Coverage,
+        Flicker,
+        FrameDistance,
+        MotionRatio,
+        SharpnessRatio,
+        TemporalVarianceScore,
+        TrajectoryError,
+        WarpingError,
+    )
+
     register(TemporalVarianceScore, name="tvs")
     register(WarpingError, name="warp_error")
     register(Coverage, name="coverage")

@@ -81,6 +81,12 @@ class Mask(MotionLocker):
         """True when the mask is read from the clip's future (the data's all-frame static mask)."""
         return self.source == "static"
 
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """What the mask is read from at sampling: frame 0's depth, the static mask, or nothing
+        (an image)."""
+        return {"first_frame": ("depth",), "static": ("static",), "image": ()}[self.source]
+
     def _load(self) -> Tensor:
         if self._cached is None:
             from tcplug import read_mask
@@ -129,6 +135,11 @@ class Auto(MotionLocker):
                  threshold: float = 0.05, dilate: int = 1) -> None:
         super().__init__()
         self.source, self.threshold, self.dilate = source, threshold, dilate
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """The data's flow for ``source: flow``; nothing else comes from the batch."""
+        return ("flow",) if self.source == "flow" else ()
 
     def motion(self, batch: dict[str, Any], context: dict[str, Any] | None, preview: Any) -> Tensor | None:
         """Motion magnitude ``(B, 1, H, W)`` (None: nothing to estimate it from in training)."""

@@ -13,7 +13,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.embeddings import get_timestep_embedding
 from torch import Tensor, nn
 
 from tcplug import Router, TcplugError, hookimpl
@@ -124,6 +123,8 @@ class Learned(Router):
     def probs(self, timesteps: Tensor, schedule) -> Tensor:
         """Gate probabilities ``(B, E)``; the embedding sees ``t`` scaled to ``[0, 1000)``."""
         t = timesteps.float() * (1000.0 / schedule.num_train_timesteps)
+        from diffusers.models.embeddings import get_timestep_embedding  # imported on first use
+
         emb = get_timestep_embedding(t, self.embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
         return self.gate(emb.to(self.gate[0].weight.dtype)).softmax(-1)
 

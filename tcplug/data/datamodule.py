@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tcplug.data.shards import ALL_KEYS, SampleDecoder, TarSamples, collate, iter_tar, list_shards
+from tcplug.data.schema import known_keys
+from tcplug.data.shards import SampleDecoder, TarSamples, collate, iter_tar, list_shards
 from tcplug.errors import TcplugError
 
 SYNTH_VERSION = 2  # bump when the synthetic world changes, to invalidate caches
@@ -83,12 +84,13 @@ def generate_synthetic(out: Path, params: dict, progress: bool = True) -> Path:
     return out
 
 
-def detect_keys(shard: str) -> list[str]:
-    """Ground-truth keys carried by the first readable sample of a shard."""
+def detect_keys(shard: str, schema: dict | None = None) -> list[str]:
+    """The schema's keys carried by the first readable sample of a shard."""
+    schema = known_keys() if schema is None else schema
     for raw, _ in iter_tar(shard):
         if raw is None:
             break
-        return [k for k in ALL_KEYS if f"{k}.npy" in raw or f"{k}.json" in raw or k in raw]
+        return [k for k, spec in schema.items() if spec.entry in raw]
     return []
 
 
@@ -175,8 +177,8 @@ class VideoDataModule(pl.LightningDataModule):
         epoch_batches: batches per epoch per process.
         val_clips: validation clips.
         keys: ground-truth keys to load (``flow``, ``flow_bwd``, ``occ``, ``depth``, ``skeleton``,
-            ``static``, ``state``, ``txt``); None = every key the shards carry. A sample that
-            lacks a requested key is skipped.
+            ``static``, ``state``, ``txt``, and any key a component declares in ``data_keys``);
+            None = every known key the shards carry. A sample that lacks a requested key is skipped.
         num_workers: DataLoader workers per process.
         shuffle_buffer: samples in the shuffle buffer.
         seed: data order seed, and the synthetic world's seed.
@@ -221,9 +223,10 @@ class VideoDataModule(pl.LightningDataModule):
         if min(batch_size, epoch_batches, val_clips, train_clips, shard_size) < 1:
             raise TcplugError("data.batch_size, epoch_batches, val_clips, train_clips and shard_size must be >= 1")
         if keys is not None:
-            unknown = sorted(set(keys) - set(ALL_KEYS))
+            known = known_keys()
+            unknown = sorted(set(keys) - set(known))
             if unknown:
-                raise TcplugError(f"unknown data.keys {unknown}; known keys: {', '.join(ALL_KEYS)}")
+                raise TcplugError(f"unknown data.keys {unknown}; known keys: {', '.join(known)}")
         for spec in (shards, val_shards):  # a wrong path fails now, before any run folder exists
             if spec:
                 list_shards(spec)
@@ -235,6 +238,13 @@ class VideoDataModule(pl.LightningDataModule):
                                   shard_size, world)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._val: ClipList | None = None
+
+    def schema(self) -> dict:
+        """The keys this DataModule can decode: the engine's and every registered component's
+        declared ``data_keys`` (:func:`~tcplug.data.schema.known_keys`), looked up once."""
+        if getattr(self, "_schema", None) is None:
+            self._schema = known_keys()
+        return self._schema
 
     # ----- where the shards are -------------------------------------------------------
     def synthetic_dir(self) -> Path:
@@ -254,7 +264,7 @@ class VideoDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.keys is None:
-            self.keys = detect_keys(self.train_shard_list()[0])
+            self.keys = detect_keys(self.train_shard_list()[0], self.schema())
 
     def _rank(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -277,7 +287,7 @@ class VideoDataModule(pl.LightningDataModule):
                 "shards (write more, smaller shards: `tcplug data synth/ingest --shard-size`)"
             )
         mine = shards[rank::world]
-        decoder = SampleDecoder(self.keys or (), self.frames, self.size)
+        decoder = SampleDecoder(self.keys or (), self.frames, self.size, self.schema())
         per_worker = math.ceil(self.epoch_batches / max(1, self.num_workers))
         epoch_seed = self.seed * 100_003 + epoch
         pipeline = wds.DataPipeline(
@@ -298,7 +308,7 @@ class VideoDataModule(pl.LightningDataModule):
 
     def _val_set(self) -> ClipList:
         if self._val is None:
-            decoder = SampleDecoder(self.keys or (), self.frames, self.size)
+            decoder = SampleDecoder(self.keys or (), self.frames, self.size, self.schema())
             clips: list[dict] = []
             for shard in self.val_shard_list():
                 clips += list(decoder(raw for raw, err in iter_tar(shard) if raw is not None))

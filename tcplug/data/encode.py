@@ -27,38 +27,15 @@ import torch
 from tcplug.errors import TcplugError
 
 
-def load_recipe(configs: Sequence[str]) -> dict:
-    """Merge recipe files (later ones win) and resolve OmegaConf interpolation."""
-    from omegaconf import OmegaConf
-
-    merged = OmegaConf.create()
-    for path in configs:
-        if not Path(path).is_file():
-            raise TcplugError(f"recipe {path} does not exist")
-        merged = OmegaConf.merge(merged, OmegaConf.load(path))
-    try:
-        return OmegaConf.to_container(merged, resolve=True)
-    except Exception as exc:
-        raise TcplugError(f"cannot resolve the recipe: {type(exc).__name__}: {exc}") from None
-
-
 def build_encoders(cfg: dict) -> tuple[Any, list]:
     """Only the recipe's latent design and conditioners (never its backbone)."""
-    from jsonargparse import ArgumentParser
-
-    from tcplug.cli import install_registry_names
     from tcplug.kinds import LatentDesign, WorldConditioner
-    from tcplug.registry import get_registry
+    from tcplug.recipe import instantiate
 
-    get_registry()
-    install_registry_names()
     model = cfg.get("model") or {}
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--latent", type=LatentDesign | None, default=None)
-    parser.add_argument("--conditioner", type=list[WorldConditioner] | WorldConditioner | None, default=None)
     try:
-        ns = parser.instantiate_classes(parser.parse_object(
-            {"latent": model.get("latent"), "conditioner": model.get("conditioner")}))
+        ns = instantiate(model, components={"latent": LatentDesign | None,
+                                            "conditioner": list[WorldConditioner] | WorldConditioner | None})
     except (ValueError, TypeError) as exc:
         raise TcplugError(f"cannot build the recipe's latent design / conditioners: {exc}") from None
     latent = ns.latent
@@ -78,7 +55,9 @@ def encode_shards(configs: Sequence[str], shards: str, out: str, batch_size: int
 
     if dtype not in ("float32", "float16"):
         raise TcplugError(f"--dtype must be float32 or float16, got {dtype}")
-    cfg = load_recipe(configs)
+    from tcplug.recipe import load
+
+    cfg = load(configs)
     inputs = list_shards(shards)
     latent, conds = build_encoders(cfg)
     latent.to(device).eval()
@@ -91,9 +70,8 @@ def encode_shards(configs: Sequence[str], shards: str, out: str, batch_size: int
             "source": str(shards), "recipes": [str(c) for c in configs]}
     shared = {}
     for c in conds:
-        if hasattr(c, "precompute_shared"):
-            with torch.no_grad():
-                shared.update(c.precompute_shared())
+        with torch.no_grad():
+            shared.update(c.precompute_shared())
     info["shared"] = sorted(shared)
     if rank == 0:
         for key, arr in shared.items():
@@ -114,8 +92,7 @@ def encode_shards(configs: Sequence[str], shards: str, out: str, batch_size: int
         with torch.no_grad():
             extra = {"latents": latent.encode(batch["video"])}
             for c in conds:
-                if hasattr(c, "precompute"):
-                    extra.update(c.precompute(batch))
+                extra.update(c.precompute(batch))
         for i, p in enumerate(pending):
             sample = dict(p["raw"])
             for key, value in extra.items():
@@ -156,4 +133,4 @@ def encode_shards(configs: Sequence[str], shards: str, out: str, batch_size: int
     return report
 
 
-__all__ = ["build_encoders", "encode_shards", "load_recipe"]
+__all__ = ["build_encoders", "encode_shards"]

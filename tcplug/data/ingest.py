@@ -25,7 +25,7 @@ def _square(frames: np.ndarray, size: int) -> np.ndarray:
 def clips_from_video(path: str | Path, frames: int, size: int, stride: int = 1, flow_preset: str = "medium") -> Iterator[dict]:
     """Non-overlapping clips of ``frames`` frames (every ``stride``-th source frame) with
     DIS forward/backward flow and the forward-backward occlusion mask (1 = occluded)."""
-    from tcplug.metrics.flow import DISFlow, valid_mask
+    from tcplug.flow import DISFlow, valid_mask
     from tcplug.video import read_video
 
     video = read_video(path)[::stride]

@@ -1,11 +1,10 @@
 """webdataset shards: writing clips, decoding samples robustly, inspecting folders.
 
-A sample is one clip. Keys (ARCHITECTURE.md, Data): ``frames.npy`` or ``frames.mp4``
-(uint8 ``T x H x W x 3``), ``flow.npy`` (forward), ``flow_bwd.npy``, ``occ.npy``,
-``depth.npy``, ``skeleton.npy``, ``static.npy``, ``state.json``, ``txt``, ``json``; and, in
-shards written by ``tcplug data encode``, ``latents.npy`` (float ``T' x C x h x w``) and
-``text_emb.npy`` (float ``L x D``), and ``text_mask.npy`` (``L``, 1 = a real token) for text
-encoders whose model masks padding (LTX-Video).
+A sample is one clip: ``frames.npy`` or ``frames.mp4`` (uint8 ``T x H x W x 3``), ``json``
+(metadata), and any key of the schema (:mod:`tcplug.data.schema`): the engine's ground truth
+(``flow.npy``, ``flow_bwd.npy``, ``occ.npy``, ``depth.npy``, ``skeleton.npy``, ``static.npy``,
+``state.json``, ``txt``), what ``tcplug data encode`` precomputes (``latents.npy``,
+``text_emb.npy``, ``text_mask.npy``), and the keys components declare.
 """
 
 from __future__ import annotations
@@ -19,14 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tcplug.data.schema import BUILTIN, PRECOMPUTED, known_keys, load_npy
 from tcplug.errors import TcplugError
+from tcplug.kinds import DataKey
 
-ARRAY_KEYS = ("flow", "flow_bwd", "occ", "depth", "skeleton", "static")
-# written by `tcplug data encode`: VAE latents (T', C, h, w), text embeddings (L, D) and, for
-# text encoders whose model reads an attention mask over the tokens (LTX-Video), that mask (L,); float
-PRECOMPUTED_KEYS = ("latents", "text_emb", "text_mask")
-_PRECOMPUTED_SHAPES = {"latents": (4, "(T, C, h, w)"), "text_emb": (2, "(L, D)"), "text_mask": (1, "(L,)")}
-ALL_KEYS = ARRAY_KEYS + ("state", "txt") + PRECOMPUTED_KEYS
+#: the engine's own keys (the schema adds those components declare)
+ALL_KEYS = tuple(BUILTIN)
+PRECOMPUTED_KEYS = tuple(k.name for k in PRECOMPUTED)
 
 
 class DataSkipWarning(UserWarning):
@@ -58,16 +56,16 @@ def encode_sample(key: str, clip: dict, video_format: str = "npy", meta: dict | 
         sample["frames.mp4"] = _mp4_bytes(clip["frames"])
     else:
         raise TcplugError(f"unknown video format {video_format!r}: use npy or mp4")
-    for k in ARRAY_KEYS:
-        if k in clip:
-            sample[f"{k}.npy"] = _npy_bytes(np.asarray(clip[k]))
-    if "state" in clip:
-        sample["state.json"] = json.dumps(clip["state"]).encode()
-    for k in PRECOMPUTED_KEYS:
-        if k in clip:
-            sample[f"{k}.npy"] = _npy_bytes(np.asarray(clip[k]))
-    if "txt" in clip:
-        sample["txt"] = clip["txt"].encode()
+    for key in BUILTIN.values():
+        if key.name not in clip:
+            continue
+        value = clip[key.name]
+        if key.entry.endswith(".npy"):
+            sample[key.entry] = _npy_bytes(np.asarray(value))
+        elif key.entry.endswith(".json"):
+            sample[key.entry] = json.dumps(value).encode()
+        else:
+            sample[key.entry] = str(value).encode()
     sample["json"] = json.dumps(meta or {}).encode()
     return sample
 
@@ -86,10 +84,6 @@ def write_shards(out: str | Path, samples: Iterable[dict], prefix: str = "clips"
 
 
 # ----- reading -------------------------------------------------------------------------------
-def _load_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
 def _load_mp4(data: bytes) -> np.ndarray:
     import av
 
@@ -100,30 +94,22 @@ def _load_mp4(data: bytes) -> np.ndarray:
     return np.stack(frames)
 
 
-def _sample_array(sample: dict, key: str) -> np.ndarray:
-    """The ``key.npy`` entry of a raw sample; ``ValueError`` naming the key if absent or unreadable."""
-    if f"{key}.npy" not in sample:
-        raise ValueError(f"missing key {key}.npy")
-    try:
-        return _load_npy(sample[f"{key}.npy"])
-    except Exception as exc:
-        raise ValueError(f"{key}.npy: cannot decode ({type(exc).__name__}: {exc})") from None
-
-
 def decode_clip(sample: dict, keys: Iterable[str] = (), frames: int | None = None,
-                size: int | None = None) -> dict:
+                size: int | None = None, schema: dict[str, DataKey] | None = None) -> dict:
     """Decode one raw sample into tensors; raises ``ValueError`` naming the bad key.
 
-    Returns ``{"video": (T, 3, H, W) float in [-1, 1], "flow": (T-1, 2, H, W), "flow_bwd": ...,
-    "occ": (T-1, 1, H, W), "depth": (T, 1, H, W), "skeleton": (T, 2, H, W), "static": (1, H, W),
-    "state": dict, "txt": str, "__key__": str}`` for the requested ``keys``, each cut to the
-    first ``frames`` frames. ``size`` checks the frame size.
+    Returns ``{"video": (T, 3, H, W) float in [-1, 1], "__key__": str, "__url__": str}`` plus
+    each of ``keys`` decoded by its :class:`~tcplug.DataKey` in ``schema`` (default: the engine's
+    keys, then :func:`~tcplug.data.schema.known_keys`): ``flow``, ``flow_bwd`` ``(T-1, 2, H, W)``,
+    ``occ`` ``(T-1, 1, H, W)``, ``depth`` ``(T, 1, H, W)``, ``skeleton`` ``(T, K, H, W)``,
+    ``static`` ``(1, H, W)``, ``state`` (dict), ``txt`` (str), ..., each cut to the first
+    ``frames`` frames. ``size`` checks the frame size.
     """
     name = "frames.npy" if "frames.npy" in sample else "frames.mp4" if "frames.mp4" in sample else None
     if name is None:
         raise ValueError("missing key frames.npy/frames.mp4")
     try:
-        raw = _load_npy(sample[name]) if name.endswith("npy") else _load_mp4(sample[name])
+        raw = load_npy(sample[name]) if name.endswith("npy") else _load_mp4(sample[name])
     except Exception as exc:
         raise ValueError(f"{name}: cannot decode ({type(exc).__name__}: {exc})") from None
     if raw.ndim != 4 or raw.shape[-1] != 3 or raw.dtype != np.uint8:
@@ -136,43 +122,19 @@ def decode_clip(sample: dict, keys: Iterable[str] = (), frames: int | None = Non
         raise ValueError(f"{name}: frames are {h}x{w}, expected {size}x{size}")
     out: dict = {"__key__": sample.get("__key__", "?"), "__url__": sample.get("__url__", "?")}
     out["video"] = torch.from_numpy(raw[:t].copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
-    expect = {"flow": (t - 1, h, w, 2), "flow_bwd": (t - 1, h, w, 2), "occ": (t - 1, h, w),
-              "depth": (t, h, w), "skeleton": (t, None, h, w), "static": (h, w)}
     for k in keys:
-        if k in ARRAY_KEYS:
-            arr = _sample_array(sample, k)
-            if k != "static":
-                arr = arr[: expect[k][0]]
-            want = expect[k]
-            if arr.ndim != len(want) or any(a != b for a, b in zip(arr.shape, want) if b is not None):
-                raise ValueError(f"{k}.npy: shape {arr.shape}, expected {tuple(x if x else 'K' for x in want)}")
-            ten = torch.from_numpy(np.ascontiguousarray(arr)).float()
-            if k in ("flow", "flow_bwd"):
-                ten = ten.permute(0, 3, 1, 2)
-            elif k in ("occ", "depth"):
-                ten = ten[:, None]
-            elif k == "static":
-                ten = ten[None]
-            out[k] = ten
-        elif k in PRECOMPUTED_KEYS:
-            arr = _sample_array(sample, k)
-            ndim, want = _PRECOMPUTED_SHAPES[k]
-            if arr.ndim != ndim:
-                raise ValueError(f"{k}.npy: shape {arr.shape}, expected {want}")
-            out[k] = torch.from_numpy(np.ascontiguousarray(arr)).float()
-        elif k == "state":
-            if "state.json" not in sample:
-                raise ValueError("missing key state.json")
-            try:
-                out["state"] = json.loads(sample["state.json"])
-            except Exception as exc:
-                raise ValueError(f"state.json: cannot decode ({exc})") from None
-        elif k == "txt":
-            if "txt" not in sample:
-                raise ValueError("missing key txt")
-            out["txt"] = sample["txt"].decode() if isinstance(sample["txt"], bytes) else str(sample["txt"])
-        else:
-            raise TcplugError(f"unknown data key {k!r}; known keys: {', '.join(ALL_KEYS)}")
+        spec = (schema or BUILTIN).get(k)
+        if spec is None:
+            known = known_keys()
+            spec = known.get(k)
+            if spec is None:
+                raise TcplugError(f"unknown data key {k!r}; known keys: {', '.join(known)}")
+        if spec.entry not in sample:
+            raise ValueError(f"missing key {spec.entry}")
+        try:
+            out[k] = spec.decode(sample[spec.entry], t, h, w)
+        except ValueError as exc:
+            raise ValueError(f"{spec.entry}: {exc}") from None
     return out
 
 
@@ -226,14 +188,17 @@ def list_shards(spec: str | Path) -> list[str]:
     return shards
 
 
-def inspect_shards(spec: str | Path, keys: Iterable[str] = ALL_KEYS) -> dict:
-    """Clip count, keys, shapes and every unreadable sample of a shard folder.
+def inspect_shards(spec: str | Path, keys: Iterable[str] | None = None) -> dict:
+    """Clip count, keys, shapes and every unreadable sample of a shard folder (``keys``: those
+    to decode, default every key of the schema).
 
     A sample is bad if a key does not decode or has the wrong shape, if the tar breaks, if
     it lacks a key that most samples carry, or if its frame size differs from most samples'.
     """
     from collections import Counter
 
+    schema = known_keys()
+    keys = list(schema) if keys is None else list(keys)
     shards = list_shards(spec)
     report = {"shards": len(shards), "clips": 0, "keys": {}, "shapes": {}, "bad": []}
     good: list[tuple[str, str, frozenset, tuple]] = []
@@ -243,9 +208,9 @@ def inspect_shards(spec: str | Path, keys: Iterable[str] = ALL_KEYS) -> dict:
                 report["bad"].append({"shard": shard, "key": None, "error": err})
                 continue
             present = frozenset(k for k in raw if not k.startswith("__"))
-            wanted = [k for k in keys if (f"{k}.npy" in raw or f"{k}.json" in raw or k in raw)]
+            wanted = [k for k in keys if k in schema and schema[k].entry in raw]
             try:
-                clip = decode_clip(raw, wanted)
+                clip = decode_clip(raw, wanted, schema=schema)
             except ValueError as exc:
                 report["bad"].append({"shard": shard, "key": raw["__key__"], "error": str(exc)})
                 continue
@@ -277,8 +242,9 @@ class SampleDecoder:
     ``__skipped__`` so the training loop can log ``data/skipped``.
     """
 
-    def __init__(self, keys: Iterable[str], frames: int, size: int | None) -> None:
-        self.keys, self.frames, self.size = tuple(keys), frames, size
+    def __init__(self, keys: Iterable[str], frames: int, size: int | None,
+                 schema: dict[str, DataKey] | None = None) -> None:
+        self.keys, self.frames, self.size, self.schema = tuple(keys), frames, size, schema
         self.skipped = 0
 
     def skip(self, shard: str, key: str | None, error: str) -> None:
@@ -288,7 +254,7 @@ class SampleDecoder:
     def __call__(self, source: Iterable[dict]) -> Iterator[dict]:
         for raw in source:
             try:
-                clip = decode_clip(raw, self.keys, self.frames, self.size)
+                clip = decode_clip(raw, self.keys, self.frames, self.size, self.schema)
             except ValueError as exc:
                 self.skip(raw.get("__url__", "?"), raw.get("__key__"), str(exc))
                 continue

@@ -1,7 +1,8 @@
 """Metrics (weight-free): temporal (TVS, warping error, flicker, coverage), motion and fidelity
 companions (motion ratio, sharpness ratio, frame distance, trajectory error), and the
-``score`` core. Each is a :class:`~tcplug.kinds.VideoMetric` (kind ``metric``)."""
+``score`` core. Each is a :class:`~tcplug.metrics.base.VideoMetric` (kind ``metric``)."""
 
+from tcplug.flow import DISFlow, valid_mask, warp
 from tcplug.metrics.fidelity import (
     FrameDistance,
     MotionRatio,
@@ -11,7 +12,6 @@ from tcplug.metrics.fidelity import (
     gradient_energy,
     mmd,
 )
-from tcplug.metrics.flow import DISFlow, valid_mask, warp
 from tcplug.metrics.suite import DEFAULT_METRICS, MetricSuite, build_metrics
 from tcplug.metrics.temporal import (
     BackgroundFlicker,

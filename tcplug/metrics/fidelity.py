@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.image.kid import poly_kernel
 
-from tcplug.kinds import VideoMetric
+from tcplug.metrics.base import VideoMetric
 from tcplug.metrics.temporal import _check, estimate_flows
 
 

@@ -1,4 +1,4 @@
-"""A set of :class:`~tcplug.kinds.VideoMetric` s fed together: what validation and ``tcplug
+"""A set of :class:`~tcplug.metrics.base.VideoMetric` s fed together: what validation and ``tcplug
 score`` both use, so a metric is computed the same way in both.
 
 Optical flow is estimated once per clip (OpenCV DIS) and shared by every metric that needs
@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from tcplug.kinds import VideoMetric
-from tcplug.metrics.flow import DISFlow
+from tcplug.flow import DISFlow
+from tcplug.metrics.base import VideoMetric
 from tcplug.metrics.temporal import estimate_flows
 
 #: the metrics validation logs and ``tcplug score`` prints when none are named

@@ -1,10 +1,10 @@
-"""Temporal metrics as :class:`~tcplug.kinds.VideoMetric` s: TVS, warping error, flicker, coverage.
+"""Temporal metrics as :class:`~tcplug.metrics.base.VideoMetric` s: TVS, warping error, flicker, coverage.
 
 All take ``update(video, flows=None, batch=None)`` (the metric kind's contract):
 
 - ``video``: ``(B, T, C, H, W)`` float in ``[0, 1]`` (use :func:`to_unit` for ``[-1, 1]``).
 - ``flows``: ``(fwd, bwd)``, each ``(B, T-1, 2, H, W)`` in pixels (ground truth when the data
-  has it). When absent, both are estimated with OpenCV DIS (:class:`~tcplug.metrics.flow.DISFlow`).
+  has it). When absent, both are estimated with OpenCV DIS (:class:`~tcplug.flow.DISFlow`).
 - ``batch``: with ``region="static"``, ``batch["static"]`` ``(B, 1, H, W)`` is the region of
   interest (the static background); it multiplies the occlusion mask.
 
@@ -12,7 +12,7 @@ Every metric is a mean over consecutive frame pairs of all clips seen. States ar
 reduced by torchmetrics across DDP ranks, so 1 and N processes agree.
 
 Definitions (Lai et al. 2018; VBench): with ``W(V_{n+1})`` frame ``n+1`` warped back to ``n`` by
-the forward flow and ``M`` the non-occlusion mask of :func:`~tcplug.metrics.flow.valid_mask`,
+the forward flow and ``M`` the non-occlusion mask of :func:`~tcplug.flow.valid_mask`,
 
 - TVS (%) = 100 * mean_n  sum(M |V_n - W(V_{n+1})|) / sum(M)   (channel mean)
 - warping error = mean_n  sum(M ||V_n - W(V_{n+1})||^2) / sum(M)   (channel sum)
@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 from tcplug.errors import TcplugError
-from tcplug.kinds import VideoMetric
-from tcplug.metrics.flow import DISFlow, valid_mask, warp
+from tcplug.flow import DISFlow, valid_mask, warp
+from tcplug.metrics.base import VideoMetric
 
 
 def to_unit(video: Tensor) -> Tensor:

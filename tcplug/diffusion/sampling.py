@@ -18,13 +18,15 @@ Timesteps may be per clip ``(B,)``, per frame ``(B, T)``, or per latent pixel
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from torch import Tensor
 
 from tcplug.errors import TcplugError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tcplug.diffusion.lock import LockedSampling
 
 NoiseKind = Literal["ddpm", "flow_matching"]
 Prediction = Literal["epsilon", "v_prediction", "sample", "flow"]
@@ -70,6 +72,8 @@ class NoiseSchedule:
         self.num_train_timesteps, self.beta_schedule, self.shift = num_train_timesteps, beta_schedule, shift
         self.scheduler_config = load_scheduler_config(scheduler) if scheduler is not None else None
         if kind == "ddpm":
+            from diffusers import DDPMScheduler
+
             ref = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
             self.alphas_cumprod = ref.alphas_cumprod.float()
 
@@ -134,20 +138,20 @@ class NoiseSchedule:
         ``configure(scheduler, steps)`` may return the keyword arguments of ``set_timesteps``
         instead (a model family whose pipeline passes its own ``sigmas`` or a dynamic shift
         ``mu``, see :meth:`tcplug.Backbone.timestep_schedule`); None keeps ``set_timesteps(steps)``."""
+        import diffusers
+
         n = self.num_train_timesteps
         if self.scheduler_config is not None:  # the one the model folder names (e.g. Wan's UniPC)
-            import diffusers
-
             sched = getattr(diffusers, self.scheduler_config["_class_name"]).from_config(self.scheduler_config)
         elif self.kind == "flow_matching":
-            sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=n, shift=self.shift)
+            sched = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=n, shift=self.shift)
         elif self.sampler == "ddim":
-            sched = DDIMScheduler(
+            sched = diffusers.DDIMScheduler(
                 num_train_timesteps=n, beta_schedule=self.beta_schedule, prediction_type=self.prediction_type,
                 clip_sample=False, timestep_spacing="trailing", set_alpha_to_one=False,
             )
         else:
-            sched = DDPMScheduler(
+            sched = diffusers.DDPMScheduler(
                 num_train_timesteps=n, beta_schedule=self.beta_schedule, prediction_type=self.prediction_type,
                 clip_sample=False, timestep_spacing="trailing",
             )
@@ -185,15 +189,6 @@ def load_scheduler_config(scheduler: str | dict) -> dict:
     return config
 
 
-@torch.no_grad()
-def locked_positions(lock: Tensor, frames: int) -> Tensor:
-    """A lock ``(B, 1, 1, h, w)`` (1 = locked) -> bool ``(B, frames, 1, h, w)``: the locked
-    positions of every frame after the anchor (frame 0, which is never locked)."""
-    locked = lock.bool().expand(-1, frames, -1, -1, -1).clone()
-    locked[:, 0] = False
-    return locked
-
-
 def sample_loop(
     model_fn: Callable[[Tensor, Tensor], Tensor],
     noise: Tensor,
@@ -201,9 +196,7 @@ def sample_loop(
     steps: int,
     generator: torch.Generator | None = None,
     progress: bool = False,
-    lock: Tensor | None = None,
-    lock_timestep: float = 0.0,
-    copy_anchor: bool = False,
+    lock: LockedSampling | None = None,
     configure: Callable[[Any, int], dict | None] | None = None,
 ) -> Tensor:
     """Denoise ``noise`` (latents ``(B, T, C, h, w)``) in ``steps`` sampler steps.
@@ -211,27 +204,17 @@ def sample_loop(
     ``model_fn(x_t, timesteps) -> prediction`` in the schedule's parameterization; timesteps
     are ``(B,)``, or per latent pixel ``(B, T, 1, h, w)`` when a lock is given.
 
-    ``lock`` ``(B, 1, 1, h, w)`` (1 = locked) ties the locked positions of every frame after
-    the anchor (frame 0) to the anchor: they start from the anchor's noise; after each step
-    they hold the anchor's current clean estimate re-noised to ``lock_timestep`` (a near-zero
-    per-token timestep, which the model sees) while free positions take the full step, so
-    at the end they hold the anchor's last clean estimate re-noised to ``lock_timestep``.
-    ``copy_anchor`` then overwrites them with the anchor frame's final latents (exactly still
-    backgrounds, but a copy, not something the model produced: off by default, and a metric
-    measured with it on says so). ``configure``: see :meth:`NoiseSchedule.make_sampler`.
-    Returns clean latents of the input's shape.
+    ``lock`` (:class:`~tcplug.diffusion.lock.LockedSampling`) ties the locked positions of every
+    frame after the anchor (frame 0) to the anchor: they start from the anchor's noise; after each
+    step they hold the anchor's current clean estimate re-noised to the lock's near-zero timestep
+    (which the model sees) while free positions take the full step. ``configure``: see
+    :meth:`NoiseSchedule.make_sampler`. Returns clean latents of the input's shape.
     """
     sched = schedule.make_sampler(steps, configure)
     x = noise * getattr(sched, "init_noise_sigma", 1.0)
     scale = getattr(sched, "scale_model_input", None)
-    locked = None
     if lock is not None:
-        locked = locked_positions(lock, x.shape[1])
-        anchor_noise = noise[:, :1]
-        x = torch.where(locked, x[:, :1], x)
-        t_lock = torch.full((x.shape[0],), float(lock_timestep), device=x.device)
-        if schedule.kind == "ddpm":
-            t_lock = t_lock.long()
+        x = lock.start(x, noise, schedule)
     timesteps = sched.timesteps
     if progress:
         from tqdm.auto import tqdm
@@ -241,21 +224,16 @@ def sample_loop(
         t_batch = torch.full((x.shape[0],), float(t), device=x.device)
         if schedule.kind == "ddpm":
             t_batch = t_batch.long()
-        t_in = t_batch
-        if locked is not None and i > 0:  # locked tokens already hold a near-clean estimate
-            t_in = torch.where(locked, float(lock_timestep), t_batch.float().view(-1, 1, 1, 1, 1))
+        t_in = lock.timesteps(i, t_batch) if lock is not None else t_batch
         pred = model_fn(scale(x, t) if scale is not None else x, t_in)
-        if locked is not None:
-            x0_anchor = schedule.pred_x0(x[:, :1], pred[:, :1], t_batch)
+        before = x
         if schedule.kind == "ddpm" and schedule.sampler == "ddpm":
             x = sched.step(pred, t, x, generator=generator).prev_sample
         else:
             x = sched.step(pred, t, x).prev_sample
-        if locked is not None:
-            x = torch.where(locked, schedule.add_noise(x0_anchor, anchor_noise, t_lock), x)
-    if locked is not None and copy_anchor:
-        x = torch.where(locked, x[:, :1], x)
-    return x
+        if lock is not None:
+            x = lock.after_step(before, pred, t_batch, x, schedule)
+    return lock.finish(x) if lock is not None else x
 
 
 # ----- per-frame noise and streaming ----------------------------------------------------------

@@ -1,0 +1,134 @@
+"""``tcplug sample``: a video from a checkpoint, streamed chunk by chunk when the model can."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tcplug.errors import TcplugError
+
+
+def _conditioning_batch(args, cfg: dict) -> dict | None:
+    """What ``tcplug sample`` conditions on: a validation clip of the recipe's data, a caption,
+    an initial object state (``state.json``)."""
+    batch: dict = {}
+    if args.clip is not None:
+        from tcplug.data import VideoDataModule
+        from tcplug.data.shards import slice_batch
+
+        dm = VideoDataModule(**(cfg.get("data") or {}))
+        dm.prepare_data()
+        dm.setup("validate")
+        seen = 0
+        for b in dm.val_dataloader():
+            n = b["video"].shape[0]
+            if args.clip < seen + n:
+                i = args.clip - seen
+                batch = slice_batch(b, slice(i, i + 1))
+                batch.pop("video")  # the clip's conditioning, not its pixels
+                break
+            seen += n
+        else:
+            raise TcplugError(f"--clip {args.clip}: the recipe's validation data has only {seen} clips")
+    if args.caption is not None:
+        batch["txt"] = [args.caption]
+    if args.state is not None:
+        try:
+            batch["state"] = [json.loads(Path(args.state).read_text())]
+        except (OSError, ValueError) as exc:
+            raise TcplugError(f"--state {args.state}: not a readable JSON state ({exc})") from None
+    if args.static_mask is not None:
+        from tcplug.video import read_mask
+
+        size = args.size or int((cfg.get("data") or {}).get("size", 32))
+        batch["static"] = (read_mask(args.static_mask, (size, size)) >= 0.5).float()
+    return batch or None
+
+
+# what each conditioner reads at sampling, and the flags of `tcplug sample` that give it
+_NEEDS = {"txt": "--caption TEXT", "state": "--state state.json", "depth": "--clip N", "skeleton": "--clip N",
+          "flow": "--clip N",
+          "static": "--static-mask IMAGE"}
+
+
+def _check_conditions(model, args, batch: dict | None) -> None:
+    """A conditioned model needs its conditions: name the flags that give the missing ones
+    (and warn about a flag that the model does not read). ``model`` is a ``VideoDiffusion``."""
+    from tcplug.module import TCPlugModule
+
+    have = set(batch or {})
+    missing: list[str] = []
+    readers = [*model.conditioners, *([model.motion_lock] if model.motion_lock is not None else [])]
+    for c in readers:
+        name = TCPlugModule.name_of(c)
+        for need in c.needs:
+            options = need.split("|")
+            if not have & set(options):
+                flags = " or ".join(_NEEDS.get(k, f"a batch with {k!r}") for k in options if k in _NEEDS) or \
+                    f"a batch with {need!r}"
+                missing.append(f"{name} needs {flags}")
+    if missing:
+        raise TcplugError(
+            f"this model is conditioned: {'; '.join(missing)} (or --clip N takes every condition from validation "
+            "clip N of the recipe's data; `state.json` is described in the CLI reference)")
+    if args.static_mask is not None and "static" not in {k for c in readers for need in c.needs
+                                                         for k in need.split("|")}:
+        print("tcplug sample: --static-mask is ignored: nothing in this model reads a static mask (a motion lock "
+              "`mask` with source: static does)", file=sys.stderr)
+
+
+def main(argv: Sequence[str]) -> int:
+    from tcplug.module import TCPlugModule
+    from tcplug.video import VideoWriter, to_uint8, write_video
+
+    parser = argparse.ArgumentParser(
+        prog="tcplug sample",
+        description="Sample a video from a checkpoint. Models that can stream are sampled chunk by chunk "
+        "with the K/V frame buffer (memory bounded by the attention window, not by the length); models "
+        "with conditioners, experts or a motion lock are sampled all at once.")
+    parser.add_argument("--ckpt", required=True, help="a checkpoint written by tcplug fit (its recipe is inside)")
+    parser.add_argument("--frames", type=int, required=True, help="frames to generate")
+    parser.add_argument("--out", required=True, help="output .mp4")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chunk", type=int, default=None, help="frames per chunk (default: the training clip length)")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the recipe's)")
+    parser.add_argument("--size", type=int, default=None, help="frame size (default: the recipe's)")
+    parser.add_argument("--fps", type=int, default=8)
+    parser.add_argument("--caption", default=None, help="caption, for a caption-conditioned model")
+    parser.add_argument("--state", default=None, help="state.json: the initial object state (physics_state)")
+    parser.add_argument("--clip", type=int, default=None,
+                        help="condition on validation clip N of the recipe's data (its depth, skeleton, state, "
+                        "static mask and caption)")
+    parser.add_argument("--static-mask", default=None, metavar="IMAGE",
+                        help="white = static: the mask a motion lock (mask) ties to the first frame")
+    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: "
+                        "the recipe's model.guidance_scale)")
+    args = parser.parse_args(list(argv))
+    if args.frames < 1:
+        raise TcplugError("--frames must be >= 1")
+    if Path(args.out).suffix.lower() != ".mp4":
+        if Path(args.out).suffix:
+            raise TcplugError(f"--out {args.out}: tcplug sample writes .mp4 files; give a name ending in .mp4")
+        args.out = f"{args.out}.mp4"
+    model = TCPlugModule.from_checkpoint(args.ckpt)
+    cfg = model.recipe
+    data = cfg.get("data") or {}
+    chunk = args.chunk or int(data.get("frames", 8))
+    size = args.size or int(data.get("size", 32))
+    batch = _conditioning_batch(args, cfg)
+    _check_conditions(model.diffusion, args, batch)
+    if model.can_stream:
+        with VideoWriter(args.out, fps=args.fps) as writer:
+            for video in model.stream(args.frames, size, size, chunk, steps=args.steps, seed=args.seed,
+                                      progress=True):
+                writer.write(to_uint8(video[0]))
+        print(f"wrote {writer.frames} frames to {args.out}")
+        return 0
+    video = model.generate(1, args.frames, size, size, steps=args.steps, seed=args.seed, batch=batch,
+                           progress=True, guidance_scale=args.guidance)
+    write_video(to_uint8(video[0]), args.out, fps=args.fps)
+    print(f"wrote {video.shape[1]} frames to {args.out}")
+    return 0
