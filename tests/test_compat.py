@@ -11,16 +11,34 @@ import tcplug
 from tcplug import compat
 
 
+def _jsonargparse_modules_binding_the_resolver() -> set[str]:
+    """Every jsonargparse module that holds ``resolve_class_path_by_name`` under that name."""
+    import pkgutil
+
+    import jsonargparse
+
+    found = set()
+    for info in pkgutil.iter_modules(jsonargparse.__path__, "jsonargparse."):
+        try:
+            module = importlib.import_module(info.name)
+        except Exception:  # noqa: BLE001 - an optional extra that is not installed
+            continue
+        if hasattr(module, "resolve_class_path_by_name"):
+            found.add(info.name)
+    return found
+
+
 def test_jsonargparse_resolves_class_paths_by_name_where_tcplug_patches_it():
     from tcplug.recipe import install_registry_names
 
-    for name in compat.JSONARGPARSE_RESOLVER_MODULES:
-        module = importlib.import_module(name)
-        params = list(inspect.signature(module.resolve_class_path_by_name).parameters)
-        assert params == ["cls", "name"], (name, params)
     install_registry_names()
-    for name in compat.JSONARGPARSE_RESOLVER_MODULES:
-        assert getattr(importlib.import_module(name).resolve_class_path_by_name, "_tcplug", False), name
+    holders = _jsonargparse_modules_binding_the_resolver()
+    assert holders == set(compat.JSONARGPARSE_RESOLVER_MODULES), holders  # a new holder would bypass the patch
+    for name in holders:
+        resolver = importlib.import_module(name).resolve_class_path_by_name
+        assert getattr(resolver, "_tcplug", False), name
+    original = inspect.unwrap(importlib.import_module("jsonargparse._typehints").resolve_class_path_by_name)
+    assert list(inspect.signature(original).parameters) == ["cls", "name"]
 
 
 def test_registry_names_reach_every_jsonargparse_path():
