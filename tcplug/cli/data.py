@@ -10,6 +10,15 @@ from collections.abc import Sequence
 from tcplug.errors import TcplugError
 
 
+def _write_mode(parser) -> None:
+    """--append / --overwrite: what to do with a folder that already holds shards (default: refuse)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--append", dest="mode", action="store_const", const="append", default="new",
+                       help="add to the shards already in --out (the numbering continues)")
+    group.add_argument("--overwrite", dest="mode", action="store_const", const="overwrite",
+                       help="replace the shards already in --out")
+
+
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="tcplug data", description="Make, ingest and inspect webdataset shards.")
     sub = parser.add_subparsers(dest="action", required=True)
@@ -25,6 +34,7 @@ def main(argv: Sequence[str]) -> int:
     synth.add_argument("--shard-size", type=int, default=64, help="clips per shard")
     synth.add_argument("--world", choices=["simple", "textured"], default="simple",
                        help="difficulty: smooth background and flat shapes, or textured ones")
+    _write_mode(synth)
     ing = sub.add_parser("ingest", help="real videos -> clips with estimated flow and occlusion")
     ing.add_argument("videos", nargs="+", metavar="VIDEO")
     ing.add_argument("--out", required=True)
@@ -33,6 +43,7 @@ def main(argv: Sequence[str]) -> int:
     ing.add_argument("--stride", type=int, default=1, help="take every STRIDE-th source frame")
     ing.add_argument("--format", choices=["npy", "mp4"], default="npy")
     ing.add_argument("--shard-size", type=int, default=64)
+    _write_mode(ing)
     enc = sub.add_parser("encode", help="precompute a recipe's VAE latents and text embeddings into new shards")
     enc.add_argument("--config", action="append", required=True, metavar="RECIPE",
                      help="the recipe whose latent design and conditioners encode (repeat to overlay)")
@@ -51,16 +62,17 @@ def main(argv: Sequence[str]) -> int:
     if args.action == "synth":
         from tqdm.auto import tqdm
 
-        from tcplug.data.shards import encode_sample, write_shards
+        from tcplug.data.shards import check_out_folder, encode_sample, write_shards
         from tcplug.data.synthetic import make_clip
 
-        if args.clips < 1 or args.frames < 2 or args.size < 8:
-            raise TcplugError("need --clips >= 1, --frames >= 2, --size >= 8")
+        if args.clips < 1 or args.frames < 2 or args.size < 8 or args.shard_size < 1:
+            raise TcplugError("need --clips >= 1, --frames >= 2, --size >= 8, --shard-size >= 1")
+        check_out_folder(args.out, args.mode)  # before any clip is made
         samples = (encode_sample(f"clip{i:07d}", make_clip(args.seed, i, args.frames, args.size, args.shapes,
                                                            args.gravity, world=args.world), args.format,
                                  {"source": "synthetic", "seed": args.seed, "index": i})
                    for i in tqdm(range(args.clips), desc="synth", unit="clip"))
-        shards = write_shards(args.out, samples, maxcount=args.shard_size)
+        shards = write_shards(args.out, samples, maxcount=args.shard_size, mode=args.mode)
         print(f"wrote {args.clips} clips in {len(shards)} shard(s) to {args.out}")
         return 0
     if args.action == "encode":
@@ -85,7 +97,7 @@ def main(argv: Sequence[str]) -> int:
         from tcplug.data.ingest import ingest
 
         count, errors = ingest(args.videos, args.out, args.frames, args.size, args.stride, args.shard_size,
-                               args.format)
+                               args.format, mode=args.mode)
         print(f"wrote {count} clips to {args.out}; {len(errors)} file(s) failed")
         return 1 if count == 0 else 0
     from tcplug.data.shards import inspect_shards
@@ -95,11 +107,12 @@ def main(argv: Sequence[str]) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(f"{args.dir}: {report['shards']} shard(s), {report['clips']} readable clip(s)")
+        video = report["shapes"].get("video")
         for k, n in sorted(report["keys"].items()):
-            shape = report["shapes"].get(k.split(".")[0] if k != "frames.npy" else "video")
-            print(f"  {k:<14} {n:>6} sample(s)  {shape if shape else ''}")
-        if report["shapes"].get("video"):
-            print(f"  video (decoded) {report['shapes']['video']}")
+            name = "video" if k.startswith("frames.") else k.split(".")[0]
+            shape = report["shapes"].get(name)
+            stored = f"({video[0]}, {video[2]}, {video[3]}, 3) uint8 " if name == "video" and video else ""
+            print(f"  {k:<14} {n:>6} sample(s)  {stored}{f'-> batch[{name!r}] {shape}' if shape else ''}")
         for bad in report["bad"]:
             print(f"  BAD {bad['shard']} key={bad['key']}: {bad['error']}")
     return 1 if report["bad"] else 0

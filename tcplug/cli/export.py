@@ -18,7 +18,13 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("ckpt", help="a checkpoint of `tcplug fit` (e.g. RUN/checkpoints/last.ckpt)")
     parser.add_argument("--lora", metavar="OUT", required=True,
                         help="write the LoRA adapters to the folder OUT (e.g. what WanPipeline.load_lora_weights reads)")
+    parser.add_argument("--overwrite", action="store_true", help="replace what a non-empty folder OUT holds")
     args = parser.parse_args(list(argv))
+    out = Path(args.lora)
+    if out.exists() and not out.is_dir():
+        raise TcplugError(f"--lora {out} is a file: give a folder (the adapters are written into it)")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise TcplugError(f"--lora {out} is not empty: give another folder, or --overwrite to replace what it holds")
     model = TCPlugModule.from_checkpoint(args.ckpt).diffusion
     if model.lora is None:
         raise TcplugError(f"{args.ckpt}: the recipe trained no LoRA adapters (model.lora is not set)")

@@ -30,7 +30,8 @@ def main(argv: Sequence[str]) -> int:
         "flicker, coverage; with --reference also motion_ratio, sharpness_ratio and frame_distance against "
         "real footage (a clip that does not move, is blurred or looks nothing like the reference is caught "
         "there, not by TVS). Exit status 1 if any file failed.")
-    parser.add_argument("videos", nargs="+", metavar="VIDEO", help="mp4/gif/webm/... files or .npy (T, H, W, 3) arrays")
+    parser.add_argument("videos", nargs="+", metavar="VIDEO",
+                        help="mp4/gif/webm/... files, .npy (T, H, W, 3) arrays, or folders of them")
     parser.add_argument("--reference", metavar="REF", default=None,
                         help="reference footage: a video, a folder of videos, or webdataset shards")
     parser.add_argument("--metrics", default=None, metavar="A,B,...",
@@ -40,7 +41,11 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--size", type=int, default=None, help="resize frames (and the reference) to SIZE x SIZE first")
     parser.add_argument("--max-frames", type=int, default=None, help="score only the first N frames")
     parser.add_argument("--flow", default="medium", choices=["ultrafast", "fast", "medium"], help="DIS preset")
+    parser.add_argument("--split", type=int, default=1, metavar="N",
+                        help="each video holds N clips side by side (as tcplug's validation samples): score each")
     args = parser.parse_intermixed_args(list(argv))
+    if args.split < 1:
+        raise TcplugError(f"--split must be >= 1, got {args.split}")
     names = [n.strip() for n in args.metrics.split(",") if n.strip()] if args.metrics else None
     if names is None:
         names = list(DEFAULT_METRICS if args.reference else NO_REFERENCE_METRICS)
@@ -48,25 +53,76 @@ def main(argv: Sequence[str]) -> int:
     reference = load_reference(args.reference, args.max_frames) if args.reference else None
     failed = 0
     suites: dict[tuple[int, int], object] = {}  # one suite per frame size, fed with the resized reference
-    for path in args.videos:
+    for path in _videos(args.videos):
         try:
-            frames = load_frames(path, args.size, args.max_frames)
+            frames = load_frames(path, None if args.split > 1 else args.size, args.max_frames)
             if len(frames) < 2:
                 raise TcplugError(f"{path}: need at least 2 frames, got {len(frames)}")
-            size = tuple(frames.shape[1:3])
-            if size not in suites:
-                ref = [resize_frames(c, *size) for c in reference] if reference is not None else None
-                suites[size] = reference_suite(names, ref, args.flow)
-            result = {"path": str(path), "frames": int(len(frames)),
-                      **score_frames(frames, args.flow, progress=sys.stderr.isatty() or len(frames) > 64,
-                                     suite=suites[size])}
+            clips = _split(frames, args.split, path)
+            if args.split > 1 and args.size:
+                clips = [(name, resize_frames(c, args.size, args.size)) for name, c in clips]
         except TcplugError as exc:
             failed += 1
             print(f"tcplug score: error: {exc}", file=sys.stderr)
             continue
-        if args.json:
-            print(json.dumps(result), flush=True)
-        else:
-            values = " ".join(f"{k}={_fmt(k, v)}" for k, v in result.items() if k not in ("path", "frames"))
-            print(f"{path}: frames={result['frames']} {values}", flush=True)
+        for name, clip in clips:
+            try:
+                size = tuple(clip.shape[1:3])
+                if reference is not None and not args.size:
+                    _same_shape(name, size, tuple(reference[0].shape[1:3]))
+                if size not in suites:
+                    ref = [resize_frames(c, *size) for c in reference] if reference is not None else None
+                    suites[size] = reference_suite(names, ref, args.flow)
+                result = {"path": name, "frames": int(len(clip)),
+                          **score_frames(clip, args.flow, progress=sys.stderr.isatty() or len(clip) > 64,
+                                         suite=suites[size])}
+            except TcplugError as exc:
+                failed += 1
+                print(f"tcplug score: error: {exc}", file=sys.stderr)
+                continue
+            if args.json:
+                print(json.dumps(result), flush=True)
+            else:
+                values = " ".join(f"{k}={_fmt(k, v)}" for k, v in result.items() if k not in ("path", "frames"))
+                print(f"{name}: frames={result['frames']} {values}", flush=True)
     return 1 if failed else 0
+
+
+def _videos(paths: Sequence[str]) -> list[str]:
+    """The files to score: each path, a folder's video files in name order."""
+    from pathlib import Path
+
+    from tcplug.scoring import VIDEO_SUFFIXES
+
+    out = []
+    for path in paths:
+        folder = Path(path)
+        if folder.is_dir():
+            files = sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+            if not files:
+                raise TcplugError(f"{path}: a folder without video files ({', '.join(VIDEO_SUFFIXES)})")
+            out += files
+        else:
+            out.append(str(path))
+    return out
+
+
+def _split(frames, parts: int, path: str) -> list[tuple[str, object]]:
+    """``(name, frames)`` of the ``parts`` clips side by side in ``frames`` ``(T, H, W, 3)``."""
+    if parts == 1:
+        return [(str(path), frames)]
+    width = frames.shape[2]
+    if width % parts:
+        raise TcplugError(f"{path}: {width} pixels wide: not {parts} clips side by side (--split {parts})")
+    w = width // parts
+    return [(f"{path}[{i}]", frames[:, :, i * w:(i + 1) * w]) for i in range(parts)]
+
+
+def _same_shape(name: str, size: tuple[int, int], ref: tuple[int, int]) -> None:
+    """A clip of another aspect than the reference is refused rather than stretched to it."""
+    if size[0] * ref[1] != size[1] * ref[0]:
+        k = round(size[1] * ref[0] / (size[0] * ref[1]))
+        hint = f" --split {k} scores {k} clips side by side (as tcplug's validation samples hold) one by one;" \
+            if k >= 2 and size[1] * ref[0] == k * size[0] * ref[1] else ""
+        raise TcplugError(f"{name}: frames are {size[0]}x{size[1]}, the reference's {ref[0]}x{ref[1]} (another "
+                          f"shape):{hint} --size S resizes both to S x S")

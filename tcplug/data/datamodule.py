@@ -84,13 +84,15 @@ def generate_synthetic(out: Path, params: dict, progress: bool = True) -> Path:
     return out
 
 
-def detect_keys(shard: str, schema: dict | None = None) -> list[str]:
-    """The schema's keys carried by the first readable sample of a shard."""
+def detect_keys(shard: str | list[str], schema: dict | None = None) -> list[str]:
+    """The schema's keys carried by the first readable sample of a shard (or of a list of shards:
+    the first that has one, so an empty or broken first shard does not hide the others' keys)."""
     schema = known_keys() if schema is None else schema
-    for raw, _ in iter_tar(shard):
-        if raw is None:
-            break
-        return [k for k, spec in schema.items() if spec.entry in raw]
+    for path in [shard] if isinstance(shard, str) else shard:
+        for raw, _ in iter_tar(path):
+            if raw is None:
+                break
+            return [k for k, spec in schema.items() if spec.entry in raw]
     return []
 
 
@@ -264,7 +266,7 @@ class VideoDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.keys is None:
-            self.keys = detect_keys(self.train_shard_list()[0], self.schema())
+            self.keys = detect_keys(self.train_shard_list(), self.schema())
 
     def _rank(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -292,7 +294,7 @@ class VideoDataModule(pl.LightningDataModule):
         epoch_seed = self.seed * 100_003 + epoch
         pipeline = wds.DataPipeline(
             wds.ResampledShards(mine, seed=epoch_seed, deterministic=True),
-            TarSamples(decoder),
+            TarSamples(decoder, num_shards=len(mine)),
             decoder,
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=epoch_seed * 1009 + rank),
             wds.batched(self.batch_size, collation_fn=collate, partial=False),

@@ -51,7 +51,15 @@ def encode_shards(configs: Sequence[str], shards: str, out: str, batch_size: int
     import webdataset as wds
     from tqdm.auto import tqdm
 
-    from tcplug.data.shards import PRECOMPUTED_KEYS, _npy_bytes, decode_clip, iter_tar, list_shards
+    from tcplug.data.shards import (
+        CHECKSUMS,
+        PRECOMPUTED_KEYS,
+        _npy_bytes,
+        decode_clip,
+        iter_tar,
+        list_shards,
+        with_checksums,
+    )
 
     if dtype not in ("float32", "float16"):
         raise TcplugError(f"--dtype must be float32 or float16, got {dtype}")
@@ -97,7 +105,7 @@ def encode_shards(configs: Sequence[str], shards: str, out: str, batch_size: int
             sample = dict(p["raw"])
             for key, value in extra.items():
                 sample[f"{key}.npy"] = _npy_bytes(value[i].float().cpu().numpy().astype(np_dtype))
-            writer.write(sample)
+            writer.write(with_checksums(sample))
         bar.update(len(pending))
         report["clips"] += len(pending)
         pending.clear()
@@ -122,7 +130,7 @@ def encode_shards(configs: Sequence[str], shards: str, out: str, batch_size: int
                 if pending and clip["video"].shape != pending[0]["clip"]["video"].shape:
                     flush(pending, writer)
                 clean = {k: v for k, v in raw.items()
-                         if k != "__url__" and k not in {f"{key}.npy" for key in PRECOMPUTED_KEYS}}
+                         if k not in ("__url__", CHECKSUMS) and k not in {f"{key}.npy" for key in PRECOMPUTED_KEYS}}
                 pending.append({"raw": clean, "clip": clip})
                 if len(pending) >= batch_size:
                     flush(pending, writer)

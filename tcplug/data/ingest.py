@@ -48,12 +48,20 @@ def clips_from_video(path: str | Path, frames: int, size: int, stride: int = 1, 
 
 
 def ingest(videos: list[str], out: str | Path, frames: int, size: int, stride: int = 1, shard_size: int = 64,
-           video_format: str = "npy", progress: bool = True) -> tuple[int, list[str]]:
+           video_format: str = "npy", progress: bool = True, mode: str = "new") -> tuple[int, list[str]]:
     """Ingest videos into ``out``; returns ``(clips written, error lines)``.
 
-    A file that cannot be read is reported and skipped; the others are still ingested.
+    A file that cannot be read is reported and skipped; the others are still ingested. ``mode``:
+    see :func:`~tcplug.data.shards.write_shards` (a folder with shards is refused unless asked).
     """
     from tqdm.auto import tqdm
+
+    from tcplug.data.shards import check_out_folder
+
+    if frames < 2 or size < 8 or stride < 1 or shard_size < 1:
+        raise TcplugError(f"need --frames >= 2, --size >= 8, --stride >= 1 and --shard-size >= 1 (got frames {frames}, "
+                          f"size {size}, stride {stride}, shard size {shard_size})")
+    check_out_folder(out, mode)  # before any video is read
 
     from tcplug.data.shards import encode_sample, write_shards
 
@@ -72,5 +80,5 @@ def ingest(videos: list[str], out: str | Path, frames: int, size: int, stride: i
                 errors.append(str(exc))
                 print(f"tcplug data ingest: error: {exc}", file=sys.stderr)
 
-    write_shards(out, samples(), prefix="clips", maxcount=shard_size)
+    write_shards(out, samples(), prefix="clips", maxcount=shard_size, mode=mode)
     return count, errors

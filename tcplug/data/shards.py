@@ -47,6 +47,34 @@ def _mp4_bytes(frames: np.ndarray, fps: int = 8) -> bytes:
         return path.read_bytes()
 
 
+CHECKSUMS = "crc.json"  # a sample's entries' CRC-32s, written with every sample and checked on reading
+
+
+def with_checksums(sample: dict) -> dict:
+    """``sample`` with a :data:`CHECKSUMS` entry: the CRC-32 of every other entry's bytes."""
+    import zlib
+
+    crcs = {k: zlib.crc32(v) for k, v in sample.items() if not k.startswith("__") and k != CHECKSUMS
+            and isinstance(v, bytes | bytearray)}
+    return {**sample, CHECKSUMS: json.dumps(crcs, sort_keys=True).encode()}
+
+
+def check_sample(sample: dict) -> None:
+    """Raise ``ValueError`` naming the first entry whose bytes do not match the checksum written
+    with it (a sample written without checksums passes)."""
+    import zlib
+
+    if CHECKSUMS not in sample:
+        return
+    try:
+        crcs = json.loads(sample[CHECKSUMS])
+    except ValueError:
+        raise ValueError(f"{CHECKSUMS}: cannot decode") from None
+    for entry, crc in crcs.items():
+        if entry in sample and zlib.crc32(sample[entry]) != crc:
+            raise ValueError(f"{entry}: damaged (its bytes do not match the checksum written with them)")
+
+
 def encode_sample(key: str, clip: dict, video_format: str = "npy", meta: dict | None = None) -> dict:
     """A webdataset sample dict (bytes per extension) from a clip dict of arrays."""
     sample = {"__key__": key}
@@ -70,17 +98,63 @@ def encode_sample(key: str, clip: dict, video_format: str = "npy", meta: dict | 
     return sample
 
 
-def write_shards(out: str | Path, samples: Iterable[dict], prefix: str = "clips", maxcount: int = 128) -> list[Path]:
-    """Write samples into ``out/{prefix}-%06d.tar`` with webdataset's ``ShardWriter``."""
+WRITE_MODES = ("new", "append", "overwrite")
+
+
+def check_out_folder(out: str | Path, mode: str = "new") -> list[Path]:
+    """The shards already in ``out``, after checking that a writer in ``mode`` may write there
+    (a file is no folder; a folder with shards needs ``append`` or ``overwrite``)."""
+    if mode not in WRITE_MODES:
+        raise TcplugError(f"write mode {mode!r}: use one of {', '.join(WRITE_MODES)}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TcplugError(f"--out {out} is a file, not a folder")
+    existing = sorted(out.glob("*.tar")) if out.is_dir() else []
+    if existing and mode == "new":
+        raise TcplugError(f"{out} already holds {len(existing)} shard(s): give --append to add to them or "
+                          "--overwrite to replace them (or another --out)")
+    return existing
+
+
+def write_shards(out: str | Path, samples: Iterable[dict], prefix: str = "clips", maxcount: int = 128,
+                 mode: str = "new") -> list[Path]:
+    """Write samples into ``out/{prefix}-%06d.tar`` with webdataset's ``ShardWriter``; returns
+    the shards written (none when there was no sample: the folder is left as it was).
+
+    A folder that already holds shards is never silently overwritten: ``mode`` ``new`` (default)
+    refuses it, ``append`` continues the shard numbering after the existing ones, ``overwrite``
+    replaces them. The shards are written beside the folder's content first and moved in only
+    when complete, so an interrupted writer leaves the dataset as it was.
+    """
+    import re
+    import shutil
+    import tempfile
+
     import webdataset as wds
 
     out = Path(out)
+    existing = check_out_folder(out, mode)
     out.mkdir(parents=True, exist_ok=True)
-    pattern = str(out / f"{prefix}-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0) as sink:
-        for sample in samples:
-            sink.write(sample)
-    return sorted(out.glob(f"{prefix}-*.tar"))
+    numbers = [int(m.group(1)) for p in existing if (m := re.fullmatch(rf"{re.escape(prefix)}-(\d+)\.tar", p.name))]
+    start = max(numbers) + 1 if mode == "append" and numbers else 0
+    tmp = Path(tempfile.mkdtemp(prefix=".writing-", dir=out))
+    try:
+        count = 0
+        with wds.ShardWriter(str(tmp / f"{prefix}-%06d.tar"), maxcount=maxcount, start_shard=start, verbose=0) as sink:
+            for sample in samples:
+                sink.write(with_checksums(sample))
+                count += 1
+        if count == 0:
+            return []
+        if mode == "overwrite":
+            for old in existing:
+                old.unlink()
+        written = sorted(tmp.glob("*.tar"))
+        for shard in written:
+            shard.replace(out / shard.name)
+        return [out / shard.name for shard in written]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----- reading -------------------------------------------------------------------------------
@@ -105,6 +179,7 @@ def decode_clip(sample: dict, keys: Iterable[str] = (), frames: int | None = Non
     ``static`` ``(1, H, W)``, ``state`` (dict), ``txt`` (str), ..., each cut to the first
     ``frames`` frames. ``size`` checks the frame size.
     """
+    check_sample(sample)
     name = "frames.npy" if "frames.npy" in sample else "frames.mp4" if "frames.mp4" in sample else None
     if name is None:
         raise ValueError("missing key frames.npy/frames.mp4")
@@ -245,10 +320,12 @@ class SampleDecoder:
     def __init__(self, keys: Iterable[str], frames: int, size: int | None,
                  schema: dict[str, DataKey] | None = None) -> None:
         self.keys, self.frames, self.size, self.schema = tuple(keys), frames, size, schema
-        self.skipped = 0
+        self.skipped = self.decoded = 0
+        self.last_error: str | None = None
 
     def skip(self, shard: str, key: str | None, error: str) -> None:
         self.skipped += 1
+        self.last_error = f"sample {key!r}: {error}" if key else error
         warnings.warn(f"skipping sample {key!r} of shard {shard}: {error}", DataSkipWarning, stacklevel=2)
 
     def __call__(self, source: Iterable[dict]) -> Iterator[dict]:
@@ -258,6 +335,7 @@ class SampleDecoder:
             except ValueError as exc:
                 self.skip(raw.get("__url__", "?"), raw.get("__key__"), str(exc))
                 continue
+            self.decoded += 1
             clip["__skipped__"] = self.skipped
             info = torch.utils.data.get_worker_info()
             clip["__worker__"] = info.id if info is not None else 0
@@ -266,19 +344,34 @@ class SampleDecoder:
 
 class TarSamples:
     """Picklable webdataset stage: shard dicts ``{"url": ...}`` -> raw samples, tolerant of
-    truncated or unreadable tars (one warning line each, counted by the decoder)."""
+    truncated or unreadable tars (one warning line each, counted by the decoder).
 
-    def __init__(self, decoder: SampleDecoder) -> None:
-        self.decoder = decoder
+    When every one of the ``num_shards`` shards it may read has been visited and none gave the
+    decoder a single readable sample, it stops the run naming them (resampling would otherwise
+    loop over them forever)."""
+
+    def __init__(self, decoder: SampleDecoder, num_shards: int = 0) -> None:
+        self.decoder, self.num_shards = decoder, num_shards
 
     def __call__(self, shards: Iterable[dict]) -> Iterator[dict]:
+        barren: dict[str, str] = {}  # shards that gave no readable sample (until one does)
+        fertile = False
         for shard in shards:
-            url = shard["url"]
+            url, error = shard["url"], "no readable sample"
+            before = self.decoder.decoded
             for raw, err in iter_tar(url):
                 if raw is None:
                     self.decoder.skip(url, None, f"unreadable shard ({err})")
+                    error = f"unreadable ({err})"
                     break
                 yield raw
+            fertile = fertile or self.decoder.decoded > before
+            if not fertile and self.num_shards:
+                barren.setdefault(url, self.decoder.last_error or error)
+                if len(barren) >= self.num_shards:
+                    first, why = next(iter(barren.items()))
+                    raise TcplugError(f"none of the {self.num_shards} training shard(s) holds a readable sample (e.g. "
+                                      f"{first}: {why}); `tcplug data inspect` lists every bad one")
 
 
 def collate(samples: list[dict]) -> dict:
