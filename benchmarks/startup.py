@@ -50,7 +50,8 @@ def main() -> None:
     args = p.parse_args()
     repeats = 1 if args.smoke else args.repeats
     out = {"bench": "startup", "machine": platform.machine(), "python": platform.python_version(), "repeats": repeats}
-    for name, code in COMMANDS.items():
+    commands = {k: COMMANDS[k] for k in ("import tcplug", "recipe error")} if args.smoke else COMMANDS  # smoke: seconds
+    for name, code in commands.items():
         runs = [cpu_seconds(code) for _ in range(repeats)]
         out[name] = {"cpu_s": round(statistics.median(t for t, _ in runs), 2), "imports": runs[0][1]}
     print(json.dumps(out))

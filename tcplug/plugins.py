@@ -12,9 +12,11 @@ names it and the error, and :func:`plugin_infos` reports it as ``failed``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -70,6 +72,36 @@ def _dist_of(ep: EntryPoint) -> tuple[str | None, str | None]:
     return dist.metadata["Name"], dist.version
 
 
+class PluginFailed(Exception):
+    """A plugin's import or hook raised (or exited); it is marked failed."""
+
+
+@contextlib.contextmanager
+def isolated(name: str):
+    """Run a plugin's import or hook so that nothing it does takes the tool down: an exception or
+    an exit (``sys.exit``, an ``argparse`` that parsed a command line) marks it failed and raises
+    :class:`PluginFailed`; it sees no command line of tcplug's (``sys.argv`` is the program alone)."""
+    import io
+
+    saved, said = sys.argv, io.StringIO()
+    sys.argv = saved[:1]
+    try:
+        with contextlib.redirect_stderr(said):  # what it prints is shown if it goes on, summed up if it fails
+            yield
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - SystemExit included: a plugin must not end the tool
+        if isinstance(exc, SystemExit):
+            last = said.getvalue().strip().splitlines()[-1:] or [""]
+            exc = RuntimeError(f"it exited (SystemExit: {exc.code}){': ' + last[0] if last[0] else ''}")
+        mark_failed(name, exc)
+        raise PluginFailed(name) from None
+    else:
+        sys.stderr.write(said.getvalue())
+    finally:
+        sys.argv = saved
+
+
 def mark_failed(name: str, error: BaseException | str) -> None:
     """Record a plugin as failed and warn once, naming it and the error."""
     message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
@@ -101,9 +133,9 @@ def load_plugins() -> None:
         name = ep.name if not builtin else f"tcplug.{ep.name}"
         _infos[name] = PluginInfo(name, version, "ok", module=ep.value, builtin=builtin)
         try:
-            plugin = ep.load()
-        except Exception as exc:  # a broken plugin must never take the tool down
-            mark_failed(name, exc)
+            with isolated(name):
+                plugin = ep.load()
+        except PluginFailed:  # a broken plugin must never take the tool down
             continue
         try:
             pm.register(plugin, name=name)
@@ -175,7 +207,8 @@ def plugin_commands(reserved: Iterable[str] = ()) -> dict[str, Command]:
             commands[name] = Command(name, run, help, _plugin)
 
         try:
-            impl.function(register=register)
-        except Exception as exc:  # a broken plugin must never take the tool down
-            mark_failed(plugin, exc)
+            with isolated(plugin):
+                impl.function(register=register)
+        except PluginFailed:
+            pass
     return dict(sorted(commands.items()))

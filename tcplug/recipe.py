@@ -179,6 +179,25 @@ def merge_config_args(argv: Sequence[str]) -> list[str]:
 
 
 # ----- building objects ----------------------------------------------------------------------
+def component_error(exc: BaseException) -> str:
+    """The message a component raised while jsonargparse built it (it wraps it in a ValueError
+    listing every type of a Union it tried)."""
+    chain, e = [], exc
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for e in chain:
+        if isinstance(e, TcplugError):
+            return str(e)
+    text = str(exc)
+    if "Errors:" in text:
+        for line in text.split("Errors:", 1)[1].splitlines():
+            line = line.strip()
+            if line.startswith("- ") and not line.startswith("- Expected a"):
+                return line[2:]
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def instantiate(cfg: dict, classes: dict[str, type] | None = None, components: dict[str, Any] | None = None):
     """Build sections of a resolved recipe as ``tcplug fit`` does: ``classes`` maps a section to a
     class built from its init arguments (``{"model": TCPlugModule}``), ``components`` a section to
@@ -197,7 +216,10 @@ def instantiate(cfg: dict, classes: dict[str, type] | None = None, components: d
         raise TcplugError(f"the recipe has no {', '.join(missing)} section")
     values = {name: cfg[name] for name in classes or {}}
     values.update({name: cfg.get(name) for name in components or {}})
-    return parser.instantiate_classes(parser.parse_object(values))
+    try:
+        return parser.instantiate_classes(parser.parse_object(values))
+    except (ValueError, TypeError) as exc:  # a component refused its arguments (jsonargparse wraps its error)
+        raise TcplugError(component_error(exc)) from None
 
 
 __all__ = ["install_registry_names", "instantiate", "load", "merge", "merge_config_args", "read"]

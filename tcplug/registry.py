@@ -218,9 +218,10 @@ def _build(pm) -> Registry:
     for impl in caller.get_hookimpls():
         plugin_name = pm.get_name(impl.plugin) or repr(impl.plugin)
         try:
-            impl.function(register=_Register(registry, plugin_name))
-        except Exception as exc:  # isolate a plugin whose registration breaks
-            plugins.mark_failed(plugin_name, exc)
+            with plugins.isolated(plugin_name):  # a plugin whose registration breaks (or exits) is isolated
+                impl.function(register=_Register(registry, plugin_name))
+        except plugins.PluginFailed:
+            pass
     return registry
 
 

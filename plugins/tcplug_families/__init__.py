@@ -40,6 +40,9 @@ def subfolder(pretrained: str, sub: str, what: str) -> Path:
     """``pretrained/sub``, checked: a local folder (weights are never downloaded)."""
     root = Path(pretrained).expanduser()
     if not root.is_dir():
+        if root.is_absolute() or str(pretrained).startswith((".", "~")):
+            raise TcplugError(f"{what}: pretrained={pretrained!r} is not a local folder: the model folder {root} does not "
+                              "exist (moved or deleted? a checkpoint's recipe names the folder its weights were loaded from)")
         raise TcplugError(f"{what}: pretrained={pretrained!r} is not a local folder (weights are never downloaded)")
     path = root / sub
     if not path.is_dir():
@@ -59,15 +62,39 @@ def load_model(cls: type, what: str, pretrained: str | None, sub: str, config: d
         torch_dtype = DTYPES[dtype]
     if pretrained is not None:
         path = subfolder(pretrained, sub, what)
+        # a folder with only pickle-format weights (.bin): say so, instead of diffusers' "defaulting to unsafe
+        # serialization" (the load is weights-only, never unpickling code)
+        safetensors = any(path.glob("*.safetensors"))
         try:
-            return cls.from_pretrained(path, local_files_only=True, torch_dtype=torch_dtype)
+            model = cls.from_pretrained(path, local_files_only=True, torch_dtype=torch_dtype,
+                                        use_safetensors=True if safetensors else False)
         except Exception as exc:
-            raise TcplugError(f"{what}: cannot load {cls.__name__} from {path}: {type(exc).__name__}: {exc}") from None
+            raise TcplugError(f"{what}: cannot load {cls.__name__} from {path}: {_load_error(exc)}") from None
+        empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if empty:
+            raise TcplugError(f"{what}: the weights in {path} do not match its config.json: {len(empty)} tensor(s) of the "
+                              f"model it describes have no weights (e.g. {empty[0]})")
+        return model
     try:
         model = cls.from_config(dict(config))
     except Exception as exc:
         raise TcplugError(f"{what}: bad {cls.__name__} config: {type(exc).__name__}: {exc}") from None
     return model.to(torch_dtype) if torch_dtype is not None else model
+
+
+def _load_error(exc: BaseException) -> str:
+    """A model folder's load error in one line; a pickled payload named as such (torch's own text
+    would advise ``weights_only=False``, which tcplug never uses)."""
+    import pickle
+
+    chain, e = [], exc
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    if any(isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e) for e in chain):
+        return ("its weights file carries pickled objects beyond tensors, which could run code: tcplug loads only "
+                "safetensors or plain tensors (re-save the folder with save_pretrained(safe_serialization=True))")
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
 
 
 # ----- attention ---------------------------------------------------------------------------------
@@ -413,8 +440,7 @@ class FrozenTextEncoder(WorldConditioner):
                 encoder = getattr(transformers, self.encoder_cls_name).from_pretrained(path / "text_encoder",
                                                                                       local_files_only=True)
             except Exception as exc:
-                raise TcplugError(f"{self.what}: cannot load the text encoder from {path}: "
-                                  f"{type(exc).__name__}: {exc}") from None
+                raise TcplugError(f"{self.what}: cannot load the text encoder from {path}: {_load_error(exc)}") from None
             object.__setattr__(self, "_encoder", encoder.requires_grad_(False).eval())  # not registered
         if self._tokenizer is None:
             self._tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)

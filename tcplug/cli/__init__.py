@@ -9,6 +9,7 @@ their commands and imports neither Lightning nor the components' heavy dependenc
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -91,7 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return dispatch(argv)
     except TcplugError as exc:
-        print(f"tcplug: error: {exc}", file=sys.stderr)
+        if os.environ.get("TCPLUG_DEBUG", "") not in ("", "0"):
+            raise
+        text = str(exc)
+        if "Original Traceback" in text:  # raised in a data-loader worker: torch wraps it in the worker's traceback
+            text = " ".join(text.split("TcplugError: ")[-1].split())
+        print(f"tcplug: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tcplug: interrupted", file=sys.stderr)
@@ -100,6 +106,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if type(exc).__name__ == "SIGTERMException":
             return 143
         raise
+    except Exception as exc:  # the one error boundary: one line, the traceback with TCPLUG_DEBUG=1
+        if os.environ.get("TCPLUG_DEBUG", "") not in ("", "0"):
+            raise
+        from tcplug.cli.messages import describe
+
+        message, status = describe(exc)
+        print(f"tcplug: error: {message}", file=sys.stderr)
+        return status
 
 
 def console_main() -> None:

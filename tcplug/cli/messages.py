@@ -6,7 +6,7 @@ import difflib
 import re
 from collections.abc import Sequence
 
-from tcplug.errors import TcplugError
+from tcplug.recipe import component_error  # noqa: F401 (part of this room's messages)
 
 _NOISE = ("Given value", "Errors:", "Subtypes:", "Does not validate against any of the Union subtypes",
           "Expected a <class 'NoneType'>", "Expected a <class 'list'>", "Problem with given class_path")
@@ -56,23 +56,34 @@ def parse_error(message: str, options: Sequence[str] = (), subcommand: str = "")
     return f"{prefix}{detail}"[:400] + tail
 
 
-def component_error(exc: BaseException) -> str:
-    """The message a component raised while jsonargparse built it (it wraps it in a ValueError
-    listing every type of a Union it tried)."""
-    chain, e = [], exc
-    while e is not None and e not in chain:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    for e in chain:
-        if isinstance(e, TcplugError):
-            return str(e)
+def describe(exc: BaseException) -> tuple[str, int]:
+    """``(one line, exit status)`` for an error that is not tcplug's own: the file and what went
+    wrong for an ``OSError`` (a full disk, a read-only folder, a missing permission), the keys for
+    a checkpoint whose weights do not fit the model, the type and message for anything else
+    (``TCPLUG_DEBUG=1`` shows where it happened)."""
+    if isinstance(exc, OSError):
+        where = f" {exc.filename}" if exc.filename else ""
+        return f"cannot use{where}: {exc.strerror or exc}", 1
     text = str(exc)
-    if "Errors:" in text:
-        for line in text.split("Errors:", 1)[1].splitlines():
-            line = line.strip()
-            if line.startswith("- ") and not line.startswith("- Expected a"):
-                return line[2:]
-    return text.splitlines()[0] if text else type(exc).__name__
+    if isinstance(exc, RuntimeError) and "Error(s) in loading state_dict" in text:
+        missing = re.findall(r'Missing key\(s\) in state_dict: ((?:"[^"]+"(?:, )?)+)', text)
+        unexpected = re.findall(r'Unexpected key\(s\) in state_dict: ((?:"[^"]+"(?:, )?)+)', text)
+        shapes = re.findall(r"size mismatch for ([\w.]+): copying a param with shape (torch.Size\(\[[^\]]*\]\)) "
+                            r"from checkpoint, the shape in current model is (torch.Size\(\[[^\]]*\]\))", text)
+        parts = []
+        if missing:
+            keys = missing[0].split(", ")
+            parts.append(f"{len(keys)} weight(s) missing from it (e.g. {keys[0]})")
+        if unexpected:
+            keys = unexpected[0].split(", ")
+            parts.append(f"{len(keys)} it has that the model does not (e.g. {keys[0]})")
+        if shapes:
+            parts.append(f"{len(shapes)} of another shape (e.g. {shapes[0][0]}: {shapes[0][1]} there, {shapes[0][2]} here)")
+        return ("the checkpoint's weights do not fit this model: " + "; ".join(parts or [text.splitlines()[0]]) +
+                ". Was it made with another recipe? (the recipe it was made with is inside it)"), 2
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return (f"{type(exc).__name__}: {first[:300]} (unexpected: TCPLUG_DEBUG=1 shows where it happened; please "
+            "report it)"), 1
 
 
 def closest(name: str, choices: Sequence[str]) -> str:
@@ -81,4 +92,4 @@ def closest(name: str, choices: Sequence[str]) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
-__all__ = ["closest", "component_error", "parse_error"]
+__all__ = ["closest", "component_error", "describe", "parse_error"]
