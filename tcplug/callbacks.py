@@ -69,9 +69,10 @@ class MetricsJson(pl.Callback):
             return
         run = Path(log_dir)
         lines = [f"tcplug: run finished at step {trainer.global_step} — {run}"]
-        ckpt = getattr(trainer, "checkpoint_callback", None)
-        if ckpt is not None and getattr(ckpt, "last_model_path", ""):
-            lines.append(f"  checkpoint  {ckpt.last_model_path}")
+        last = last_checkpoint(trainer)
+        if last is not None and last.is_file():
+            step = saved_step(trainer, last)
+            lines.append(f"  checkpoint  {last}" + (f" (step {step})" if step is not None else ""))
         samples = sorted((run / "samples").glob("*.mp4")) if (run / "samples").is_dir() else []
         if samples:
             lines.append(f"  samples     {samples[-1]} ({len(samples)} in {run / 'samples'})")
@@ -79,7 +80,9 @@ class MetricsJson(pl.Callback):
         shown = [k for k in ("val/loss", "val/tvs", "val/tvs_data", "val/motion_ratio", "val/sharpness_ratio",
                              "val/frame_distance") if k in values]
         if shown:
-            lines.append("  metrics     " + "  ".join(f"{k.removeprefix('val/')}={values[k]:.4g}" for k in shown))
+            counts = f" (last validation: {values['val/clips']:.0f} sampled clip(s) vs {values['val/reference_clips']:.0f} " \
+                     "reference clip(s))" if "val/clips" in values else ""
+            lines.append("  metrics     " + "  ".join(f"{k.removeprefix('val/')}={values[k]:.4g}" for k in shown) + counts)
         lines.append(f"  all metrics {run / 'metrics.json'}; TensorBoard: tensorboard --logdir {run.parent}")
         print("\n".join(lines), file=sys.stderr, flush=True)
 
@@ -87,28 +90,84 @@ class MetricsJson(pl.Callback):
         self._write(trainer, "test")
 
 
-class SaveOnSigterm(pl.Callback):
-    """On SIGTERM (a scheduler's preemption notice, ``kill``), write ``last.ckpt`` before exiting.
+def last_checkpoint(trainer: pl.Trainer) -> Path | None:
+    """Where the run's ``last.ckpt`` goes (None without a ModelCheckpoint that saves one)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
-    Lightning turns SIGTERM into an exception at the end of the current training step, on
-    every rank; this callback then saves the run's ``last.ckpt`` (atomically), so the next
-    ``tcplug fit ... --ckpt_path last`` continues from the very step the run was stopped at.
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath:
+            return Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
+    return None
+
+
+def save_last(trainer: pl.Trainer, path: Path) -> None:
+    """Write ``last.ckpt`` now, and tell the ModelCheckpoint that it is its last one (so a later
+    save of its own overwrites it rather than writing ``last-v1.ckpt`` beside it)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    trainer.save_checkpoint(path, weights_only=False)
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.save_last:
+            cb.last_model_path = str(path)
+
+
+def saved_step(trainer: pl.Trainer, path: Path | None) -> int | None:
+    """The step the checkpoint at ``path`` holds, as tcplug's checkpoint IO wrote it (None if unknown)."""
+    steps = getattr(trainer.strategy.checkpoint_io, "saved_steps", None)
+    return None if path is None or steps is None else steps.get(str(path))
+
+
+class SaveOnSigterm(pl.Callback):
+    """``last.ckpt`` tells the truth about where a run stopped.
+
+    - When training ends, ``last.ckpt`` holds the final step (a ``checkpoint.every_n_train_steps``
+      that does not divide ``max_steps`` would leave an earlier one), written at the end of the last
+      epoch, before the EMA callback copies its average into the model.
+    - On SIGTERM (a scheduler's preemption notice, ``kill``) Lightning stops at the end of the
+      current step on every rank; this callback saves ``last.ckpt`` there, so ``--ckpt_path last``
+      continues from the very step the run was stopped at.
+    - On Ctrl-C it says where the last checkpoint is and how to resume.
     """
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        done = (trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps) or trainer.should_stop or (
+            trainer.max_epochs is not None and trainer.max_epochs > 0 and trainer.current_epoch + 1 >= trainer.max_epochs)
+        path = last_checkpoint(trainer)
+        if not done or path is None or trainer.sanity_checking:
+            return
+        # rank 0 wrote the checkpoints: its answer decides, on every rank (the save is a collective)
+        if trainer.strategy.broadcast(saved_step(trainer, path) != trainer.global_step):
+            save_last(trainer, path)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        """SIGTERM received: save here, at the end of the step, as ModelCheckpoint saves. (On an
+        epoch's last step Lightning stops only after the epoch's end, where the loops' saved state
+        would resume into the wrong batch of the next epoch.)"""
+        sigterm = trainer.received_sigterm
+        if trainer.world_size > 1:  # every rank takes the same decision: the save is a collective
+            sigterm = trainer.strategy.reduce_boolean_decision(sigterm, all=False)
+        path = last_checkpoint(trainer)
+        if sigterm and path is not None and saved_step(trainer, path) != trainer.global_step:
+            save_last(trainer, path)
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        from lightning.pytorch.callbacks import ModelCheckpoint
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        if not isinstance(exception, SIGTERMException) or not trainer.training:
+        path = last_checkpoint(trainer)
+        if path is None or not trainer.training:
             return
-        for cb in trainer.checkpoint_callbacks:
-            if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath:
-                path = Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
-                trainer.save_checkpoint(path)
-                if trainer.is_global_zero:
-                    print(f"tcplug: SIGTERM at step {trainer.global_step}: saved {path}; resume with --ckpt_path last",
-                          file=sys.stderr)
-                return
+        if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
+            step = saved_step(trainer, path)
+            where = f"{path} (step {step})" if step is not None and path.is_file() else "none was written"
+            print(f"tcplug: interrupted at step {trainer.global_step}; the last checkpoint: {where}. Resume with "
+                  "--ckpt_path last", file=sys.stderr)
+        if not isinstance(exception, SIGTERMException):
+            return
+        if trainer.strategy.broadcast(saved_step(trainer, path) != trainer.global_step):
+            save_last(trainer, path)
+        if trainer.is_global_zero:
+            print(f"tcplug: SIGTERM at step {trainer.global_step}: saved {path}; resume with --ckpt_path last",
+                  file=sys.stderr)
 
 
 class RunProgressBar(TQDMProgressBar):

@@ -26,6 +26,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     suffix = ".tmp"
 
+    def __init__(self) -> None:
+        super().__init__()
+        #: path -> the global step of the checkpoint this process last wrote there
+        self.saved_steps: dict[str, int] = {}
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options, got {storage_options!r}")
@@ -36,11 +41,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         tmp = path.parent / f".{path.name}.{os.getpid()}{self.suffix}"
-        with open(tmp, "wb") as f:
-            self.write_bytes(f, buffer.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                self.write_bytes(f, buffer.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:  # a full disk, a read-only folder: the last complete checkpoint stays
+            tmp.unlink(missing_ok=True)
+            kept = f"; {path} (the last complete checkpoint) is kept" if path.is_file() else ""
+            raise TcplugError(f"cannot write the checkpoint {path}: {exc.strerror or exc}{kept}") from None
+        self.saved_steps[str(path)] = int(checkpoint.get("global_step", -1))
 
     def write_bytes(self, f, data) -> None:
         """Write the serialized checkpoint (a seam for fault-injection tests)."""
@@ -61,6 +72,15 @@ def load_checkpoint(path, map_location: Any = "cpu") -> dict:
     if Path(path).is_file() and not zipfile.is_zipfile(path):  # torch.save writes a zip archive
         raise TcplugError(f"{path}: not a readable checkpoint (not a complete PyTorch archive: truncated, or "
                           "another kind of file; `tcplug fit` writes RUN/checkpoints/last.ckpt)")
+    if Path(path).is_file():  # every record of the archive carries a CRC; torch.load does not check them
+        try:
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            damaged = f"the archive ({exc})"
+        if damaged is not None:
+            raise TcplugError(f"{path}: damaged: {damaged} does not match its checksum (the file changed after it "
+                              "was written: a copy or a disk error); it was not used")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:

@@ -34,9 +34,23 @@ from tcplug.kinds import (
 from tcplug.lora import LoraSpec
 from tcplug.loss_context import LossContext
 from tcplug.metrics.base import VideoMetric
-from tcplug.optim import adamw, param_groups
+from tcplug.optim import adamw, apply_settings, param_groups
 from tcplug.registry import get_registry, snake_case
 from tcplug.validation import ValidationMetrics, sample_like, write_run_samples
+
+
+def check_losses(terms: dict[str, Tensor], step: int, max_loss: float | None) -> None:
+    """Stop the run, naming the term and the step, before a NaN/Inf or a diverged loss (above
+    ``max_loss``) reaches the weights: raised before the optimizer step, so the weights and every
+    checkpoint written so far (``last.ckpt`` included) stay as they were."""
+    for name, value in terms.items():
+        value = value.detach().float()
+        bad = not torch.isfinite(value).all()
+        if bad or (max_loss is not None and float(value.abs().max()) > max_loss):
+            what = f"is {float(value.flatten()[0])}" if bad else \
+                f"diverged: {float(value.flatten()[0]):.3g} > model.max_loss={max_loss:g}"
+            raise TcplugError(f"loss term {name!r} {what} at step {step}: stopping before the weights are touched; the "
+                              "last good checkpoint is kept (resume with --ckpt_path, perhaps at a lower --model.lr)")
 
 
 class TCPlugModule(pl.LightningModule):
@@ -90,6 +104,8 @@ class TCPlugModule(pl.LightningModule):
             group of their own.
         warmup_steps: linear learning-rate warm-up.
         gradient_clip: max gradient norm (None = no clipping), for every optimizer.
+        max_loss: a loss term or total above this stops the run as diverged, before the weights
+            are touched (None: only NaN/Inf stop it).
         disc_lr: the discriminator's learning rate (its own AdamW); disc_betas: its betas.
         sample_steps: sampler steps for validation samples.
         num_val_samples: clips sampled at each validation (0 = none).
@@ -118,6 +134,7 @@ class TCPlugModule(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.99),
         warmup_steps: int = 0,
         gradient_clip: float | None = 1.0,
+        max_loss: float | None = 1.0e4,
         disc_lr: float = 2e-4,
         disc_betas: tuple[float, float] = (0.5, 0.9),
         sample_steps: int = 20,
@@ -160,6 +177,7 @@ class TCPlugModule(pl.LightningModule):
         self.compile_backbone = compile
         self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
         self.gradient_clip, self.disc_lr, self.disc_betas = gradient_clip, disc_lr, tuple(disc_betas)
+        self.max_loss = max_loss
         self.sample_steps, self.num_val_samples, self.sample_fps = sample_steps, num_val_samples, sample_fps
         self.validation = ValidationMetrics(None if metrics is None else {self.name_of(m): m for m in metrics})
         self._skipped: dict[int, int] = {}
@@ -201,7 +219,10 @@ class TCPlugModule(pl.LightningModule):
         text = ckpt.get("tcplug_config")
         if not text:
             raise TcplugError(f"{path}: no recipe inside (not written by `tcplug fit`)")
-        module = cls.from_recipe(ckpt_io.parse_recipe(text, path))
+        try:
+            module = cls.from_recipe(ckpt_io.parse_recipe(text, path))
+        except TcplugError as exc:
+            raise TcplugError(f"{path}: the model its recipe describes cannot be built: {exc}") from None
         module.on_load_checkpoint(ckpt)  # old layouts migrated; weights a model folder holds filled in
         module.load_state_dict(ckpt["state_dict"])
         module.tcplug_config = text
@@ -249,6 +270,9 @@ class TCPlugModule(pl.LightningModule):
                 expert.compile()
             self._compiled = True
 
+    def on_train_start(self) -> None:
+        apply_settings(self)  # a resumed run's own learning rates and optimizer settings, not the checkpoint's
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Seed this step's randomness (noise, timesteps, dropout) from ``(seed, step, rank)``:
         a resumed run draws exactly what the uninterrupted run drew, wherever it was killed."""
@@ -258,7 +282,7 @@ class TCPlugModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         if self.automatic_optimization:
             total, terms = self.training_losses(batch)
-            self._check_finite(terms)
+            check_losses({**terms, "total": total}, self.global_step, self.max_loss)
         else:
             total, terms = self._adversarial_step(batch)
         bs = batch["video"].shape[0]
@@ -275,19 +299,6 @@ class TCPlugModule(pl.LightningModule):
             self.log("data/skipped", float(sum(self._skipped.values())), batch_size=bs, reduce_fx="max")
         return total
 
-    def _check_finite(self, terms: dict[str, Tensor]) -> None:
-        """Stop the run, naming the term and the step, before a NaN/Inf reaches the weights.
-
-        Raised before the optimizer step, so the weights and every checkpoint written so far
-        (``last.ckpt`` included) stay as they were.
-        """
-        for name, value in terms.items():
-            if not torch.isfinite(value).all():
-                raise TcplugError(
-                    f"loss term {name!r} is {float(value.detach().float().flatten()[0])} at step "
-                    f"{self.global_step}: stopping before the weights are touched; the last good "
-                    "checkpoint is kept (resume with --ckpt_path)")
-
     def _adversarial_step(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         """Manual optimization: a generator step, then a discriminator step (own optimizer),
         each with only its own optimizer's parameters trainable (``toggle_optimizer``). The
@@ -295,7 +306,7 @@ class TCPlugModule(pl.LightningModule):
         opt_g, opt_d = self.optimizers()
         self.toggle_optimizer(opt_g)
         total, terms, ctx = self.training_losses(batch, return_context=True)
-        self._check_finite(terms)
+        check_losses({**terms, "total": total}, self.global_step, self.max_loss)
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(total)
         self._clip(opt_g)
@@ -305,7 +316,7 @@ class TCPlugModule(pl.LightningModule):
         if d_losses:
             self.toggle_optimizer(opt_d)
             d_loss = torch.stack(d_losses).sum()
-            self._check_finite({"discriminator": d_loss})
+            check_losses({"discriminator": d_loss}, self.global_step, self.max_loss)
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(d_loss)
             self._clip(opt_d)
@@ -358,6 +369,8 @@ class TCPlugModule(pl.LightningModule):
             values.update({f"val/expert_steps_{e}": n / sum(steps) for e, n in enumerate(steps)})
         for name, value in values.items():
             self.log(name, value, prog_bar=name == "val/tvs", sync_dist=True)  # equal on every rank already
+        for name, count in (("val/clips", self.validation.clips), ("val/reference_clips", self.validation.reference_clips)):
+            self.log(name, float(count), sync_dist=True, reduce_fx="sum")  # every figure says how many clips
         self.validation.reset()
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:

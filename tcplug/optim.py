@@ -53,4 +53,35 @@ def adamw(groups: list[dict[str, Any]] | Any, lr: float, betas: tuple[float, flo
     return opt, sched
 
 
-__all__ = ["Warmup", "adamw", "param_groups"]
+
+
+def apply_settings(module) -> None:
+    """Give the module's optimizers its current settings (learning rates with their groups'
+    ``lr_scale``, betas, weight decay; the discriminator's own), where they differ from what the
+    optimizers hold: after a resume, Lightning restores the checkpoint's. Nothing changes when the
+    settings are the checkpoint's, so such a resume stays bit-identical."""
+    optimizers = module.optimizers(use_pl_optimizer=False)
+    optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+    schedulers = module.lr_schedulers()
+    schedulers = schedulers if isinstance(schedulers, list) else [] if schedulers is None else [schedulers]
+    disc = {id(p) for p in module.discriminator.parameters()} if module.discriminator is not None else set()
+    wanted = [(optimizers[0], [g.get("lr", module.lr) for g in param_groups(module, module.lr, disc)],
+               module.betas, module.weight_decay, schedulers[0] if schedulers else None)]
+    if len(optimizers) > 1:
+        wanted.append((optimizers[1], [module.disc_lr] * len(optimizers[1].param_groups), module.disc_betas, 0.0, None))
+    for opt, lrs, betas, decay, sched in wanted:
+        for i, (group, lr) in enumerate(zip(opt.param_groups, lrs)):
+            held = sched.base_lrs[i] if sched is not None else group["lr"]
+            if held != lr:
+                if sched is not None:
+                    sched.base_lrs[i] = group["initial_lr"] = lr
+                    group["lr"] = lr * sched.lr_lambdas[0](sched.last_epoch)
+                else:
+                    group["lr"] = lr
+            if tuple(group.get("betas", betas)) != tuple(betas):
+                group["betas"] = tuple(betas)
+            if group.get("weight_decay", decay) != decay:
+                group["weight_decay"] = decay
+
+
+__all__ = ["Warmup", "adamw", "apply_settings", "param_groups"]

@@ -49,6 +49,7 @@ class ValidationMetrics(nn.Module):
         self.data = MetricSuite(copy.deepcopy(named))
         self.tvs_data_gt = TemporalVarianceScore()
         self.measured = False
+        self.clips = self.reference_clips = 0  # what this process measured since the last reset
 
     def update(self, video: Tensor, sub: dict[str, Any], batch: dict[str, Any]) -> None:
         """Feed the sampled clips ``video`` ``(n, T, 3, H, W)`` in [-1, 1], the data clips they
@@ -64,6 +65,8 @@ class ValidationMetrics(nn.Module):
         if sub.get("flow") is not None and sub.get("flow_bwd") is not None:
             self.tvs_data_gt.update(data, (sub["flow"], sub["flow_bwd"]))
         self.measured = True
+        self.clips += n
+        self.reference_clips += ref.shape[0]
 
     def compute(self) -> dict[str, float]:
         """``{"val/<name>": ..., "val/<name>_data": ..., "val/tvs_data_gt": ...}`` (what measured)."""
@@ -79,6 +82,7 @@ class ValidationMetrics(nn.Module):
         self.data.reset()
         self.tvs_data_gt.reset()
         self.measured = False
+        self.clips = self.reference_clips = 0
 
 
 def sample_name(stage: str, step: int) -> str:

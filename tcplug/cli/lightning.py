@@ -16,6 +16,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 
 from tcplug.cli.messages import component_error, parse_error
+from tcplug.cli.resume import compare_with_checkpoint, reserve_run_folder, resolve_last_checkpoint
 from tcplug.errors import TcplugError
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -41,7 +42,7 @@ class TcplugCLI(LightningCLI):
         self.new_run: Path | None = None  # the run folder this process opened, if it did not exist
         try:
             super().__init__(*args, **kwargs)
-        except TcplugError:
+        except Exception:  # not Ctrl-C or SIGTERM (SystemExit): such a run keeps what it wrote
             self._drop_empty_run()
             raise
 
@@ -60,18 +61,57 @@ class TcplugCLI(LightningCLI):
         except Exception as exc:  # jsonargparse's ArgumentError
             if type(exc).__name__ != "ArgumentError":
                 raise
+            sub = sys.argv[1] if len(sys.argv) > 1 else ""
+            if re.search(r"required: [\w.]*model\.backbone", str(exc)):  # no model at all
+                if not any(a == "--config" or a.startswith("--config=") for a in sys.argv):
+                    raise TcplugError(f"tcplug {sub} needs a recipe: tcplug {sub} --config recipes/full.yaml (recipes/ "
+                                      "holds one per technique; `tcplug fit --help` lists every option)") from None
+                raise TcplugError("the recipe names no model.backbone: is it a base for other recipes (as "
+                                  "recipes/base.yaml is) rather than a recipe to run?") from None
             options = sorted({o for p in self.option_parsers for o in re.findall(r"--[\w.\-]+", p.format_help())})
-            raise TcplugError(parse_error(str(exc), options, sys.argv[1] if len(sys.argv) > 1 else "")) from None
+            raise TcplugError(parse_error(str(exc), options, sub)) from None
         sub = self.config.get("subcommand")
         path = self.config[sub].get("ckpt_path") if sub else None
         if path and path not in ("last", "best", "hpc", "registry"):
             from tcplug.checkpoint import load_checkpoint
 
             load_checkpoint(path)
+        # the model the command line asks for, before LightningCLI puts a checkpoint's hyperparameters over it
+        self.asked = self._dumped().get(sub, {}).get("model") or {} if path else {}
+
+    def _dumped(self) -> dict:
+        """The parsed configuration as plain data."""
+        import yaml
+
+        return yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_validation=True))
 
     def before_instantiate_classes(self) -> None:
-        if self.subcommand:
-            resolve_last_checkpoint(self.config[self.subcommand])
+        if not self.subcommand:
+            return
+        cfg = self.config[self.subcommand]
+        resolve_last_checkpoint(cfg)
+        path = cfg.get("ckpt_path")
+        if self.subcommand == "fit" and path and Path(path).is_file():
+            self._resume_settings(path)
+        if not path:
+            self.new_run = reserve_run_folder(cfg)
+            if self.new_run is not None:  # processes a launcher starts (DDP) re-run this command line
+                sys.argv.append(f"--trainer.logger.init_args.version={cfg['trainer']['logger']['init_args']['version']}")
+
+    def _resume_settings(self, path: str) -> None:
+        """A resumed run keeps its checkpoint's model and takes the settings it asks for (LightningCLI
+        would put the checkpoint's over them without a word); a change a resume cannot make is an error."""
+        from tcplug.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(path)
+        changed = compare_with_checkpoint(self.asked, ckpt, path)
+        merged = ckpt.get("hyper_parameters") or {}
+        for key, (value, _) in changed.items():
+            if key in merged:  # LightningCLI merged the checkpoint's value over the recipe's
+                self.config[self.subcommand]["model"][key] = tuple(value) if isinstance(value, list) else value
+        if changed:
+            print(f"tcplug: resuming {path} with " + ", ".join(
+                f"model.{k}={v!r} (the checkpoint's: {was!r})" for k, (v, was) in changed.items()), file=sys.stderr)
 
     def instantiate_classes(self) -> None:
         import yaml
@@ -106,10 +146,6 @@ class TcplugCLI(LightningCLI):
         except (ValueError, MisconfigurationException) as exc:  # settings that do not fit together
             raise TcplugError(f"trainer: {exc}") from None
         trainer.callbacks += [MetricsJson(), SaveOnSigterm()]
-        logger = trainer.logger
-        if logger is not None and getattr(logger, "log_dir", None) and trainer.world_size == 1:
-            run = Path(logger.log_dir)
-            self.new_run = None if run.exists() else run
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default: make it atomic
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
@@ -130,57 +166,14 @@ class TcplugCLI(LightningCLI):
             shutil.rmtree(self.new_run, ignore_errors=True)
 
 
-def resolve_last_checkpoint(cfg) -> None:
-    """``--ckpt_path last``: resume the newest run folder of this recipe's logger, in place.
-
-    Lightning looks for ``last.ckpt`` only in the *new* run's folder (an empty
-    ``version_N+1``); here ``last`` becomes the newest ``runs/<name>/version_*/checkpoints/
-    last.ckpt`` and the logger continues writing into that folder, so a resumed run keeps one
-    folder. Without any ``last.ckpt`` the run starts fresh (with a message). A checkpoint inside
-    a run folder (validate/test/predict, or a resume) writes into that folder too.
-    """
-    logger = cfg.get("trainer", {}).get("logger")
-    if isinstance(logger, list):
-        logger = logger[0] if logger else None
-    args = logger.get("init_args", {}) if hasattr(logger, "get") else {}
-    path = cfg.get("ckpt_path")
-    save_dir, name = args.get("save_dir"), args.get("name")
-    if path and path != "last" and args.get("version") is None:
-        ckpt = Path(path).resolve()
-        m = re.fullmatch(r"version_(\d+)", ckpt.parent.parent.name) if ckpt.parent.name == "checkpoints" else None
-        if m and save_dir and name is not None and ckpt.parent.parent.parent == Path(save_dir, name).resolve():
-            args["version"] = int(m.group(1))
-    if path != "last" or not save_dir or name is None:
-        return  # no versioned run folder: let Lightning resolve it
-    found = []
-    for ckpt in Path(save_dir, name).glob("version_*/checkpoints/last.ckpt"):
-        m = re.fullmatch(r"version_(\d+)", ckpt.parent.parent.name)
-        if m:
-            found.append((int(m.group(1)), ckpt))
-    if not found:
-        print(f"tcplug: no {save_dir}/{name}/version_*/checkpoints/last.ckpt to resume: starting fresh",
-              file=sys.stderr)
-        cfg["ckpt_path"] = None
-        return
-    version, ckpt = max(found)
-    cfg["ckpt_path"] = str(ckpt)
-    args["version"] = version
-    print(f"tcplug: resuming {ckpt}", file=sys.stderr)
-
-
 def run(argv: Sequence[str]) -> None:
     """Run a Lightning subcommand: ``argv`` as :func:`tcplug.cli.argv.prepare` made it (``argv[0]``
     is ``fit``, ``validate``, ``test`` or ``predict``)."""
-    import warnings
-
     from tcplug.data import VideoDataModule
     from tcplug.module import TCPlugModule
     from tcplug.recipe import install_registry_names
 
-    # noise that is not the user's business: the iterable loader's length is exact by
-    # construction (fixed epoch), and the pytree notice is Lightning's own deprecation.
-    warnings.filterwarnings("ignore", message=r".*IterableDataset.*__len__.*")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    quiet_dependencies()
     install_registry_names()
     # LightningCLI reads sys.argv; DDP children are launched by re-running sys.argv, so it
     # must hold this very command (also when main() is called from Python with argv).
@@ -196,6 +189,40 @@ def run(argv: Sequence[str]) -> None:
         _close_process_group()
 
 
+#: what Lightning says that is not the user's business (the run's own summary says what happened)
+LIGHTNING_NOISE = (
+    r"💡 Tip", r"^(GPU|TPU|HPU) available", r"^Seed set to", r"was configured so \d+ batch", r"^`Trainer\.fit` stopped",
+    r"^You are using a CUDA device", r"LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES",
+)
+
+
+class _Quiet:
+    """A logging filter that drops Lightning's noise (:data:`LIGHTNING_NOISE`)."""
+
+    def filter(self, record) -> bool:
+        return not any(re.search(p, record.getMessage()) for p in LIGHTNING_NOISE)
+
+
+def quiet_dependencies() -> None:
+    """Filter the dependencies' noise: Lightning's tips and device lines, and warnings that say
+    nothing to a tcplug user (the iterable loader's length is exact by construction, the logging
+    interval is the recipe's, frozen components are in eval mode on purpose, a GAN's checkpoint is
+    meant to hold the state after its step, the pytree notice is Lightning's own deprecation)."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
+                 "lightning.fabric.utilities.rank_zero", "lightning.fabric.utilities.seed"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Quiet) for f in logger.filters):
+            logger.addFilter(_Quiet())
+    for message in (r".*IterableDataset.*__len__.*", r".*isinstance\(treespec, LeafSpec\).*",
+                    r".*is smaller than the logging interval.*", r".*does not have many workers.*",
+                    r".*module\(s\) in eval mode at the start of training.*",  # frozen VAEs and encoders, on purpose
+                    r".*Using ModelCheckpoint with manual optimization and every_n_train_steps.*"):  # saved after the step: as meant
+        warnings.filterwarnings("ignore", message=message)
+
+
 def _close_process_group() -> None:
     """Tear the DDP process group down before the interpreter exits: a gloo group left to the
     interpreter's shutdown can abort the process ("terminate called without an active
@@ -209,4 +236,4 @@ def _close_process_group() -> None:
             pass
 
 
-__all__ = ["SUBCOMMANDS", "TcplugCLI", "resolve_last_checkpoint", "run"]
+__all__ = ["SUBCOMMANDS", "TcplugCLI", "run"]
