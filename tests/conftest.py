@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -9,9 +11,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 
-# Keep CPU tests quiet and small, and the synthetic-world cache out of the user's home.
+# Keep CPU tests quiet and small, and the synthetic-world cache out of the user's home (and removed
+# when the tests end).
 os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
-os.environ.setdefault("TCPLUG_CACHE", tempfile.mkdtemp(prefix="tcplug-test-cache-"))
+if "TCPLUG_CACHE" not in os.environ:
+    os.environ["TCPLUG_CACHE"] = tempfile.mkdtemp(prefix="tcplug-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["TCPLUG_CACHE"], True)
 
 # Overrides that turn any recipe into a seconds-long CPU smoke run.
 TINY = [

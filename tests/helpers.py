@@ -57,19 +57,27 @@ def synthetic_batch(n: int = 2, frames: int = 4, size: int = 16, seed: int = 0, 
 
 class KillAt(pl.Callback):
     """Sends its own process ``signal`` (default SIGKILL: no cleanup, like an OOM kill) when
-    training reaches ``step``, once."""
+    training reaches ``step``, once: at the start of that training step, or with
+    ``during="validation"`` at the start of the first validation batch from that step on."""
 
-    def __init__(self, step: int = 5, signal: str = "SIGKILL"):
-        self.step, self.signal, self.sent = step, signal, False
+    def __init__(self, step: int = 5, signal: str = "SIGKILL", during: str = "train"):
+        self.step, self.signal, self.during, self.sent = step, signal, during, False
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step >= self.step and not self.sent:
+    def _maybe_kill(self, trainer, now: str):
+        if now == self.during and trainer.global_step >= self.step and not self.sent:
             import signal
 
             self.sent = True
             if self.signal == "SIGINT":  # as Ctrl-C in a terminal: a parent (a test runner) may have
                 signal.signal(signal.SIGINT, signal.default_int_handler)  # left SIGINT ignored
             os.kill(os.getpid(), getattr(signal, self.signal))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._maybe_kill(trainer, "train")
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking:
+            self._maybe_kill(trainer, "validation")
 
 
 class DumpMetrics(pl.Callback):
@@ -119,3 +127,20 @@ def fsdp_wrapped_classes(preset) -> set:
         strategy = parser.instantiate_classes(parser.parse_object({"strategy": cfg["trainer"]["strategy"]})).strategy
     assert isinstance(strategy, FSDPStrategy)
     return set(strategy.kwargs["auto_wrap_policy"]._module_classes)
+
+
+class FullDisk(AtomicCheckpointIO):
+    """Its ``fail_at``-th checkpoint write fails half-way as on a full disk (ENOSPC)."""
+
+    def __init__(self, fail_at: int = 2):
+        super().__init__()
+        self.fail_at, self.saves = fail_at, 0
+
+    def write_bytes(self, f, data):
+        self.saves += 1
+        if self.saves < self.fail_at:
+            return super().write_bytes(f, data)
+        import errno
+
+        f.write(bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")

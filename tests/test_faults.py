@@ -335,6 +335,8 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resumes(tmp_path, tiny):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     ckpt = tmp_path / "runs" / "c" / "version_0" / "checkpoints" / "last.ckpt"
     assert weights(ckpt)["global_step"] == 4
+    assert re.search(r"interrupted at step 5; the last checkpoint: .*last\.ckpt \(step 4\)\. Resume with --ckpt_path "
+                     r"last", proc.stderr), proc.stderr[-2000:]  # says where it is and how to go on
     proc = run_tcplug("fit", "--config", recipe, *run_args(tiny, "c", steps=8), "--ckpt_path", "last", cwd=tmp_path,
                       env=ENV)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -413,6 +415,11 @@ def test_kill_during_checkpoint_write_leaves_last_ckpt_readable(tmp_path, tiny):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert weights(ckdir / "last.ckpt")["global_step"] == 6
     assert not list(ckdir.glob("*.tmp"))  # cleaned up by the next save
+    straight = run_tcplug("fit", "--config", recipe, *run_args(tiny, "s", steps=6), cwd=tmp_path, env=ENV)
+    assert straight.returncode == 0
+    a = weights(tmp_path / "runs" / "s" / "version_0" / "checkpoints" / "last.ckpt")["state_dict"]
+    b = weights(ckdir / "last.ckpt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # and the resume after the kill was exact
 
 
 @pytest.mark.slow
@@ -537,8 +544,11 @@ OTHER_CASES = ["plugin-hook-raises", "plugin-duplicate-name", "data-corrupt-samp
 
 
 def test_reliability_page_lists_every_case():
+    from tests.test_safety import SAFETY_CASES
+
     text = (ROOT / "docs" / "reliability.md").read_text()
-    cases = [c[0] for c in CONFIG_CASES] + OTHER_CASES
+    cases = [c[0] for c in CONFIG_CASES] + OTHER_CASES + SAFETY_CASES
+    assert len(cases) == len(set(cases)), "a case id is listed twice"
     missing = [c for c in cases if f"`{c}`" not in text]
     assert not missing, f"add to docs/reliability.md: {missing}"
     assert f"**{len(cases)} cases**" in text
