@@ -17,6 +17,11 @@ os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
 if "TCPLUG_CACHE" not in os.environ:
     os.environ["TCPLUG_CACHE"] = tempfile.mkdtemp(prefix="tcplug-test-cache-")
     atexit.register(shutil.rmtree, os.environ["TCPLUG_CACHE"], True)
+# pytest runs as many workers as the machine has cores (-n 2): one thread each, in the runs they start
+# too, or their thread pools oversubscribe the cores and small ops run several times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+if "torch" in sys.modules:
+    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Overrides that turn any recipe into a seconds-long CPU smoke run.
 TINY = [
