@@ -101,14 +101,15 @@ def last_checkpoint(trainer: pl.Trainer) -> Path | None:
 
 
 def save_last(trainer: pl.Trainer, path: Path) -> None:
-    """Write ``last.ckpt`` now, and tell the ModelCheckpoint that it is its last one (so a later
-    save of its own overwrites it rather than writing ``last-v1.ckpt`` beside it)."""
+    """Write ``last.ckpt`` now, telling the ModelCheckpoint first that it is its last one (so a later
+    save of its own, in this run or in the run resumed from it, overwrites it rather than writing
+    ``last-v1.ckpt`` beside it: the callback's state is part of the checkpoint)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    trainer.save_checkpoint(path, weights_only=False)
     for cb in trainer.checkpoint_callbacks:
         if isinstance(cb, ModelCheckpoint) and cb.save_last:
             cb.last_model_path = str(path)
+    trainer.save_checkpoint(path, weights_only=False)
 
 
 def saved_step(trainer: pl.Trainer, path: Path | None) -> int | None:

@@ -383,18 +383,19 @@ def test_sigterm_saves_last_checkpoint_and_resumes_exactly(tmp_path, tiny):
     proc = run_tcplug("fit", "--config", recipe, *run_args(tiny, "straight", steps=8), cwd=tmp_path, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stopped = run_tcplug("fit", "--config", recipe, *run_args(tiny, "stopped", steps=8),
-                         "--trainer.callbacks+=tests.helpers.KillAt", "--trainer.callbacks.init_args.step=5",
+                         "--trainer.callbacks+=tests.helpers.KillAt", "--trainer.callbacks.init_args.step=0",
                          "--trainer.callbacks.init_args.signal=SIGTERM", cwd=tmp_path, env=ENV)
     assert stopped.returncode == 143, stopped.stderr[-3000:]
-    assert "SIGTERM at step 6: saved" in stopped.stderr
+    assert "SIGTERM at step 1: saved" in stopped.stderr
     ckpt = tmp_path / "runs" / "stopped" / "version_0" / "checkpoints" / "last.ckpt"
-    assert weights(ckpt)["global_step"] == 6  # the step in flight finished; every_n_train_steps=2 would say 4
+    assert weights(ckpt)["global_step"] == 1  # the step in flight finished; every_n_train_steps=2 had saved none
     resumed = run_tcplug("fit", "--config", recipe, *run_args(tiny, "stopped", steps=8), "--ckpt_path", "last",
                          cwd=tmp_path, env=ENV)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = weights(tmp_path / "runs" / "straight" / "version_0" / "checkpoints" / "last.ckpt")["state_dict"]
     b = weights(ckpt)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["last.ckpt"]  # ModelCheckpoint's saves went into it
 
 
 @pytest.mark.slow
