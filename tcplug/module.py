@@ -10,6 +10,7 @@ owns what training adds: the objective, the adversarial step, optimizers
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -43,10 +44,13 @@ def check_losses(terms: dict[str, Tensor], step: int, max_loss: float | None) ->
     """Stop the run, naming the term and the step, before a NaN/Inf or a diverged loss (above
     ``max_loss``) reaches the weights: raised before the optimizer step, so the weights and every
     checkpoint written so far (``last.ckpt`` included) stay as they were."""
-    for name, value in terms.items():
-        value = value.detach().float()
-        bad = not torch.isfinite(value).all()
-        if bad or (max_loss is not None and float(value.abs().max()) > max_loss):
+    if not terms:
+        return
+    # one device-to-host copy for every term (a NaN propagates through max)
+    peaks = torch.stack([v.detach().float().abs().max() for v in terms.values()]).tolist()
+    for (name, value), peak in zip(terms.items(), peaks):
+        bad = not math.isfinite(peak)
+        if bad or (max_loss is not None and peak > max_loss):
             what = f"is {float(value.flatten()[0])}" if bad else \
                 f"diverged: {float(value.flatten()[0]):.3g} > model.max_loss={max_loss:g}"
             raise TcplugError(f"loss term {name!r} {what} at step {step}: stopping before the weights are touched; the "

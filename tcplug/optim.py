@@ -53,8 +53,6 @@ def adamw(groups: list[dict[str, Any]] | Any, lr: float, betas: tuple[float, flo
     return opt, sched
 
 
-
-
 def apply_settings(module) -> None:
     """Give the module's optimizers its current settings (learning rates with their groups'
     ``lr_scale``, betas, weight decay; the discriminator's own), where they differ from what the
@@ -75,7 +73,7 @@ def apply_settings(module) -> None:
             if held != lr:
                 if sched is not None:
                     sched.base_lrs[i] = group["initial_lr"] = lr
-                    group["lr"] = lr * sched.lr_lambdas[0](sched.last_epoch)
+                    group["lr"] = lr * sched.lr_lambdas[i](sched.last_epoch)
                 else:
                     group["lr"] = lr
             if tuple(group.get("betas", betas)) != tuple(betas):
