@@ -142,8 +142,8 @@ class SaveOnSigterm(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         """SIGTERM received: save here, at the end of the step, as ModelCheckpoint saves. (On an
-        epoch's last step Lightning stops only after the epoch's end, where the loops' saved state
-        would resume into the wrong batch of the next epoch.)"""
+        epoch's last step Lightning stops only after the validation and the epoch's end that
+        follow: a scheduler's grace period may end first.)"""
         sigterm = trainer.received_sigterm
         if trainer.world_size > 1:  # every rank takes the same decision: the save is a collective
             sigterm = trainer.strategy.reduce_boolean_decision(sigterm, all=False)
