@@ -92,21 +92,34 @@ class DumpMetrics(pl.Callback):
             json.dump(values, f)
 
 
-class KillMidWrite(AtomicCheckpointIO):
-    """Writes half of its ``kill_at``-th checkpoint, then SIGKILLs the process."""
+class _FailsMidWrite(AtomicCheckpointIO):
+    """Writes its first ``at - 1`` checkpoints, then half of the ``at``-th, and calls :meth:`fail`."""
 
-    def __init__(self, kill_at: int = 2):
+    def __init__(self, at: int = 2):
         super().__init__()
-        self.kill_at, self.saves = kill_at, 0
+        self.at, self.saves = at, 0
 
     def write_bytes(self, f, data):
         self.saves += 1
-        if self.saves < self.kill_at:
+        if self.saves < self.at:
             return super().write_bytes(f, data)
-        import signal
-
         f.write(bytes(data[: len(data) // 2]))
         f.flush()
+        self.fail()
+
+    def fail(self):
+        raise NotImplementedError
+
+
+class KillMidWrite(_FailsMidWrite):
+    """Writes half of its ``kill_at``-th checkpoint, then SIGKILLs the process."""
+
+    def __init__(self, kill_at: int = 2):
+        super().__init__(kill_at)
+
+    def fail(self):
+        import signal
+
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -129,18 +142,13 @@ def fsdp_wrapped_classes(preset) -> set:
     return set(strategy.kwargs["auto_wrap_policy"]._module_classes)
 
 
-class FullDisk(AtomicCheckpointIO):
+class FullDisk(_FailsMidWrite):
     """Its ``fail_at``-th checkpoint write fails half-way as on a full disk (ENOSPC)."""
 
     def __init__(self, fail_at: int = 2):
-        super().__init__()
-        self.fail_at, self.saves = fail_at, 0
+        super().__init__(fail_at)
 
-    def write_bytes(self, f, data):
-        self.saves += 1
-        if self.saves < self.fail_at:
-            return super().write_bytes(f, data)
+    def fail(self):
         import errno
 
-        f.write(bytes(data[: len(data) // 2]))
         raise OSError(errno.ENOSPC, "No space left on device")
