@@ -36,7 +36,8 @@ _LAZY = {
     "VideoDataModule": "tcplug.data",
     "read_mask": "tcplug.video",
     # the built-in metric classes (a built-in plugin registers them by name)
-    **{name: "tcplug.metrics" for name in ("BackgroundFlicker", "Coverage", "Flicker", "FrameDistance",
+    **{name: "tcplug.metrics" for name in ("BackgroundFlicker", "Coverage", "DynamicsDistance", "Flicker",
+                                           "FrameDistance",
                                            "MotionRatio", "SharpnessRatio", "TemporalVarianceScore",
                                            "TrajectoryError", "WarpingError")},
 }
@@ -44,7 +45,7 @@ _LAZY = {
 #: the public API (a test checks it matches what the package provides)
 __all__ = [
     "AttentionVariant", "Backbone", "BackgroundFlicker", "Component", "Coverage", "DataKey",
-    "Discriminator", "Flicker", "FrameDistance", "FrameStream", "KINDS", "LatentDesign",
+    "Discriminator", "DynamicsDistance", "Flicker", "FrameDistance", "FrameStream", "KINDS", "LatentDesign",
     "LossContext", "LossTerm", "MotionLocker", "MotionRatio", "RegistryError", "Router",
     "SharpnessRatio", "TCPlugModule", "TcplugError", "TemporalVarianceScore", "TrajectoryError",
     "UnknownComponentError", "VideoDataModule", "VideoMetric", "WarpingError", "WorldConditioner",

@@ -127,3 +127,52 @@ def score_frames(frames: np.ndarray, flow_preset: str = "medium", progress: bool
         flows = (fwd[None], bwd[None])
     suite.update(video, flows=flows)
     return suite.compute()
+
+
+def windows(clips: list[np.ndarray], length: int) -> list[np.ndarray]:
+    """Non-overlapping windows of ``length`` frames of every clip (a long video gives several)."""
+    return [c[i: i + length] for c in clips for i in range(0, len(c) - length + 1, length)]
+
+
+def as_batch(clips: list[np.ndarray]) -> torch.Tensor:
+    """Clips ``[(T, H, W, 3) uint8]`` of one shape -> ``(N, T, 3, H, W)`` float in [0, 1]."""
+    return torch.cat([to_video(c) for c in clips])
+
+
+def score_set(clips: list[np.ndarray], reference: list[np.ndarray], train: list[np.ndarray] | None = None,
+              names: list[str] | None = None, flow_preset: str = "medium", max_length: int = 32) -> dict:
+    """The fidelity gate (:func:`tcplug.metrics.gate.evaluate`) of generated ``clips`` against
+    ``reference`` clips (every other reference window is held out as the data floor's clips), and
+    ``train`` clips for memorisation; all ``[(T, H, W, 3) uint8]`` of one frame size.
+
+    Every clip is cut into windows of the same length (the shortest clip's, at most ``max_length``
+    frames). Metrics named in ``names`` whose class sets ``gate_band`` join the gate."""
+    from tcplug.metrics.gate import ClipSet, evaluate, metric_bands
+    from tcplug.metrics.suite import MetricSuite, build_metrics
+
+    length = min(max_length, *(len(c) for c in clips), *(len(c) for c in reference))
+    cand, ref = windows(clips, length), windows(reference, length)
+    held, rest = ref[0::2], ref[1::2]
+    if len(held) < 2 or len(rest) < 2:
+        raise TcplugError(f"the fidelity gate needs at least 4 reference clips of {length} frames (half of them "
+                          f"held out as the data floor), the reference has {len(ref)}: give a folder of videos, "
+                          "shards, or a longer video")
+    named = build_metrics(names) if names else {}
+    extra = {name: named[name] for name in metric_bands(named)}  # third-party metrics with a gate band
+    figures, floor = {}, {}
+    if extra:
+        for side, videos in ((figures, cand), (floor, held)):
+            suite = MetricSuite({k: type(m)() for k, m in extra.items()}, flow_preset)
+            suite.update_reference(as_batch(rest))
+            suite.update(as_batch(videos))
+            side.update(suite.compute())
+    train_video = None
+    if train is not None:
+        train_windows = windows(train, length)
+        if not train_windows:
+            raise TcplugError(f"the training clips hold no clip of at least {length} frames")
+        train_video = as_batch(train_windows)
+    report = evaluate(ClipSet(as_batch(cand), flow_preset=flow_preset), ClipSet(as_batch(held), flow_preset=flow_preset),
+                      ClipSet(as_batch(rest), flow_preset=flow_preset), train_video, extra=figures, extra_floor=floor,
+                      extra_bands=metric_bands(extra))
+    return {"length": length, "reference_clips": len(rest), "heldout_clips": len(held), **report}

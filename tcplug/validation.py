@@ -5,7 +5,9 @@ Each validation samples ``num_val_samples`` clips conditioned on the first clips
 batch (their pixels withheld) and measures them (``val/<name>``) and, the same way (DIS flow),
 the data clips they were conditioned on (``val/<name>_data``, the data floor), each against the
 same reference: the rest of the validation batch. ``val/tvs_data_gt`` is the data's TVS with
-ground-truth flow where the data has it.
+ground-truth flow where the data has it. ``val/gate`` is the fidelity gate
+(:func:`tcplug.metrics.gate.judge`) of the sampled clips against that data floor: 1 pass, 0 fail
+(with a few clips per validation it is a coarse signal; ``tcplug score`` judges a whole set).
 """
 
 from __future__ import annotations
@@ -69,9 +71,15 @@ class ValidationMetrics(nn.Module):
         self.reference_clips += ref.shape[0]
 
     def compute(self) -> dict[str, float]:
-        """``{"val/<name>": ..., "val/<name>_data": ..., "val/tvs_data_gt": ...}`` (what measured)."""
-        values = {f"val/{k}": v for k, v in self.generated.compute().items()}
-        values.update({f"val/{k}_data": v for k, v in self.data.compute().items()})
+        """``{"val/<name>": ..., "val/<name>_data": ..., "val/tvs_data_gt": ..., "val/gate": ...}``
+        (what measured)."""
+        from tcplug.metrics.gate import judge, metric_bands
+
+        gen, data = self.generated.compute(), self.data.compute()
+        values = {f"val/{k}": v for k, v in gen.items()}
+        values.update({f"val/{k}_data": v for k, v in data.items()})
+        if gen and data:  # the fidelity gate against the data floor (1 pass, 0 fail)
+            values["val/gate"] = float(judge(gen, data, metric_bands(dict(self.generated.metrics)))["pass"])
         gt = float(self.tvs_data_gt.compute())
         if gt == gt:
             values["val/tvs_data_gt"] = gt

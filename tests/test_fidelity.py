@@ -127,7 +127,7 @@ def test_score_with_reference_flags_frozen_blurred_and_gray(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = {r["path"]: r for r in map(json.loads, proc.stdout.splitlines())}
     keys = {"path", "frames", "tvs", "warp_error", "flicker", "motion_ratio", "sharpness_ratio",
-            "frame_distance", "coverage"}
+            "frame_distance", "dynamics_distance", "coverage"}
     assert all(set(r) == keys for r in rows.values()), rows
     real_r = rows["real.npy"]
     assert 0.5 < real_r["motion_ratio"] < 2 and 0.7 < real_r["sharpness_ratio"] < 1.4
@@ -156,8 +156,9 @@ def test_score_reads_shards_as_reference(tmp_path):
     np.save(tmp_path / "real.npy", make_clip(2, 0, 8, 32)["frames"])
     proc = run_tcplug("score", "real.npy", "--reference", "shards", "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    row = json.loads(proc.stdout)
+    row, whole = map(json.loads, proc.stdout.splitlines())
     assert 0.3 < row["motion_ratio"] < 3
+    assert whole["set"] and whole["heldout_clips"] == 4 and "pass" in whole["gate"]  # 8 shard clips: 4 held out
 
 
 def test_unknown_metric_name_in_suite():

@@ -3,7 +3,7 @@ companions, registered by name like any third party's metric would be.
 
 Names: ``tvs``, ``warp_error``, ``coverage``, ``flicker``, ``bg_flicker`` (flicker on the
 data's static region), ``motion_ratio``, ``sharpness_ratio``, ``frame_distance``,
-``trajectory_error``.
+``dynamics_distance``, ``trajectory_error``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ def tcplug_register_components(register):
     from tcplug import (
         BackgroundFlicker,
         Coverage,
+        DynamicsDistance,
         Flicker,
         FrameDistance,
         MotionRatio,
@@ -37,4 +38,5 @@ def tcplug_register_components(register):
     register(MotionRatio, name="motion_ratio")
     register(SharpnessRatio, name="sharpness_ratio")
     register(FrameDistance, name="frame_distance")
+    register(DynamicsDistance, name="dynamics_distance")
     register(TrajectoryError, name="trajectory_error")

@@ -29,11 +29,16 @@ def main(argv: Sequence[str]) -> int:
         description="Metrics of videos with optical flow estimated by OpenCV DIS: TVS in %, warping error, "
         "flicker, coverage; with --reference also motion_ratio, sharpness_ratio and frame_distance against "
         "real footage (a clip that does not move, is blurred or looks nothing like the reference is caught "
-        "there, not by TVS). Exit status 1 if any file failed.")
+        "there, not by TVS). With --reference a last line judges the whole set with the fidelity gate: "
+        "motion, sharpness, appearance and dynamics against held-out reference clips measured the same way, "
+        "and with --train memorisation of training clips. Exit status 1 if any file failed.")
     parser.add_argument("videos", nargs="+", metavar="VIDEO",
                         help="mp4/gif/webm/... files, .npy (T, H, W, 3) arrays, or folders of them")
     parser.add_argument("--reference", metavar="REF", default=None,
                         help="reference footage: a video, a folder of videos, or webdataset shards")
+    parser.add_argument("--train", metavar="TRAIN", default=None,
+                        help="the training clips (a video, a folder of videos, or shards): the set line adds "
+                        "memorisation, each clip's distance to its nearest training clip against held-out clips'")
     parser.add_argument("--metrics", default=None, metavar="A,B,...",
                         help="metric names (kind 'metric', `tcplug plugins` lists them); default: "
                         f"{', '.join(DEFAULT_METRICS)} with --reference, else those needing no reference")
@@ -44,6 +49,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--split", type=int, default=1, metavar="N",
                         help="each video holds N clips side by side (as tcplug's validation samples): score each")
     args = parser.parse_intermixed_args(list(argv))
+    if args.train and not args.reference:
+        raise TcplugError("--train needs --reference REF: memorisation is judged against held-out reference clips")
     if args.split < 1:
         raise TcplugError(f"--split must be >= 1, got {args.split}")
     names = [n.strip() for n in args.metrics.split(",") if n.strip()] if args.metrics else None
@@ -51,7 +58,9 @@ def main(argv: Sequence[str]) -> int:
         names = list(DEFAULT_METRICS if args.reference else NO_REFERENCE_METRICS)
     # an unreadable reference stops the command (exit 2); a bad video only fails its own line
     reference = load_reference(args.reference, args.max_frames) if args.reference else None
+    train = load_reference(args.train, args.max_frames, max_clips=1024) if args.train else None
     failed = 0
+    scored: list = []  # every clip scored, for the set line
     suites: dict[tuple[int, int], object] = {}  # one suite per frame size, fed with the resized reference
     for path in _videos(args.videos):
         try:
@@ -80,12 +89,39 @@ def main(argv: Sequence[str]) -> int:
                 failed += 1
                 print(f"tcplug score: error: {exc}", file=sys.stderr)
                 continue
+            scored.append(clip)
             if args.json:
                 print(json.dumps(result), flush=True)
             else:
                 values = " ".join(f"{k}={_fmt(k, v)}" for k, v in result.items() if k not in ("path", "frames"))
                 print(f"{name}: frames={result['frames']} {values}", flush=True)
+    if reference is not None and scored:
+        _set_line(scored, reference, train, names, args)
     return 1 if failed else 0
+
+
+def _set_line(clips: list, reference: list, train: list | None, names: list[str], args) -> None:
+    """The last line: the fidelity gate of every clip scored, at the reference's frame size."""
+    from tcplug.scoring import resize_frames, score_set
+
+    h, w = (args.size, args.size) if args.size else reference[0].shape[1:3]
+    same = [resize_frames(c, h, w) for c in clips]
+    ref = [resize_frames(c, h, w) for c in reference]
+    tr = [resize_frames(c, h, w) for c in train] if train is not None else None
+    try:
+        report = score_set(same, ref, tr, names, args.flow)
+    except TcplugError as exc:  # a reference too small for a floor: the per-clip lines stand
+        print(f"tcplug score: the set is not judged: {exc}", file=sys.stderr)
+        return
+    if args.json:
+        print(json.dumps({"set": True, **report}), flush=True)
+        return
+    figs = " ".join(f"{k}={v:.4g} (data {report['floor'].get(k, float('nan')):.4g})"
+                    for k, v in report["figures"].items())
+    gate = report["gate"]
+    verdict = "pass" if gate["pass"] else "fail: " + "; ".join(gate["reasons"])
+    few = " (few held-out reference clips: the data floor is noisy)" if report["heldout_clips"] < 16 else ""
+    print(f"set: clips={report['clips']} frames={report['length']} {figs} gate: {verdict}{few}", flush=True)
 
 
 def _videos(paths: Sequence[str]) -> list[str]:

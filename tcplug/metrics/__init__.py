@@ -1,6 +1,7 @@
 """Metrics (weight-free): temporal (TVS, warping error, flicker, coverage), motion and fidelity
-companions (motion ratio, sharpness ratio, frame distance, trajectory error), and the
-``score`` core. Each is a :class:`~tcplug.metrics.base.VideoMetric` (kind ``metric``)."""
+companions (motion ratio, sharpness ratio, frame distance, dynamics distance, trajectory error),
+the fidelity gate (:mod:`tcplug.metrics.gate`) and its controls (:mod:`tcplug.metrics.controls`).
+Each metric is a :class:`~tcplug.metrics.base.VideoMetric` (kind ``metric``)."""
 
 from tcplug.flow import DISFlow, valid_mask, warp
 from tcplug.metrics.fidelity import (
@@ -12,6 +13,7 @@ from tcplug.metrics.fidelity import (
     gradient_energy,
     mmd,
 )
+from tcplug.metrics.gate import DynamicsDistance, clip_dynamics
 from tcplug.metrics.suite import DEFAULT_METRICS, MetricSuite, build_metrics
 from tcplug.metrics.temporal import (
     BackgroundFlicker,
@@ -24,7 +26,7 @@ from tcplug.metrics.temporal import (
     to_unit,
 )
 
-__all__ = ["DEFAULT_METRICS", "BackgroundFlicker", "Coverage", "DISFlow", "Flicker", "FrameDistance",
+__all__ = ["DEFAULT_METRICS", "BackgroundFlicker", "Coverage", "DISFlow", "DynamicsDistance", "Flicker", "FrameDistance",
            "MetricSuite", "MotionRatio", "SharpnessRatio", "TemporalVarianceScore", "TrajectoryError",
-           "WarpingError", "build_metrics", "estimate_flows", "frame_features", "gradient_energy", "mmd",
+           "WarpingError", "build_metrics", "clip_dynamics", "estimate_flows", "frame_features", "gradient_energy", "mmd",
            "pair_errors", "to_unit", "valid_mask", "warp"]

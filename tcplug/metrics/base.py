@@ -33,7 +33,8 @@ class VideoMetric(Metric):
       reports nothing rather than a number).
 
     Attributes: ``higher_is_better`` (True, False, or None when the target is 1, as for a
-    ratio to the reference); ``needs_flow``; ``needs_reference``.
+    ratio to the reference); ``needs_flow``; ``needs_reference``; ``gate_band`` (a band around
+    the data's value that makes the metric part of the fidelity gate).
     """
 
     full_state_update: ClassVar[bool] = False
@@ -42,6 +43,9 @@ class VideoMetric(Metric):
     higher_is_better: ClassVar[bool | None] = None
     needs_flow: ClassVar[bool] = False
     needs_reference: ClassVar[bool] = False
+    #: joins the fidelity gate (:mod:`tcplug.metrics.gate`): the value must lie within
+    #: ``[lo, hi]`` times the held-out data's value measured the same way; None: not judged
+    gate_band: ClassVar[tuple[float, float] | None] = None
 
     def update(self, video: Tensor, flows: tuple[Tensor, Tensor] | None = None,
                batch: dict[str, Any] | None = None) -> None:

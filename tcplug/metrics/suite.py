@@ -19,7 +19,7 @@ from tcplug.metrics.temporal import estimate_flows
 
 #: the metrics validation logs and ``tcplug score`` prints when none are named
 DEFAULT_METRICS = ("tvs", "warp_error", "flicker", "coverage", "motion_ratio", "sharpness_ratio",
-                   "frame_distance")
+                   "frame_distance", "dynamics_distance")
 #: the defaults that need no reference footage (``tcplug score`` without ``--reference``)
 NO_REFERENCE_METRICS = ("tvs", "warp_error", "flicker", "coverage")
 
