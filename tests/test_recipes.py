@@ -1,6 +1,7 @@
-"""Recipe files: every shipped recipe resolves to what it resolved to before it became an overlay
-(tests/data/resolved_recipes.json, printed by main d77ea62), `base:` chains, and recipe errors
-answered in one line that names the file."""
+"""Recipe files: `full`, its presets and the model-family recipes resolve to what they resolved to
+before they became overlays (tests/data/resolved_recipes.json, printed by main d77ea62); the
+baseline and every technique recipe are base + that technique configured as in `full` (matched
+recipes); `base:` chains; recipe errors answered in one line that names the file."""
 
 import contextlib
 import io
@@ -26,7 +27,13 @@ def print_config(*configs) -> dict:
     return yaml.safe_load(out.getvalue())
 
 
-@pytest.mark.parametrize("combo", sorted(RESOLVED))
+#: recipes made base + one technique (matched) after the golden file was printed: checked below instead
+MATCHED = ("baseline", "cross_frame", "flow_warp", "perceptual_temporal", "adversarial", "experts", "world_model",
+           "captions", "motion_lock", "two_tier", "video_ldm")
+
+
+@pytest.mark.parametrize("combo", sorted(c for c in RESOLVED if c.split(" + ")[0] not in
+                                         {f"recipes/{m}.yaml" for m in MATCHED}))
 def test_every_recipe_resolves_as_before_the_move(combo, monkeypatch):
     monkeypatch.setenv("WAN_MODEL_DIR", "/models/wan")
     monkeypatch.setenv("LTX_MODEL_DIR", "/models/ltx")
@@ -39,14 +46,52 @@ def test_every_recipe_resolves_as_before_the_move(combo, monkeypatch):
     assert now == yaml.safe_load(RESOLVED[combo])
 
 
-def test_technique_recipes_are_short_overlays_of_the_baseline():
-    for name in ("cross_frame", "flow_warp", "perceptual_temporal", "adversarial", "two_tier", "video_ldm",
-                 "experts", "world_model", "captions", "motion_lock", "full"):
+def test_technique_recipes_are_short_overlays_of_the_base():
+    for name in MATCHED + ("full",):
         text = (ROOT / "recipes" / f"{name}.yaml").read_text()
-        assert "base: baseline.yaml" in text and "epoch_batches" not in text and "EMAWeightAveraging" not in text
+        assert "base: base.yaml" in text and "epoch_batches" not in text and "EMAWeightAveraging" not in text
+        assert "max_steps" not in text and "sampler:" not in text and "conv_channels" not in text, name
         assert len(text.splitlines()) <= (90 if name == "full" else 30), name
-    baseline = yaml.safe_load((ROOT / "recipes" / "baseline.yaml").read_text())
-    assert baseline["base"] == "base.yaml" and "data" not in baseline
+
+
+@pytest.fixture(scope="module")
+def resolved():
+    from benchmarks import _recipes
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ROOT)
+        return {name: _recipes.flatten(print_config(ROOT / "recipes" / f"{name}.yaml"))
+                for name in MATCHED + ("full",)}
+
+
+def test_each_recipe_differs_from_base_only_in_its_technique_configured_as_in_full(resolved):
+    from benchmarks._recipes import IN_FULL, TECHNIQUES, compose, differs, flatten, owned, unflatten
+
+    base, full = resolved["baseline"], resolved["full"]
+    # disc_lr and lock_prob: full names their defaults
+    assert differs(base, full) == owned(IN_FULL) - {"model.disc_lr", "model.lock_prob"}
+    for name in MATCHED[1:]:
+        assert differs(base, resolved[name]) <= set(TECHNIQUES[name]), name
+        if name in IN_FULL:  # the technique's own settings are full's (couplings aside, see compose)
+            want = flatten(compose(unflatten(base), unflatten(full), [name]))
+            assert differs(resolved[name], want) == set(), name
+
+
+def test_leave_one_out_handles_the_couplings(resolved, tmp_path):
+    from benchmarks._recipes import IN_FULL, compose, flatten, unflatten, write
+
+    base, full = unflatten(resolved["baseline"]), unflatten(resolved["full"])
+    no_world = [t for t in IN_FULL if t != "world_model"]
+    cfg = compose(base, full, no_world)  # the lock read the world model's rollout: now the first pass
+    assert cfg["model"]["motion_lock"]["init_args"]["source"] == "first_pass"
+    assert [c["class_path"].rsplit(".", 1)[-1] for c in cfg["model"]["conditioner"]] == ["Caption"]
+    no_adv = flatten(compose(base, full, [t for t in IN_FULL if t != "adversarial"]))
+    assert "model.losses[adversarial]" not in no_adv and no_adv["model.discriminator"]  # perceptual reads it
+    no_both = flatten(compose(base, full, [t for t in IN_FULL if t not in ("adversarial", "perceptual_temporal")]))
+    assert no_both["model.discriminator"] is None
+    path = write(cfg, tmp_path / "full-minus-world_model.yaml", "full-minus-world_model")
+    again = flatten(print_config(path))
+    assert again["model.motion_lock"]["init_args"]["source"] == "first_pass"
 
 
 def test_base_chains_merge_in_order_and_replace_a_changed_component(tmp_path):

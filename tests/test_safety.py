@@ -56,7 +56,7 @@ RECIPE_CASES = [
      r"WAN_MODEL_DIR"),
     ("recipe-not-a-mapping", lambda t: ["fit", "--config", _yaml(t, "- a\n- b\n")], r"a recipe is a mapping"),
     ("fit-without-a-recipe", lambda t: ["fit"], r"tcplug fit needs a recipe: tcplug fit --config recipes/full\.yaml"),
-    ("base-recipe-run-alone", lambda t: ["fit", "--config", str(RECIPES / "base.yaml")],
+    ("recipe-without-a-model", lambda t: ["fit", "--config", _yaml(t, "trainer:\n  max_steps: 1\n")],
      r"names no model\.backbone: is it a base"),
     ("misspelt-subcommand", lambda t: ["sampel", "--ckpt", "x"], r"unknown command 'sampel'\. Did you mean 'sample'\?.*score"),
     ("misspelt-option-in-a-recipe", lambda t: ["fit", "--config", BASE, "--config", _yaml(t, "model:\n  lrr: 1\n")],

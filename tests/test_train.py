@@ -6,7 +6,7 @@ import pytest
 
 from tests.conftest import RECIPES, run_tcplug
 
-RECIPE_FILES = [p for p in sorted(RECIPES.glob("*.yaml")) if p.stem != "base"]  # base.yaml has no model: a base, not a recipe
+RECIPE_FILES = [p for p in sorted(RECIPES.glob("*.yaml")) if p.stem != "base"]  # baseline.yaml is base.yaml alone
 
 
 def test_fit_leaves_run_folder(tmp_path, tiny):

@@ -66,8 +66,8 @@ class TcplugCLI(LightningCLI):
                 if not any(a == "--config" or a.startswith("--config=") for a in sys.argv):
                     raise TcplugError(f"tcplug {sub} needs a recipe: tcplug {sub} --config recipes/full.yaml (recipes/ "
                                       "holds one per technique; `tcplug fit --help` lists every option)") from None
-                raise TcplugError("the recipe names no model.backbone: is it a base for other recipes (as "
-                                  "recipes/base.yaml is) rather than a recipe to run?") from None
+                raise TcplugError("the recipe names no model.backbone: is it a base for other recipes rather "
+                                  "than a recipe to run? (recipes/base.yaml is both)") from None
             options = sorted({o for p in self.option_parsers for o in re.findall(r"--[\w.\-]+", p.format_help())})
             raise TcplugError(parse_error(str(exc), options, sub)) from None
         sub = self.config.get("subcommand")
