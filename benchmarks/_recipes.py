@@ -9,8 +9,6 @@ components (``model.losses``, ``model.conditioner``) becomes one entry per compo
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
@@ -102,13 +100,22 @@ def _node(root: dict, parts: list[str]) -> dict:
     return root
 
 
-def resolve(*configs: str | Path, cwd: Path | None = None) -> dict:
-    """``tcplug fit --config C ... --print_config`` as a dict."""
-    cmd = [sys.executable, "-m", "tcplug", "fit", *[a for c in configs for a in ("--config", str(c))], "--print_config"]
-    proc = subprocess.run(cmd, cwd=cwd or ROOT, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"{' + '.join(map(str, configs))}: {proc.stderr.strip()[-500:]}")
-    return yaml.safe_load(proc.stdout)
+def resolve(*configs: str | Path) -> dict:
+    """``tcplug fit --config C ... --print_config`` as a dict (in this process)."""
+    import contextlib
+    import io
+
+    from tcplug.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(["fit", *[a for c in configs for a in ("--config", str(c))], "--print_config"])
+        except SystemExit as exc:
+            code = exc.code
+    if code not in (0, None):
+        raise SystemExit(f"{' + '.join(map(str, configs))}: {err.getvalue().strip()[-500:]}")
+    return yaml.safe_load(out.getvalue())
 
 
 def owned(techniques) -> set[str]:

@@ -1,41 +1,49 @@
-"""The coherence ablation: recipes trained over several seeds, many sampled clips, bootstrap
-intervals, motion and fidelity beside TVS, and control rows scored by the same code.
+"""The coherence ablation, both ways: plus-one (base + X) and leave-one-out (full - X) for every
+technique, paired intervals, the fidelity gate, and labels that say what each row knows.
 
-For every recipe and seed, `tcplug fit` trains on the built-in synthetic world with the same
-budget; the final weights (the EMA weights when the recipe averages them) sample ``--clips``
-clips conditioned on the first ``--clips`` validation clips. Every clip is scored with DIS
-flow (the same estimator for generated and data clips) against a **reference set** of other
-clips of the same world: TVS, warping error, coverage, motion ratio, sharpness ratio, frame
-distance, background flicker on the static region, and the object-trajectory error.
+Rows. **Plus-one**: ``baseline`` (base alone) and every technique recipe (base + X, configured as
+in ``full``: ``recipes/X.yaml``). **Leave-one-out**: ``full`` and, for every technique in it,
+``full - X``, composed by ``benchmarks/_recipes.py`` from the resolved ``full`` and base (with its
+couplings: without the world model the lock reads the sample's first pass; the discriminator stays
+while the perceptual or adversarial term is there); for the latent designs, which ``full`` does not
+hold, ``full + X``. Every row trains with the same budget (base's) on the built-in synthetic
+world, for each seed; its final EMA weights sample ``--clips`` clips conditioned on the first
+``--clips`` validation clips, with the same noise seeds in every row.
 
-Control rows, scored by the same code on the validation clips themselves (no learning):
-``data`` (the floor), ``frozen`` (frame 0 repeated), ``blurred`` (Gaussian, 9 px),
-``independent frames`` (frame t of clip i taken from clip i+t), and ``independent frames +
-oracle copy`` (the same, with frame 0 copied into the data's static region).
+Scoring (the same code for every row and control): DIS flow; TVS, warping error, coverage,
+background flicker, motion on the static and on the moving region (the synthetic world's objects
+are its palette colours: a pixel that takes an object colour in some frame is moving region), and
+the **fidelity gate** (``tcplug.metrics.gate``) against the validation clips themselves as held-out
+data (the floor), ``--reference`` clips of another seed as the reference, and ``--train`` training
+clips for memorisation; conditioned rows are also judged on adherence (trajectory error against the
+conditioning clip's state, caption colours found).
 
-Intervals: 95 % bootstrap over seeds and clips (hierarchical: seeds with replacement, then
-clips within each). A recipe **improves** on ``baseline`` only when the interval of its TVS
-difference excludes 0 (below), **and** its motion ratio stays within ``--motion-tol`` of
-baseline's or of 1 (or comes closer to 1 from baseline's side), **and** its sharpness ratio
-likewise within ``--sharpness-tol`` (blur lowers TVS: the blurred control scores like the
-data), **and** its frame distance is at most ``--distance-tol`` times baseline's.
-Recipes that read an oracle input (the data's all-frame static mask, per-frame ground-truth
-maps) are marked. A strip of sample frames per recipe goes to ``--img`` (default docs/img).
+Intervals: 95 % bootstrap over seeds and clips (seeds with replacement, then clips within each).
+Δ TVS is **paired**: both rows share training seeds, conditioning clips and noise seeds, so each
+resample draws the same seeds and clips for both. Plus-one: Δ = (base + X) - base. Leave-one-out:
+Δ = full - (full - X) (the technique's share in full; below 0 = it helps). A technique **improves**
+in a direction only when its Δ interval is below 0 **and** the row with it passes the gate (which
+includes adherence for conditioned rows).
 
-Writes ``ablation.json``, ``ablation.md`` and the strips; ``--update-docs`` replaces the table
-between the ablation markers of README.md and docs/benchmarks.md. Prints one JSON line.
+Labels (what a row's components read at sampling, from their ``needs`` and ``oracle``): reads the
+future (oracle) · exact simulator state (privileged) · caption · first-frame pixels · nothing.
 
-Each finished (recipe, seed) keeps its per-clip scores in ``--out/runs/`` (keyed by the recipe's
-text, the overlays, the steps and the clips), so a stopped ablation run again resumes where it
-stopped; ``--fresh`` ignores them. The key does not see the code: after changing a component,
-delete that recipe's files there (or use ``--fresh``). ``--keep OLD.json`` carries the rows of recipes not run now
-over from an earlier ablation of the same seeds and clips (their footnote says so).
+Controls, scored by the same code on the validation clips (no learning): data (the floor), frozen,
+gray, blurred, shuffled frames, independent frames, a still frame under a slow pan, a jittering
+still frame, replayed training clips.
+
+Each finished (row, seed) keeps its sampled clips in ``--out/runs/`` under a key of the row's
+resolved config, the steps and clips **and the source code** (every ``.py`` of ``tcplug/`` and
+``plugins/``), so a stopped ablation resumes where it stopped and a code change retrains;
+``--fresh`` ignores them. Writes ``ablation.json``, ``ablation.md`` and a strip of sample frames per
+row (``--img``); ``--update-docs`` replaces the tables between the ablation markers of README.md and
+docs/benchmarks.md. Prints one JSON line.
 
 Usage:
-  python benchmarks/ablation.py                          # every recipe, 3 seeds, 32 clips
-  python benchmarks/ablation.py --recipes baseline full --seeds 0 1 2 --steps 1200
-  python benchmarks/ablation.py --smoke                  # tiny sizes, seconds
-  python benchmarks/ablation.py --out abl --recipes full --keep abl/ablation.json  # rerun one row
+  python benchmarks/ablation.py --out abl                         # everything, 3 seeds, 32 clips
+  python benchmarks/ablation.py --out abl --rows baseline full     # some rows (resumable)
+  python benchmarks/ablation.py --out abl --render --update-docs   # tables from what finished
+  python benchmarks/ablation.py --smoke                           # tiny sizes, seconds
 """
 
 from __future__ import annotations
@@ -55,88 +63,118 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ["baseline", "cross_frame", "flow_warp", "perceptual_temporal", "adversarial", "two_tier", "video_ldm",
-           "experts", "world_model", "captions", "motion_lock", "full"]
-SMOKE = ["--config", str(ROOT / "recipes" / "presets" / "cpu-smoke.yaml")]
-CONTROLS = ["data", "frozen", "blurred", "independent frames", "independent frames + oracle copy"]
-METRICS = ["tvs", "warp_error", "coverage", "motion_ratio", "sharpness_ratio", "frame_distance", "bg_flicker",
-           "trajectory_error"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _recipes  # noqa: E402
+
+ROOT = _recipes.ROOT
+SMOKE = ROOT / "recipes" / "presets" / "cpu-smoke.yaml"
+PLUS = ["baseline", *_recipes.TECHNIQUES]
+LOO = ["full", *[f"full - {t}" for t in _recipes.IN_FULL],
+       *[f"full + {t}" for t in _recipes.TECHNIQUES if t not in _recipes.IN_FULL]]
+CONTROLS = ["data", "frozen", "gray", "blurred", "shuffled", "independent", "still_pan", "jitter", "replayed train"]
+PER_CLIP = ["tvs", "warp_error", "coverage", "bg_flicker", "motion_static", "motion_moving"]
 
 
-# ----- scoring -------------------------------------------------------------------------------
-def per_clip(video: torch.Tensor, batch: dict) -> dict:
-    """Per-clip values of clips ``(N, T, 3, H, W)`` in [0, 1] (DIS flow), and frame features."""
-    from tcplug.metrics import estimate_flows, frame_features, gradient_energy, pair_errors
-    from tcplug.metrics.fidelity import TrajectoryError
-    from tcplug.metrics.temporal import Flicker
-
-    rows: dict[str, list] = {k: [] for k in METRICS if k != "frame_distance"}  # a set-level metric
-    feats = []
-    for i in range(video.shape[0]):
-        clip = video[i: i + 1]
-        fwd, bwd = estimate_flows(clip)
-        l1, l2, cov = pair_errors(clip, fwd, bwd)
-        rows["tvs"].append(float(100 * np.nanmean(l1.numpy())) if not torch.isnan(l1).all() else float("nan"))
-        rows["warp_error"].append(float(np.nanmean(l2.numpy())) if not torch.isnan(l2).all() else float("nan"))
-        rows["coverage"].append(float(cov.mean()))
-        rows["motion_ratio"].append(float(fwd.norm(dim=2).mean()))
-        rows["sharpness_ratio"].append(float(gradient_energy(clip).mean()))
-        feats.append(frame_features(clip[0]).numpy())
-        static = batch.get("static")
-        if static is not None:
-            f = Flicker(region="static")
-            f.update(clip, batch={"static": static[i: i + 1]})
-            rows["bg_flicker"].append(float(f.compute()))
-        else:
-            rows["bg_flicker"].append(float("nan"))
-        state = batch.get("state")
-        if state is not None:
-            m = TrajectoryError()
-            m.update(clip, batch={"state": [state[i]]})
-            rows["trajectory_error"].append(float(m.compute()))
-        else:
-            rows["trajectory_error"].append(float("nan"))
-    return {"values": {k: np.array(v) for k, v in rows.items()}, "features": np.stack(feats)}
+# ----- rows ----------------------------------------------------------------------------------
+def technique_of(row: str) -> str | None:
+    """``cross_frame`` for ``cross_frame``, ``full - cross_frame`` and ``full + two_tier`` alike."""
+    if row in ("baseline", "full"):
+        return None
+    return row.split(" ", 2)[-1] if row.startswith("full ") else row
 
 
-def aggregate(groups: list[dict], ref: dict, idx: list[np.ndarray] | None = None) -> dict:
-    """Metrics of seed groups (each a :func:`per_clip` result), clips ``idx`` per group."""
-    from tcplug.metrics import mmd
-
-    idx = idx or [np.arange(len(g["features"])) for g in groups]
-    vals = {k: np.concatenate([g["values"][k][i] for g, i in zip(groups, idx)]) for k in groups[0]["values"]}
-    out = {}
-    for k in ("tvs", "warp_error", "coverage", "bg_flicker", "trajectory_error"):
-        v = vals[k][~np.isnan(vals[k])]
-        out[k] = float(v.mean()) if len(v) else float("nan")
-    out["motion_ratio"] = float(vals["motion_ratio"].mean() / ref["values"]["motion_ratio"].mean())
-    out["sharpness_ratio"] = float(vals["sharpness_ratio"].mean() / ref["values"]["sharpness_ratio"].mean())
-    feats = np.concatenate([g["features"][i].reshape(-1, g["features"].shape[-1]) for g, i in zip(groups, idx)])
-    out["frame_distance"] = float(mmd(torch.from_numpy(feats), torch.from_numpy(ref["features"].reshape(
-        -1, ref["features"].shape[-1]))))
-    return out
+def row_config(row: str, work: Path, extra: list[Path], resolved: dict) -> Path:
+    """The recipe file a row trains: a shipped recipe, or full -/+ X composed from the resolved
+    base and full (with the overlays ``extra`` already applied)."""
+    if not row.startswith("full "):
+        return ROOT / "recipes" / f"{row}.yaml"
+    tech = technique_of(row)
+    techs = [t for t in _recipes.IN_FULL if t != tech] if " - " in row else [*_recipes.IN_FULL, tech]
+    full = resolved["full"]
+    if " + " in row:  # a latent design on top of full: full's settings with X's owned ones
+        full = _recipes.unflatten({**_recipes.flatten(resolved["full"]),
+                                   **{k: v for k, v in _recipes.flatten(resolved[tech]).items()
+                                      if k in _recipes.TECHNIQUES[tech]}})
+    cfg = _recipes.compose(resolved["baseline"], full, techs)
+    return _recipes.write(cfg, work / "configs" / f"{row.replace(' ', '')}.yaml", row.replace(" ", ""))
 
 
-def bootstrap(groups: list[dict], ref: dict, n: int, rng: np.random.Generator) -> list[dict]:
-    """``n`` hierarchical resamples (seeds, then clips within each seed) of :func:`aggregate`."""
+def code_hash() -> str:
+    """Every ``.py`` of the engine and the built-in plugins: a change retrains."""
+    h = hashlib.sha256()
+    for p in sorted([*(ROOT / "tcplug").rglob("*.py"), *(ROOT / "plugins").rglob("*.py")]):
+        h.update(str(p.relative_to(ROOT)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def run_key(config: Path, extra: list[Path], steps: int | None, clips: int, code: str) -> str:
+    """What a cached (row, seed) depends on: the row's resolved config, steps, clips, the code."""
+    text = _recipes.resolve(config, *extra)
+    text.pop("config", None)
+    text["trainer"]["logger"]["init_args"]["name"] = None
+    h = hashlib.sha256(json.dumps(text, sort_keys=True, default=str).encode())
+    h.update(f"{steps}|{clips}|{code}".encode())
+    return h.hexdigest()[:16]
+
+
+def train(name: str, config: Path, extra: list[Path], work: Path, steps: int | None, seed: int):
+    """``tcplug fit`` of one row and seed; the last checkpoint, or None and the error."""
+    run = f"{name.replace(' ', '')}-s{seed}"
+    cmd = [sys.executable, "-m", "tcplug", "fit", "--config", str(config), *[a for e in extra for a in ("--config", str(e))],
+           f"--seed_everything={seed}", "--trainer.enable_progress_bar=false", "--model.num_val_samples=2",
+           f"--trainer.logger.init_args.save_dir={work / 'runs'}", f"--trainer.logger.init_args.name={run}"]
+    if steps:
+        cmd += [f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        return None, {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][-300:], "wall_s": round(wall, 1)}
+    folder = sorted((work / "runs" / run).glob("version_*"))[-1]
+    return next(folder.rglob("last.ckpt")), {"wall_s": round(wall, 1)}
+
+
+def knows(model) -> list[str]:
+    """What a trained module's components read at sampling, as labels (see the module docstring)."""
+    labels = []
+    mods = list(model.modules())
+    if any(getattr(m, "oracle", False) for m in mods):
+        labels.append("oracle")
+    needs = {k for m in mods for n in getattr(m, "needs", ()) or () for k in str(n).split("|")}
+    if "state" in needs or "depth" in needs and "oracle" not in labels:
+        labels.append("privileged")
+    if needs & {"txt", "text_emb"}:
+        labels.append("caption")
+    if "video" in needs or "first_frame" in needs:
+        labels.append("first-frame pixels")
+    return labels or ["nothing"]
+
+
+def sample(model, batch: dict, seed: int) -> torch.Tensor:
+    """Clips ``(N, T, 3, H, W)`` in [0, 1] conditioned on ``batch`` (its pixels withheld); noise
+    seeds ``seed * 1000 + i``: the same in every row."""
+    n, t, _, h, w = batch["video"].shape
+    cond = {k: v for k, v in batch.items() if k != "video"}
     out = []
-    for _ in range(n):
-        pick = rng.integers(0, len(groups), len(groups))
-        gs = [groups[p] for p in pick]
-        idx = [rng.integers(0, len(g["features"]), len(g["features"])) for g in gs]
-        out.append(aggregate(gs, ref, idx))
-    return out
+    for i in range(0, n, 8):
+        part = {k: (v[i: i + 8] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in cond.items()}
+        out.append(model.generate(min(8, n - i), t, h, w, seed=seed * 1000 + i, batch=part))
+    return ((torch.cat(out).float() + 1) / 2).clamp(0, 1)
 
 
-def interval(values: list[float]) -> list[float]:
-    v = np.array([x for x in values if not np.isnan(x)])
-    if len(v) == 0:
-        return [float("nan"), float("nan")]
-    return [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
+# ----- data and controls -----------------------------------------------------------------------
+def world_clips(data_cfg: dict, seed: int, n: int, start: int = 0) -> tuple[torch.Tensor, list]:
+    """Clips ``(n, T, 3, H, W)`` in [0, 1] and states of the recipe's synthetic world."""
+    from tcplug.data.synthetic import make_clip
+
+    cs = [make_clip(seed, start + i, int(data_cfg.get("frames", 8)), int(data_cfg.get("size", 32)),
+                    int(data_cfg.get("num_shapes", 2)), float(data_cfg.get("gravity", 0)),
+                    world=data_cfg.get("world", "simple")) for i in range(n)]
+    video = torch.from_numpy(np.stack([c["frames"] for c in cs])).permute(0, 1, 4, 2, 3).float() / 255
+    return video, [c["state"] for c in cs]
 
 
-# ----- data, controls, training, sampling ------------------------------------------------------
 def data_clips(data_cfg: dict, n: int) -> dict:
     """The first ``n`` validation clips of the recipe's data (as the module's batches carry them)."""
     from tcplug.data import VideoDataModule
@@ -148,379 +186,370 @@ def data_clips(data_cfg: dict, n: int) -> dict:
     return collate(list(dm._val_set())[:n])
 
 
-def reference_clips(data_cfg: dict, n: int, seed: int = 777) -> torch.Tensor:
-    """``n`` clips of the same world from another seed: the reference set, ``(N, T, 3, H, W)`` [0, 1]."""
-    from tcplug.data.synthetic import make_clip
+def controls(data: torch.Tensor, train: torch.Tensor) -> dict[str, torch.Tensor]:
+    from tcplug.metrics import controls as c
 
-    frames, size = int(data_cfg.get("frames", 8)), int(data_cfg.get("size", 32))
-    clips = [make_clip(seed, i, frames, size, int(data_cfg.get("num_shapes", 2)), float(data_cfg.get("gravity", 0)),
-                       world=data_cfg.get("world", "simple"))["frames"] for i in range(n)]
-    return torch.from_numpy(np.stack(clips)).permute(0, 1, 4, 2, 3).float() / 255
+    return {"data": data, "frozen": c.frozen(data), "gray": c.gray(data), "blurred": c.blurred(data),
+            "shuffled": c.shuffled(data), "independent": c.independent(data), "still_pan": c.still_pan(data),
+            "jitter": c.jitter(data), "replayed train": train[: len(data)]}
 
 
-def controls(batch: dict) -> dict[str, torch.Tensor]:
-    import cv2
+# ----- scoring -------------------------------------------------------------------------------
+def object_region(video: torch.Tensor, tol: float = 40.0) -> torch.Tensor:
+    """``(N, 1, H, W)``: pixels that take one of the synthetic world's object colours in some frame."""
+    from tcplug.data.synthetic import COLOURS
 
-    data = (batch["video"].float() + 1) / 2
-    n, t = data.shape[:2]
-    arr = data.permute(0, 1, 3, 4, 2).numpy()
-    blurred = torch.from_numpy(np.stack([[cv2.GaussianBlur(f, (9, 9), 0) for f in c] for c in arr])).permute(0, 1, 4, 2, 3)
-    indep = torch.stack([data[(i + torch.arange(t)) % n, torch.arange(t)] for i in range(n)])
-    static = batch["static"].float()[:, None]  # (N, 1, 1, H, W)
-    oracle = static * data[:, :1] + (1 - static) * indep
-    return {"data": data, "frozen": data[:, :1].expand_as(data).contiguous(), "blurred": blurred,
-            "independent frames": indep, "independent frames + oracle copy": oracle}
-
-
-def recipe_config(recipe: str, extra: list[str], work: Path) -> dict:
-    import yaml
-
-    cmd = [sys.executable, "-m", "tcplug", "fit", "--config", str(ROOT / "recipes" / f"{recipe}.yaml"), *extra,
-           "--print_config"]
-    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"{recipe}: {proc.stderr.strip()[-500:]}")
-    return yaml.safe_load(proc.stdout)
+    px = video.float() * 255  # (N, T, 3, H, W)
+    hit = torch.zeros(video.shape[0], *video.shape[-2:], dtype=torch.bool)
+    for rgb in COLOURS.values():
+        d = ((px - torch.tensor(rgb, dtype=px.dtype).view(1, 1, 3, 1, 1)) ** 2).sum(2).sqrt()
+        hit |= (d < tol).any(1)
+    return hit[:, None].float()
 
 
-def train(recipe: str, extra: list[str], work: Path, steps: int | None, seed: int) -> tuple[Path | None, dict]:
-    name = f"{recipe}-s{seed}"
-    cmd = [sys.executable, "-m", "tcplug", "fit", "--config", str(ROOT / "recipes" / f"{recipe}.yaml"), *extra,
-           f"--seed_everything={seed}", "--trainer.enable_progress_bar=false", "--model.num_val_samples=2",
-           f"--trainer.logger.init_args.save_dir={work / 'runs'}", f"--trainer.logger.init_args.name={name}"]
-    if steps:
-        cmd += [f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}"]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode:
-        return None, {"error": proc.stderr.strip().splitlines()[-1][-300:], "wall_s": round(wall, 1)}
-    run = sorted((work / "runs" / name).glob("version_*"))[-1]
-    ckpt = next(run.rglob("last.ckpt"))
-    return ckpt, {"wall_s": round(wall, 1)}
+def per_clip(video: torch.Tensor, batch: dict) -> dict[str, np.ndarray]:
+    """Per-clip values ``{name: (N,)}`` of clips ``(N, T, 3, H, W)`` in [0, 1] (DIS flow)."""
+    from tcplug.metrics import estimate_flows, pair_errors
+    from tcplug.metrics.temporal import Flicker
+
+    rows: dict[str, list] = {k: [] for k in PER_CLIP}
+    moving = object_region(video)
+    for i in range(video.shape[0]):
+        clip = video[i: i + 1]
+        fwd, bwd = estimate_flows(clip)
+        l1, l2, cov = pair_errors(clip, fwd, bwd)
+        rows["tvs"].append(float(100 * np.nanmean(l1.numpy())) if not torch.isnan(l1).all() else float("nan"))
+        rows["warp_error"].append(float(np.nanmean(l2.numpy())) if not torch.isnan(l2).all() else float("nan"))
+        rows["coverage"].append(float(cov.mean()))
+        mag = fwd.norm(dim=2)[0]  # (T-1, H, W)
+        m = moving[i, 0].bool()
+        rows["motion_static"].append(float(mag[:, ~m].mean()) if (~m).any() else float("nan"))
+        rows["motion_moving"].append(float(mag[:, m].mean()) if m.any() else float("nan"))
+        static = batch.get("static")
+        if static is not None:
+            f = Flicker(region="static")
+            f.update(clip, batch={"static": static[i: i + 1]})
+            rows["bg_flicker"].append(float(f.compute()))
+        else:
+            rows["bg_flicker"].append(float("nan"))
+    return {k: np.array(v) for k, v in rows.items()}
 
 
-def load(ckpt: Path):
-    """The trained module of a run's checkpoint (its EMA weights when the recipe averages them)."""
-    from tcplug.module import TCPlugModule
-
-    return TCPlugModule.from_checkpoint(str(ckpt))
-
-
-def sample(model, batch: dict, seed: int) -> tuple[torch.Tensor, bool]:
-    """Clips ``(N, T, 3, H, W)`` in [0, 1] from ``model`` conditioned on ``batch`` (its pixels
-    withheld), and whether the model reads an oracle input."""
-    n, t, _, h, w = batch["video"].shape
-    cond = {k: v for k, v in batch.items() if k != "video"}
-    out = []
-    for i in range(0, n, 8):  # a few clips at a time: bounded memory
-        part = {k: (v[i: i + 8] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in cond.items()}
-        m = min(8, n - i)
-        out.append(model.generate(m, t, h, w, seed=seed * 1000 + i, batch=part))
-    oracle = any(getattr(c, "oracle", False) for c in model.modules())
-    return (torch.cat(out).float() + 1) / 2, oracle
-
-
-def strip(video: torch.Tensor, path: Path, clips: int = 3) -> None:
-    """Rows of clips, frames left to right, 3x nearest-neighbour upscaled PNG."""
-    from PIL import Image
-
-    v = (video[:clips].clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()
-    img = np.concatenate([np.concatenate(list(c), axis=1) for c in v], axis=0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img).resize((img.shape[1] * 3, img.shape[0] * 3), Image.NEAREST).save(path)
+def mean_ci(groups: list[np.ndarray], boot: int, rng) -> tuple[float, list[float]]:
+    """Mean over seeds and clips of per-(seed, clip) values ``[(N,)] * S`` and its hierarchical
+    bootstrap interval (seeds with replacement, then clips within each)."""
+    arr = np.stack(groups)  # (S, N)
+    if np.isnan(arr).all():  # nothing measured (e.g. no object colour in any clip)
+        return float("nan"), [float("nan")] * 2
+    point = float(np.nanmean(arr))
+    s, n = arr.shape
+    vals = []
+    for _ in range(boot):
+        seeds = rng.integers(0, s, s)
+        clips = rng.integers(0, n, (s, n))
+        pick = arr[seeds[:, None], clips]
+        vals.append(np.nanmean(pick) if not np.isnan(pick).all() else np.nan)
+    vals = np.array(vals)
+    vals = vals[~np.isnan(vals)]
+    return point, ([float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))] if len(vals) else
+                   [float("nan")] * 2)
 
 
-def run_key(recipe: str, extra: list[str], steps: int | None, clips: int) -> str:
-    """What a cached (recipe, seed) result depends on: the recipe's text, overlays, steps, clips."""
-    h = hashlib.sha256((ROOT / "recipes" / f"{recipe}.yaml").read_bytes())
-    for a in extra:
-        h.update(Path(a).read_bytes() if a.endswith(".yaml") and Path(a).is_file() else a.encode())
-    h.update(f"{steps}|{clips}".encode())
-    return h.hexdigest()[:16]
+def paired_delta(a: list[np.ndarray], b: list[np.ndarray], boot: int, rng) -> tuple[float, list[float]]:
+    """Mean of ``a - b`` per (seed, clip) (the same seeds, clips and noise in both) and its paired
+    hierarchical bootstrap interval."""
+    return mean_ci([x - y for x, y in zip(a, b)], boot, rng)
 
 
-def load_run(path: Path, key: str) -> dict | None:
-    if not path.is_file():
-        return None
-    z = np.load(path, allow_pickle=False)
-    if str(z["key"]) != key:
-        return None
-    return {"values": {k[2:]: z[k] for k in z.files if k.startswith("v_")}, "features": z["features"],
-            "wall_s": float(z["wall_s"]), "oracle": bool(z["oracle"])}
+def score_row(videos: list[torch.Tensor], batch: dict, floor, reference, train: torch.Tensor, conditioned: bool,
+              boot: int, rng) -> dict:
+    """Everything the table shows of one row: per-clip means with intervals, gate figures."""
+    from tcplug.metrics.gate import ClipSet, evaluate
+
+    per = [per_clip(v, batch) for v in videos]
+    row = {"per_clip": {k: [p[k].tolist() for p in per] for k in PER_CLIP}}
+    for k in PER_CLIP:
+        row[k], ci = mean_ci([p[k] for p in per], boot, rng)
+        row.setdefault("ci", {})[k] = ci
+    states = [s for _ in videos for s in batch["state"]] if conditioned and batch.get("state") is not None else None
+    cand = ClipSet(torch.cat(videos), states)
+    report = evaluate(cand, floor if conditioned else floor.without_adherence(), reference, train=train)
+    row["gate"] = report["gate"]
+    row["figures"], row["floor"], row["intervals"] = report["figures"], report["floor"], report["intervals"]
+    return row
 
 
-def save_run(path: Path, key: str, group: dict, wall: float, oracle: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, key=key, features=group["features"], wall_s=wall, oracle=oracle,
-             **{f"v_{k}": v for k, v in group["values"].items()})
-    tmp.replace(path)
-
-
-# ----- the table -----------------------------------------------------------------------------
-def near_data(value: float, base: float, tol: float) -> bool:
-    """A ratio (1 = like the data) kept: within ``tol`` of baseline's or of 1, or closer to 1 than
-    baseline's from the same side (a frozen clip's motion 0 is not "closer" to 1 than 2.3)."""
-    return (abs(value - base) <= tol or abs(value - 1) <= tol
-            or (abs(value - 1) <= abs(base - 1) and (value - 1) * (base - 1) >= 0))
-
-
-def verdict(row: dict, base: dict | None, args) -> str:
-    if row["kind"] == "control":
-        return "control"
-    if row["recipe"] == "baseline" or base is None:
-        return "reference"
-    lo, hi = row["tvs_diff_ci"]
-    better = hi < 0
-    # a baseline of independent frames "moves" far too much: coming closer to the data's motion
-    # (ratio 1) is no defect, falling to the other side (a frozen clip's 0) is
-    motion_ok = near_data(row["motion_ratio"], base["motion_ratio"], args.motion_tol)
-    dist_ok = row["frame_distance"] <= args.distance_tol * base["frame_distance"]
-    # blur lowers TVS (the blurred control scores like the data); sharpness must stay near baseline's or 1
-    sharp_ok = near_data(row["sharpness_ratio"], base["sharpness_ratio"], args.sharpness_tol)
-    if better and motion_ok and dist_ok and sharp_ok:
-        return "improves"
+# ----- verdicts and the tables ----------------------------------------------------------------
+def verdict(delta_ci: list[float], gate: dict) -> str:
+    """``improves`` only when the paired Δ TVS interval is below 0 and the row with the technique
+    passes the gate (adherence included for conditioned rows); else why not."""
     why = []
-    if not better:
-        why.append("TVS interval overlaps 0" if lo < 0 else "TVS worse")
-    if not motion_ok:
-        why.append("motion off")
-    if not dist_ok:
-        why.append("frames farther from data")
-    if not sharp_ok:
-        why.append("blurred" if row["sharpness_ratio"] < base["sharpness_ratio"] else "sharpness off")
-    return "does not improve (" + ", ".join(why) + ")"
-
-
-def goals(rows: list[dict]) -> list[str]:
-    """The issue's goals, checked on the measured rows."""
-    by = {r["recipe"]: r for r in rows if "error" not in r}
-    out = []
-    full, data = by.get("full"), by.get("data")
-    if full and data:
-        tvs_ok = full["tvs"] <= 1.5 * data["tvs"]
-        motion_ok = 0.8 <= full["motion_ratio"] <= 1.25
-        dist_ok = full["frame_distance"] <= 2 * data["frame_distance"]
-        out.append(f"`full` TVS within 1.5x the DIS data floor: {'met' if tvs_ok else 'not met'} "
-                   f"({full['tvs']:.2f} % vs 1.5 x {data['tvs']:.2f} = {1.5 * data['tvs']:.2f} %); motion ratio in "
-                   f"[0.8, 1.25]: {'met' if motion_ok else 'not met'} ({full['motion_ratio']:.2f}); frame distance "
-                   f"within 2x data-vs-data: {'met' if dist_ok else 'not met'} ({full['frame_distance']:.3f} vs "
-                   f"2 x {data['frame_distance']:.3f})")
-    recipes = [r for r in rows if r["kind"] == "recipe" and r["recipe"] != "baseline" and "error" not in r]
-    if recipes and "baseline" in by:
-        better = [r["recipe"] for r in recipes if r.get("verdict") == "improves"]
-        out.append(f"every technique better than `baseline` under the rule: "
-                   f"{'met' if len(better) == len(recipes) else 'not met'} ({len(better)} of {len(recipes)} "
-                   f"improve{': ' + ', '.join(better) if better else ''})")
-    return out
+    if not delta_ci[1] < 0:
+        why.append("Δ TVS interval overlaps 0" if delta_ci[0] < 0 else "TVS worse")
+    if not gate["pass"]:
+        why.append("fails the gate: " + ", ".join(sorted({r.split(" (")[0] for r in gate["reasons"]})))
+    return "improves" if not why else "does not improve (" + "; ".join(why) + ")"
 
 
 def fmt(v, f=".2f"):
     return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, f)
 
 
-def shown_args(args: str) -> str:
-    """The command line as shown under the table: without where its files went."""
+def gate_cell(row: dict) -> str:
+    g = row.get("gate")
+    if g is None:
+        return ""
+    return "pass" if g["pass"] else "fail: " + ", ".join(sorted({r.split(" (")[0] for r in g["reasons"]}))
+
+
+def table(rows: list[dict], names: list[str], delta_of: str) -> str:
+    head = (f"| row | knows | TVS % [95 % CI] | paired Δ TVS {delta_of} [95 % CI] | motion ratio | sharpness ratio | "
+            "frame dist. | dynamics dist. | motion px static / moving | traj. err px | gate | verdict | strip |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    by = {r["row"]: r for r in rows}
+    lines = []
+    for name in names:
+        r = by.get(name)
+        if r is None:
+            lines.append(f"| {name} | | not run | | | | | | | | | | |")
+            continue
+        if "error" in r:
+            lines.append(f"| {name} | | failed: {r['error']} | | | | | | | | | | |")
+            continue
+        f = r["figures"]
+        ci = r["ci"]["tvs"]
+        d = f"{fmt(r['delta'])} [{fmt(r['delta_ci'][0])}, {fmt(r['delta_ci'][1])}]" if r.get("delta") is not None else ""
+        strip = f"![{name}](img/ablation/{r['strip']})" if r.get("strip") else ""
+        lines.append(
+            f"| {name} | {', '.join(r['knows'])} | {fmt(r['tvs'])} [{fmt(ci[0])}, {fmt(ci[1])}] | {d} | "
+            f"{fmt(f.get('motion_ratio'))} | {fmt(f.get('sharpness_ratio'))} | {fmt(f.get('frame_distance'), '.3f')} | "
+            f"{fmt(f.get('dynamics_distance'))} | {fmt(r['motion_static'])} / {fmt(r['motion_moving'])} | "
+            f"{fmt(f.get('trajectory_error'), '.1f')} | {gate_cell(r)} | {r.get('verdict', '')} | {strip} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def control_table(rows: list[dict]) -> str:
+    head = ("| control | TVS % | motion ratio | sharpness ratio | frame dist. | dynamics dist. | memorised | "
+            "motion px static / moving | gate |\n|---|---|---|---|---|---|---|---|---|\n")
+    out = []
+    for r in rows:
+        f = r["figures"]
+        out.append(f"| *{r['row']}* | {fmt(r['tvs'])} | {fmt(f.get('motion_ratio'))} | {fmt(f.get('sharpness_ratio'))} | "
+                   f"{fmt(f.get('frame_distance'), '.3f')} | {fmt(f.get('dynamics_distance'))} | "
+                   f"{fmt(f.get('memorised'))} | {fmt(r['motion_static'])} / {fmt(r['motion_moving'])} | {gate_cell(r)} |")
+    return head + "\n".join(out) + "\n"
+
+
+def goals(rows: list[dict]) -> list[str]:
+    """The issue's goals, checked on the measured rows."""
+    by = {r["row"]: r for r in rows if "error" not in r}
+    out = []
+    full, data = by.get("full"), by.get("data")
+    if full:
+        out.append(f"`full` passes the gate: {'met' if full['gate']['pass'] else 'not met'} ({gate_cell(full)})")
+    if full and data:
+        ok = full["tvs"] <= 1.5 * data["tvs"]
+        out.append(f"`full` TVS within 1.5x the DIS data floor: {'met' if ok else 'not met'} "
+                   f"({full['tvs']:.2f} % vs 1.5 x {data['tvs']:.2f} = {1.5 * data['tvs']:.2f} %)")
+    techs = [t for t in _recipes.TECHNIQUES if t in by or f"full - {t}" in by or f"full + {t}" in by]
+    if techs:
+        helped = [t for t in techs if any(by.get(n, {}).get("verdict") == "improves"
+                                          for n in (t, f"full - {t}", f"full + {t}"))]
+        out.append(f"every technique improves in plus-one or leave-one-out: "
+                   f"{'met' if len(helped) == len(techs) else 'not met'} ({len(helped)} of {len(techs)} measured"
+                   f"{': ' + ', '.join(helped) if helped else ''})")
+    bad = [r["row"] for r in rows if r.get("verdict") == "improves" and not r["gate"]["pass"]]
+    out.append(f"no row improves while failing the gate: {'met' if not bad else 'not met: ' + ', '.join(bad)}")
+    return out
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    recipes = [r for r in rows if r["kind"] == "recipe"]
+    ctrl = [r for r in rows if r["kind"] == "control"]
+    done = {r["row"] for r in recipes}
+    partial = (" Rows marked *not run* have not been measured yet (the ablation resumes where it stopped)."
+               if any(n not in done for n in PLUS + LOO) else "")
+    foot = (f"\n_Generated by `python benchmarks/ablation.py {meta['args']}` on {meta['machine']}, {meta['date']}: "
+            f"{meta['steps']}, seeds {meta['seeds']}, {meta['clips']} sampled clips per seed, "
+            f"{meta['reference']} reference clips of another seed, {meta['train']} training clips for memorisation; the "
+            f"data floor is the {meta['clips']} validation clips conditioned on. TVS: lower is better; motion and "
+            "sharpness ratios: 1 = like the reference; distances: compare with the data row. Δ intervals are paired "
+            "(same seeds, clips and noise). \"improves\" = the Δ interval is below 0 and the row with the technique "
+            "passes the fidelity gate (adherence included for conditioned rows). knows: what the row reads at "
+            "sampling: oracle (the future), privileged (exact simulator state), caption, first-frame pixels, or "
+            f"nothing.{partial}_\n")
+    checked = "".join(f"\n- {g}" for g in goals(rows))
+    return ("**Plus-one** (base + X; Δ = row − baseline)\n\n" + table(recipes, PLUS, "vs baseline")
+            + "\n**Leave-one-out** (full − X; Δ = full − row: below 0 = X helps inside full; latent designs: "
+            "full + X, Δ = row − full)\n\n" + table(recipes, LOO, "(X's share)")
+            + "\n**Controls** (the validation clips, no learning; the data row is the floor)\n\n" + control_table(ctrl)
+            + foot + ("\nGoals:" + checked + "\n"))
+
+
+def update_docs(text: str, files: list[Path], marker: str = "ablation") -> None:
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    for f in files:
+        body = f.read_text()
+        if start not in body or end not in body:
+            raise SystemExit(f"{f}: no {start} ... {end} markers")
+        head, rest = body.split(start, 1)
+        f.write_text(head + start + "\n" + text + end + rest.split(end, 1)[1])
+
+
+def strip(video: torch.Tensor, path: Path, clips: int = 3) -> str:
+    """Rows of clips, frames left to right, 3x nearest-neighbour upscaled PNG; its file name."""
+    from PIL import Image
+
+    v = (video[:clips].clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()
+    img = np.concatenate([np.concatenate(list(c), axis=1) for c in v], axis=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).resize((img.shape[1] * 3, img.shape[0] * 3), Image.NEAREST).save(path)
+    return path.name
+
+
+def shown_args(argv: list[str]) -> str:
+    """The command line as shown under the tables: without where its files went."""
     out, skip = [], False
-    for a in args.split():
+    for a in argv:
         if skip:
             skip = False
         elif a in ("--out", "--img"):
             skip = True
-        elif a == "--keep":
-            out.append("--keep EARLIER/ablation.json")
-            skip = True
-        elif not a.startswith(("--out=", "--img=", "--keep=")) and a != "--update-docs":
+        elif not a.startswith(("--out=", "--img=")) and a not in ("--update-docs", "--render"):
             out.append(a)
     return " ".join(out)
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
-    head = ("| row | TVS % [95 % CI] | Δ TVS vs baseline [95 % CI] | motion ratio | sharpness ratio | frame distance | "
-            "coverage | bg flicker | trajectory err px | oracle | verdict |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|\n")
-    lines = []
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['recipe']} | failed: {r['error']} | | | | | | | | | |")
-            continue
-        ci = r.get("ci", {})
-        tv = f"{fmt(r['tvs'])} [{fmt(ci.get('tvs', [None])[0])}, {fmt(ci.get('tvs', [None, None])[1])}]"
-        diff = (f"{fmt(r['tvs_diff'])} [{fmt(r['tvs_diff_ci'][0])}, {fmt(r['tvs_diff_ci'][1])}]"
-                if r.get("tvs_diff") is not None else "")
-        name = r["recipe"] if r["kind"] == "recipe" else f"*{r['recipe']}* (control)"
-        if r.get("kept_from"):
-            name += f" ({r['kept_from']})"
-        lines.append(f"| {name} | {tv} | {diff} | {fmt(r['motion_ratio'])} | {fmt(r['sharpness_ratio'])} | "
-                     f"{fmt(r['frame_distance'], '.3f')} | {fmt(r['coverage'])} | {fmt(r['bg_flicker'], '.3f')} | "
-                     f"{fmt(r['trajectory_error'], '.1f')} | {'yes' if r.get('oracle') else ''} | {r['verdict']} |")
-    partial = " Partial: the run was stopped before every recipe finished." if meta.get("partial") else ""
-    kept = sorted({r["kept_from"] for r in rows if r.get("kept_from")})
-    if kept:
-        partial += (f" Rows marked with a date ({', '.join(kept)}) were measured then (same seeds, clips and "
-                    "scoring; Δ TVS against that run's baseline of the same seeds) and carried over with --keep.")
-    steps = f"{meta['steps']} steps per recipe" if isinstance(meta["steps"], int) else "each recipe's own max_steps"
-    wall = f"{meta['wall_min']} min in all" if not kept else \
-        f"{meta['wall_min']} min for this invocation (runs it found finished under --out are not timed again)"
-    foot = (f"\n_Generated by `python benchmarks/ablation.py {shown_args(meta['args'])}` on {meta['machine']}, "
-            f"{meta['date']}: {steps}, seeds {meta['seeds']}, {meta['clips']} sampled clips per seed, "
-            f"reference: {meta['reference']} other clips of the same world; {wall}. "
-            "All rows scored with DIS flow. TVS, warping error, frame distance, trajectory error: lower is better; "
-            "motion and sharpness ratios: 1 = like the reference; coverage: share of pixels the flow check kept. "
-            f"\"improves\" = the Δ TVS interval is below 0, the motion ratio within ±{meta['motion_tol']} of baseline's "
-            f"or of 1, or closer to 1 than baseline's from the same side, the sharpness ratio likewise "
-            f"(±{meta['sharpness_tol']}), "
-            f"and the frame distance ≤ {meta['distance_tol']}× baseline's. Oracle = reads an input that encodes the future "
-            f"(all-frame static mask, per-frame ground-truth maps).{partial}_\n")
-    checked = "".join(f"\n- {g}" for g in goals(rows))
-    return head + "\n".join(lines) + "\n" + foot + ("\nGoals:" + checked + "\n" if checked else "")
-
-
-def update_docs(table: str, files: list[Path], marker: str = "ablation") -> None:
-    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    for f in files:
-        text = f.read_text()
-        if start not in text or end not in text:
-            raise SystemExit(f"{f}: no {start} ... {end} markers")
-        head, rest = text.split(start, 1)
-        f.write_text(head + start + "\n" + table + end + rest.split(end, 1)[1])
-
-
+# ----- main ----------------------------------------------------------------------------------
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipes", nargs="+", default=None, help="default: every recipe (smoke: baseline and full)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds")
-    p.add_argument("--clips", type=int, default=32, help="clips sampled per recipe and seed")
+    p.add_argument("--rows", nargs="+", default=None, help="rows to run (names as in the tables; default: all)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--clips", type=int, default=32, help="clips sampled per row and seed")
     p.add_argument("--reference", type=int, default=64, help="reference clips (another seed of the same world)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: each recipe's max_steps)")
+    p.add_argument("--train", type=int, default=256, help="training clips the memorisation check compares with")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: base's max_steps)")
     p.add_argument("--boot", type=int, default=1000, help="bootstrap resamples")
-    p.add_argument("--motion-tol", type=float, default=0.2, help="largest |motion ratio - baseline's| to improve")
-    p.add_argument("--distance-tol", type=float, default=1.25, help="largest frame distance / baseline's to improve")
-    p.add_argument("--sharpness-tol", type=float, default=0.4,
-                   help="largest |sharpness ratio - baseline's| (or - 1) to improve")
-    p.add_argument("--config", action="append", default=[], help="extra --config overlay for every recipe")
-    p.add_argument("--out", default=None, help="folder for the table and JSON (default: a temporary one)")
-    p.add_argument("--img", default=str(ROOT / "docs" / "img" / "ablation"), help="folder for the sample strips")
-    p.add_argument("--update-docs", action="store_true", help="write the table into README.md and docs/benchmarks.md")
-    p.add_argument("--render", action="store_true", help="train nothing: rebuild the table (and with --update-docs "
-                   "the docs) from --out/ablation.json")
-    p.add_argument("--keep", default=None, help="an earlier ablation.json: carry over the rows of recipes not run now")
-    p.add_argument("--fresh", action="store_true", help="retrain every (recipe, seed), ignoring --out/runs/")
+    p.add_argument("--config", action="append", default=[], help="extra --config overlay for every row")
+    p.add_argument("--out", default=None, help="folder for runs, tables and JSON (default: a temporary one)")
+    p.add_argument("--img", default=str(ROOT / "docs" / "img" / "ablation"), help="folder for the strips")
+    p.add_argument("--update-docs", action="store_true", help="write the tables into README.md and docs/benchmarks.md")
+    p.add_argument("--render", action="store_true", help="train nothing: score what finished under --out")
+    p.add_argument("--fresh", action="store_true", help="retrain every (row, seed), ignoring --out/runs/")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
     t_start = time.perf_counter()
-    if args.render:
-        saved = json.loads((Path(args.out) / "ablation.json").read_text())
-        saved["meta"].setdefault("sharpness_tol", args.sharpness_tol)  # tables made before the rule had it
-        finish(saved["rows"], saved["meta"], Path(args.out), args)
-        return
     if args.smoke:
-        args.recipes = args.recipes or ["baseline", "full"]
-        args.seeds, args.clips, args.reference, args.boot = args.seeds[:2], 2, 4, 20
+        args.rows = args.rows or ["baseline", "cross_frame", "full", "full - cross_frame"]
+        args.seeds, args.clips, args.reference, args.train, args.boot = args.seeds[:1], 2, 4, 8, 20
         args.steps = 2
-    args.recipes = args.recipes or RECIPES
-    extra = [a for c in args.config for a in ("--config", str(Path(c).resolve()))] + (SMOKE if args.smoke else [])
+    rows_wanted = args.rows or PLUS + LOO
+    unknown = [r for r in rows_wanted if r not in PLUS + LOO]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}: rows are {PLUS + LOO}")
+    extra = [Path(c).resolve() for c in args.config] + ([SMOKE] if args.smoke else [])
     rng = np.random.default_rng(0)
+    code = code_hash()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         out = Path(args.out).resolve() if args.out else work / "out"
-        out.mkdir(parents=True, exist_ok=True)
-        cfg = recipe_config("baseline", extra, work)
-        batch = data_clips(cfg["data"], args.clips)
-        ref_video = reference_clips(cfg["data"], args.reference)
-        ref = per_clip(ref_video, {})
-        control_rows = []
-        for cname, video in controls(batch).items():
-            g = per_clip(video, batch)
-            row = {"recipe": cname, "kind": "control", "oracle": cname.endswith("oracle copy"), **aggregate([g], ref)}
-            boot = bootstrap([g], ref, args.boot, rng)
-            row["ci"] = {k: interval([b[k] for b in boot]) for k in METRICS}
-            control_rows.append(row)
-            if not args.smoke:
-                strip(video, Path(args.img) / f"control-{cname.replace(' + ', '-').replace(' ', '-')}.png")
-        rows: list[dict] = []
-        base_boot = None
-        for name in args.recipes:
-            groups, walls, oracle, err = [], [], False, None
-            key = run_key(name, extra, args.steps, args.clips)
+        (out / "runs").mkdir(parents=True, exist_ok=True)
+        resolved = {"baseline": _recipes.resolve(ROOT / "recipes" / "baseline.yaml", *extra),
+                    "full": _recipes.resolve(ROOT / "recipes" / "full.yaml", *extra)}
+        for t in _recipes.TECHNIQUES:
+            if t not in _recipes.IN_FULL and any(r == f"full + {t}" for r in rows_wanted):
+                resolved[t] = _recipes.resolve(ROOT / "recipes" / f"{t}.yaml", *extra)
+        data_cfg = resolved["baseline"]["data"]
+        batch = data_clips(data_cfg, args.clips)
+        data = ((batch["video"].float() + 1) / 2).clamp(0, 1)
+        ref_video, _ = world_clips(data_cfg, 777, args.reference)
+        train_video, _ = world_clips(data_cfg, int(data_cfg.get("seed", 0)), args.train)
+        from tcplug.metrics.gate import ClipSet
+
+        floor = ClipSet(data, batch.get("state"))
+        reference = ClipSet(ref_video)
+        # ---- train and sample what is missing
+        for name in ([] if args.render else rows_wanted):
+            config = row_config(name, work, extra, resolved)
+            key = run_key(config, extra, args.steps, args.clips, code)
             for seed in args.seeds:
-                cached = None if args.fresh else load_run(out / "runs" / f"{name}-s{seed}.npz", key)
-                if cached is not None:
-                    groups.append(cached)
-                    walls.append(cached["wall_s"])
-                    oracle = cached["oracle"]
-                    print(f"{name} seed {seed}: from {out / 'runs'}", file=sys.stderr)
+                path = out / "runs" / f"{name.replace(' ', '')}-s{seed}.npz"
+                if not args.fresh and path.is_file() and str(np.load(path)["key"]) == key:
+                    print(f"{name} seed {seed}: cached", file=sys.stderr)
                     continue
-                ckpt, info = train(name, extra, work, args.steps, seed)
+                ckpt, info = train(name, config, extra, work, args.steps, seed)
                 if ckpt is None:
-                    err = info["error"]
+                    (out / "runs" / f"{name.replace(' ', '')}.error").write_text(info["error"])
+                    print(f"{name}: failed: {info['error']}", file=sys.stderr)
                     break
-                video, oracle = sample(load(ckpt), batch, seed)
-                walls.append(info["wall_s"])
-                groups.append(per_clip(video, batch))
-                save_run(out / "runs" / f"{name}-s{seed}.npz", key, groups[-1], info["wall_s"], oracle)
-                if seed == args.seeds[0] and not args.smoke:
-                    strip(video, Path(args.img) / f"{name}.png")
-            if err is not None:
-                rows.append({"recipe": name, "kind": "recipe", "error": err})
-                print(f"{name}: failed: {err}", file=sys.stderr)
+                from tcplug.module import TCPlugModule
+
+                model = TCPlugModule.from_checkpoint(str(ckpt))
+                video = sample(model, batch, seed)
+                tmp_path = path.with_suffix(".tmp.npz")
+                np.savez(tmp_path, key=key, video=(video * 255 + 0.5).to(torch.uint8).numpy(),
+                         wall_s=info["wall_s"], knows=json.dumps(knows(model)))
+                tmp_path.replace(path)
+                print(f"{name} seed {seed}: trained in {info['wall_s']} s", file=sys.stderr)
+        # ---- score every row that finished (all its seeds), and the controls
+        rows: list[dict] = []
+        groups: dict[str, list[np.ndarray]] = {}
+        for name in PLUS + LOO:
+            files = [out / "runs" / f"{name.replace(' ', '')}-s{s}.npz" for s in args.seeds]
+            err = out / "runs" / f"{name.replace(' ', '')}.error"
+            if err.is_file() and name in rows_wanted and not all(f.is_file() for f in files):
+                rows.append({"row": name, "kind": "recipe", "error": err.read_text()})
                 continue
-            row = {"recipe": name, "kind": "recipe", "oracle": oracle, "train_wall_s": walls, **aggregate(groups, ref)}
-            boot = bootstrap(groups, ref, args.boot, rng)
-            row["ci"] = {k: interval([b[k] for b in boot]) for k in METRICS}
-            if name == "baseline":
-                base_boot = boot
-            if base_boot is not None:
-                rows_base = next(r for r in rows + [row] if r["recipe"] == "baseline")
-                row["tvs_diff"] = row["tvs"] - rows_base["tvs"] if name != "baseline" else None
-                if name != "baseline":
-                    row["tvs_diff_ci"] = interval([b["tvs"] - bb["tvs"] for b, bb in zip(boot, base_boot)])
+            if not all(f.is_file() for f in files):
+                continue
+            z = [np.load(f) for f in files]
+            videos = [torch.from_numpy(x["video"]).float() / 255 for x in z]
+            labels = json.loads(str(z[0]["knows"]))
+            conditioned = labels != ["nothing"] and labels != ["oracle"]
+            row = {"row": name, "kind": "recipe", "knows": labels, "train_wall_s": [float(x["wall_s"]) for x in z],
+                   **score_row(videos, batch, floor, reference, train_video, conditioned, args.boot, rng)}
+            if name in PLUS or name == "full" or name.startswith("full + "):
+                row["strip"] = strip(videos[0], Path(args.img) / f"{name.replace(' ', '')}.png") if not args.smoke \
+                    else None
+            groups[name] = [np.array(v) for v in row["per_clip"]["tvs"]]
             rows.append(row)
-            print(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'ci'})}", file=sys.stderr)
-            shown = merge_kept(rows, json.loads(Path(args.keep).read_text()), args) if args.keep else rows
-            partial = {"meta": {**meta_of(args, t_start), "partial": True}, "rows": shown + control_rows}
-            (out / "ablation.json").write_text(json.dumps(partial, indent=1))  # --render shows what finished
-        if args.keep:
-            rows = merge_kept(rows, json.loads(Path(args.keep).read_text()), args)
-        rows += control_rows
-        finish(rows, meta_of(args, t_start), out, args)
-
-
-def merge_kept(rows: list[dict], old: dict, args) -> list[dict]:
-    """``rows`` plus the recipe rows of an earlier ablation for recipes not run now, in RECIPES order."""
-    om = old["meta"]
-    if om["seeds"] != args.seeds or om["clips"] != args.clips or om["reference"] != args.reference:
-        raise SystemExit(f"--keep {args.keep}: seeds/clips/reference differ from this run's")
-    have = {r["recipe"] for r in rows}
-    kept = [{**r, "kept_from": r.get("kept_from", om["date"])} for r in old["rows"]  # keep the first date
-            if r["kind"] == "recipe" and r["recipe"] not in have and "error" not in r]
-    order = {n: i for i, n in enumerate(RECIPES)}
-    return sorted(rows + kept, key=lambda r: order.get(r["recipe"], len(order)))
-
-
-def meta_of(args, t_start: float) -> dict:
-    return {"machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores",
-            "date": datetime.date.today().isoformat(), "steps": args.steps or "each recipe's", "seeds": args.seeds,
-            "clips": args.clips, "reference": args.reference, "motion_tol": args.motion_tol,
-            "distance_tol": args.distance_tol, "sharpness_tol": args.sharpness_tol,
-            "wall_min": round((time.perf_counter() - t_start) / 60, 1),
-            "args": " ".join(a for a in sys.argv[1:] if a != "--update-docs")}
-
-
-def finish(rows: list[dict], meta: dict, out: Path, args) -> None:
-    base = next((r for r in rows if r["recipe"] == "baseline" and "error" not in r), None)
-    for r in rows:
-        if "error" not in r:
-            r["verdict"] = verdict(r, base, argparse.Namespace(
-                motion_tol=meta["motion_tol"], distance_tol=meta["distance_tol"], sharpness_tol=meta["sharpness_tol"]))
-    table = markdown(rows, meta)
-    (out / "ablation.md").write_text(table)
-    (out / "ablation.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    if args.update_docs:
-        update_docs(table, [ROOT / "docs" / "benchmarks.md", ROOT / "README.md"])
-    print(json.dumps({"bench": "ablation", **meta, "out": str(out) if args.out else None,
-                      "rows": [{k: v for k, v in r.items() if k not in ("ci",)} for r in rows]}))
+        by = {r["row"]: r for r in rows}
+        for r in rows:
+            name, ref_name = r["row"], None
+            if "error" in r or name in ("baseline", "full"):
+                continue
+            if name in PLUS:
+                ref_name, a, b = "baseline", name, "baseline"
+            elif name.startswith("full - "):
+                ref_name, a, b = "full", "full", name
+            else:
+                ref_name, a, b = "full", name, "full"
+            if ref_name not in groups:
+                continue
+            r["delta"], r["delta_ci"] = paired_delta(groups[a], groups[b], args.boot, rng)
+            with_x = by[a]  # the row that has the technique
+            r["verdict"] = verdict(r["delta_ci"], with_x["gate"])
+        for cname, video in controls(data, train_video).items():
+            conditioned = cname not in ("replayed train",)
+            row = {"row": cname, "kind": "control",
+                   **score_row([video], batch, floor, reference, train_video, conditioned, args.boot, rng)}
+            if not args.smoke:
+                strip(video, Path(args.img) / f"control-{cname.replace(' ', '-')}.png")
+            rows.append(row)
+        meta = {"machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores",
+                "date": datetime.date.today().isoformat(),
+                "steps": f"{args.steps} steps per row" if args.steps else "base's budget (each row's max_steps)",
+                "seeds": args.seeds, "clips": args.clips, "reference": args.reference, "train": args.train,
+                "wall_min": round((time.perf_counter() - t_start) / 60, 1),
+                "args": shown_args(sys.argv[1:])}
+        text = markdown(rows, meta)
+        (out / "ablation.md").write_text(text)
+        slim = [{k: v for k, v in r.items() if k != "per_clip"} for r in rows]
+        (out / "ablation.json").write_text(json.dumps({"meta": meta, "rows": slim}, indent=1))
+        if args.update_docs:
+            update_docs(text, [ROOT / "docs" / "benchmarks.md", ROOT / "README.md"])
+        print(json.dumps({"bench": "ablation", **meta, "out": str(out) if args.out else None,
+                          "rows": [{k: v for k, v in r.items() if k not in ("ci", "intervals", "floor")} for r in slim]}))
 
 
 if __name__ == "__main__":

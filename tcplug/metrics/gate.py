@@ -270,6 +270,14 @@ class ClipSet:
     def __len__(self) -> int:
         return self.video.shape[0]
 
+    def without_adherence(self) -> ClipSet:
+        """The same measurements without the adherence figures (to judge unconditioned clips)."""
+        import copy
+
+        out = copy.copy(self)
+        out.trajectory = out.colour = None
+        return out
+
 
 def _adherence(video: Tensor, states: list) -> tuple[np.ndarray, np.ndarray]:
     """Per clip: mean trajectory error (px, NaN if no object found) and the share of object-frames
