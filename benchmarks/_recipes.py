@@ -27,6 +27,8 @@ TECHNIQUES: dict[str, tuple[str, ...]] = {
     "world_model": ("model.conditioner[physics_state]",),
     "captions": ("model.conditioner[caption]", "model.guidance_scale"),
     "motion_lock": ("model.motion_lock", "model.lock_prob"),
+    # the world model without privilege (the state estimated from the first frame): plus-one only
+    "world_model_pixels": ("model.conditioner[pixel_state]",),
     # latent designs: not in `full` (measured as full + X)
     "two_tier": ("model.latent", "model.backbone.init_args.in_channels", "model.backbone.init_args.patch_size",
                  "model.losses[reconstruction]"),
@@ -36,6 +38,8 @@ TECHNIQUES: dict[str, tuple[str, ...]] = {
 #: the techniques `full` stacks
 IN_FULL = ("cross_frame", "flow_warp", "perceptual_temporal", "adversarial", "experts", "world_model", "captions",
            "motion_lock")
+#: techniques `full` does not hold that are measured on top of it too (full + X)
+LATENT_DESIGNS = ("two_tier", "video_ldm")
 #: settings every recipe may name differently (its run folder)
 FREE = ("trainer.logger.init_args.name",)
 #: list settings whose items are components, flattened per item

@@ -33,8 +33,9 @@ gray, blurred, shuffled frames, independent frames, a still frame under a slow p
 still frame, replayed training clips.
 
 Each finished (row, seed) keeps its sampled clips in ``--out/runs/`` under a key of the row's
-resolved config, the steps and clips **and the source code** (every ``.py`` of ``tcplug/`` and
-``plugins/``), so a stopped ablation resumes where it stopped and a code change retrains;
+resolved config, the steps and clips **and the source code** it runs (every ``.py`` of ``tcplug/``
+and of the built-in plugin packages its config names), so a stopped ablation resumes where it
+stopped and a code change retrains;
 ``--fresh`` ignores them. Writes ``ablation.json``, ``ablation.md`` and a strip of sample frames per
 row (``--img``); ``--update-docs`` replaces the tables between the ablation markers of README.md and
 docs/benchmarks.md. Prints one JSON line.
@@ -69,8 +70,7 @@ import _recipes  # noqa: E402
 ROOT = _recipes.ROOT
 SMOKE = ROOT / "recipes" / "presets" / "cpu-smoke.yaml"
 PLUS = ["baseline", *_recipes.TECHNIQUES]
-LOO = ["full", *[f"full - {t}" for t in _recipes.IN_FULL],
-       *[f"full + {t}" for t in _recipes.TECHNIQUES if t not in _recipes.IN_FULL]]
+LOO = ["full", *[f"full - {t}" for t in _recipes.IN_FULL], *[f"full + {t}" for t in _recipes.LATENT_DESIGNS]]
 CONTROLS = ["data", "frozen", "gray", "blurred", "shuffled", "independent", "still_pan", "jitter", "replayed train"]
 PER_CLIP = ["tvs", "warp_error", "coverage", "bg_flicker", "motion_static", "motion_moving"]
 
@@ -99,20 +99,44 @@ def row_config(row: str, work: Path, extra: list[Path], resolved: dict) -> Path:
     return _recipes.write(cfg, work / "configs" / f"{row.replace(' ', '')}.yaml", row.replace(" ", ""))
 
 
-def code_hash() -> str:
-    """Every ``.py`` of the engine and the built-in plugins: a change retrains."""
+def code_hash(packages: list[str] | None = None) -> str:
+    """Every ``.py`` of the engine and of the built-in plugin ``packages`` (default: all of them):
+    a change retrains."""
+    folders = [ROOT / "tcplug"] + ([ROOT / "plugins" / p for p in packages] if packages is not None
+                                   else [ROOT / "plugins"])
     h = hashlib.sha256()
-    for p in sorted([*(ROOT / "tcplug").rglob("*.py"), *(ROOT / "plugins").rglob("*.py")]):
+    for p in sorted(f for d in folders if d.is_dir() for f in d.rglob("*.py")):
         h.update(str(p.relative_to(ROOT)).encode())
         h.update(p.read_bytes())
     return h.hexdigest()
 
 
-def run_key(config: Path, extra: list[Path], steps: int | None, clips: int, code: str) -> str:
-    """What a cached (row, seed) depends on: the row's resolved config, steps, clips, the code."""
+def packages_of(cfg) -> list[str]:
+    """The built-in plugin packages a resolved config names (``class_path: tcplug_losses.Denoise``)."""
+    found: set[str] = set()
+
+    def walk(x):
+        if isinstance(x, dict):
+            cp = x.get("class_path")
+            if isinstance(cp, str) and (ROOT / "plugins" / cp.split(".")[0]).is_dir():
+                found.add(cp.split(".")[0])
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk(cfg)
+    return sorted(found)
+
+
+def run_key(config: Path, extra: list[Path], steps: int | None, clips: int, code: str | None = None) -> str:
+    """What a cached (row, seed) depends on: the row's resolved config, steps, clips, and the code
+    it runs (the engine and the plugin packages its config names; ``code`` overrides)."""
     text = _recipes.resolve(config, *extra)
     text.pop("config", None)
     text["trainer"]["logger"]["init_args"]["name"] = None
+    code = code if code is not None else code_hash(packages_of(text))
     h = hashlib.sha256(json.dumps(text, sort_keys=True, default=str).encode())
     h.update(f"{steps}|{clips}|{code}".encode())
     return h.hexdigest()[:16]
@@ -146,9 +170,16 @@ def knows(model) -> list[str]:
         labels.append("privileged")
     if needs & {"txt", "text_emb"}:
         labels.append("caption")
-    if "video" in needs or "first_frame" in needs:
+    if "first_frames" in needs:
         labels.append("first-frame pixels")
     return labels or ["nothing"]
+
+
+def state_error(model, batch: dict) -> float:
+    """Pixels between the true first-frame object positions and a state estimator's (a world
+    model that reads pixels, ``estimate_error``); NaN for rows without one."""
+    errs = [float(m.estimate_error(batch)) for m in model.modules() if hasattr(m, "estimate_error")]
+    return errs[0] if errs else float("nan")
 
 
 def sample(model, batch: dict, seed: int) -> torch.Tensor:
@@ -156,6 +187,7 @@ def sample(model, batch: dict, seed: int) -> torch.Tensor:
     seeds ``seed * 1000 + i``: the same in every row."""
     n, t, _, h, w = batch["video"].shape
     cond = {k: v for k, v in batch.items() if k != "video"}
+    cond["first_frames"] = batch["video"][:, :2]  # what an image-to-video row may read (others ignore it)
     out = []
     for i in range(0, n, 8):
         part = {k: (v[i: i + 8] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in cond.items()}
@@ -320,11 +352,12 @@ def table(rows: list[dict], names: list[str], delta_of: str) -> str:
         ci = r["ci"]["tvs"]
         d = f"{fmt(r['delta'])} [{fmt(r['delta_ci'][0])}, {fmt(r['delta_ci'][1])}]" if r.get("delta") is not None else ""
         strip = f"![{name}](img/ablation/{r['strip']})" if r.get("strip") else ""
+        est = f" (state estimate {fmt(r['state_error'], '.1f')})" if r.get("state_error") is not None else ""
         lines.append(
             f"| {name} | {', '.join(r['knows'])} | {fmt(r['tvs'])} [{fmt(ci[0])}, {fmt(ci[1])}] | {d} | "
             f"{fmt(f.get('motion_ratio'))} | {fmt(f.get('sharpness_ratio'))} | {fmt(f.get('frame_distance'), '.3f')} | "
             f"{fmt(f.get('dynamics_distance'))} | {fmt(r['motion_static'])} / {fmt(r['motion_moving'])} | "
-            f"{fmt(f.get('trajectory_error'), '.1f')} | {gate_cell(r)} | {r.get('verdict', '')} | {strip} |")
+            f"{fmt(f.get('trajectory_error'), '.1f')}{est} | {gate_cell(r)} | {r.get('verdict', '')} | {strip} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -358,7 +391,14 @@ def goals(rows: list[dict]) -> list[str]:
         out.append(f"every technique improves in plus-one or leave-one-out: "
                    f"{'met' if len(helped) == len(techs) else 'not met'} ({len(helped)} of {len(techs)} measured"
                    f"{': ' + ', '.join(helped) if helped else ''})")
-    bad = [r["row"] for r in rows if r.get("verdict") == "improves" and not r["gate"]["pass"]]
+    priv, pix = by.get("world_model"), by.get("world_model_pixels")
+    if priv and pix:
+        a, b = pix["figures"].get("trajectory_error"), priv["figures"].get("trajectory_error")
+        ok = a is not None and b is not None and a <= 2 * b
+        out.append(f"the pixel-estimated world model within 2x the privileged one's trajectory error: "
+                   f"{'met' if ok else 'not met'} ({fmt(a, '.1f')} px vs 2 x {fmt(b, '.1f')} px; its state "
+                   f"estimate is {fmt(pix.get('state_error'), '.1f')} px off at frame 0)")
+    bad = [r["row"] for r in rows if r.get("verdict") == "improves" and not r["judged_gate"]["pass"]]
     out.append(f"no row improves while failing the gate: {'met' if not bad else 'not met: ' + ', '.join(bad)}")
     return out
 
@@ -369,7 +409,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     done = {r["row"] for r in recipes}
     partial = (" Rows marked *not run* have not been measured yet (the ablation resumes where it stopped)."
                if any(n not in done for n in PLUS + LOO) else "")
-    foot = (f"\n_Generated by `python benchmarks/ablation.py {meta['args']}` on {meta['machine']}, {meta['date']}: "
+    foot = (f"\n_Generated by `python benchmarks/ablation.py {meta['args']}` on {meta['machine']}, {meta['date']}, "
+            f"code at commit {meta.get('commit', 'unknown')}: "
             f"{meta['steps']}, seeds {meta['seeds']}, {meta['clips']} sampled clips per seed, "
             f"{meta['reference']} reference clips of another seed, {meta['train']} training clips for memorisation; the "
             f"data floor is the {meta['clips']} validation clips conditioned on. TVS: lower is better; motion and "
@@ -405,6 +446,18 @@ def strip(video: torch.Tensor, path: Path, clips: int = 3) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(img).resize((img.shape[1] * 3, img.shape[0] * 3), Image.NEAREST).save(path)
     return path.name
+
+
+def commit() -> str:
+    """The source tree's commit (with ``+changes`` when it has uncommitted ones), for the table."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "tcplug", "plugins", "recipes"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return rev + ("+changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def shown_args(argv: list[str]) -> str:
@@ -449,15 +502,14 @@ def main() -> None:
         raise SystemExit(f"unknown rows {unknown}: rows are {PLUS + LOO}")
     extra = [Path(c).resolve() for c in args.config] + ([SMOKE] if args.smoke else [])
     rng = np.random.default_rng(0)
-    code = code_hash()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         out = Path(args.out).resolve() if args.out else work / "out"
         (out / "runs").mkdir(parents=True, exist_ok=True)
         resolved = {"baseline": _recipes.resolve(ROOT / "recipes" / "baseline.yaml", *extra),
                     "full": _recipes.resolve(ROOT / "recipes" / "full.yaml", *extra)}
-        for t in _recipes.TECHNIQUES:
-            if t not in _recipes.IN_FULL and any(r == f"full + {t}" for r in rows_wanted):
+        for t in _recipes.LATENT_DESIGNS:
+            if any(r == f"full + {t}" for r in rows_wanted):
                 resolved[t] = _recipes.resolve(ROOT / "recipes" / f"{t}.yaml", *extra)
         data_cfg = resolved["baseline"]["data"]
         batch = data_clips(data_cfg, args.clips)
@@ -471,7 +523,7 @@ def main() -> None:
         # ---- train and sample what is missing
         for name in ([] if args.render else rows_wanted):
             config = row_config(name, work, extra, resolved)
-            key = run_key(config, extra, args.steps, args.clips, code)
+            key = run_key(config, extra, args.steps, args.clips)
             for seed in args.seeds:
                 path = out / "runs" / f"{name.replace(' ', '')}-s{seed}.npz"
                 if not args.fresh and path.is_file() and str(np.load(path)["key"]) == key:
@@ -488,7 +540,7 @@ def main() -> None:
                 video = sample(model, batch, seed)
                 tmp_path = path.with_suffix(".tmp.npz")
                 np.savez(tmp_path, key=key, video=(video * 255 + 0.5).to(torch.uint8).numpy(),
-                         wall_s=info["wall_s"], knows=json.dumps(knows(model)))
+                         wall_s=info["wall_s"], knows=json.dumps(knows(model)), state_error=state_error(model, batch))
                 tmp_path.replace(path)
                 print(f"{name} seed {seed}: trained in {info['wall_s']} s", file=sys.stderr)
         # ---- score every row that finished (all its seeds), and the controls
@@ -507,6 +559,8 @@ def main() -> None:
             labels = json.loads(str(z[0]["knows"]))
             conditioned = labels != ["nothing"] and labels != ["oracle"]
             row = {"row": name, "kind": "recipe", "knows": labels, "train_wall_s": [float(x["wall_s"]) for x in z],
+                   "state_error": float(np.nanmean([float(x["state_error"]) for x in z]))
+                   if "state_error" in z[0].files and not all(np.isnan(float(x["state_error"])) for x in z) else None,
                    **score_row(videos, batch, floor, reference, train_video, conditioned, args.boot, rng)}
             if name in PLUS or name == "full" or name.startswith("full + "):
                 row["strip"] = strip(videos[0], Path(args.img) / f"{name.replace(' ', '')}.png") if not args.smoke \
@@ -529,6 +583,7 @@ def main() -> None:
             r["delta"], r["delta_ci"] = paired_delta(groups[a], groups[b], args.boot, rng)
             with_x = by[a]  # the row that has the technique
             r["verdict"] = verdict(r["delta_ci"], with_x["gate"])
+            r["judged_gate"] = {"row": a, "pass": with_x["gate"]["pass"]}
         for cname, video in controls(data, train_video).items():
             conditioned = cname not in ("replayed train",)
             row = {"row": cname, "kind": "control",
@@ -537,7 +592,7 @@ def main() -> None:
                 strip(video, Path(args.img) / f"control-{cname.replace(' ', '-')}.png")
             rows.append(row)
         meta = {"machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores",
-                "date": datetime.date.today().isoformat(),
+                "date": datetime.date.today().isoformat(), "commit": commit(),
                 "steps": f"{args.steps} steps per row" if args.steps else "base's budget (each row's max_steps)",
                 "seeds": args.seeds, "clips": args.clips, "reference": args.reference, "train": args.train,
                 "wall_min": round((time.perf_counter() - t_start) / 60, 1),

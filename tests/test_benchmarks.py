@@ -68,10 +68,14 @@ def test_ablation_intervals_are_paired():
 def test_ablation_cache_key_sees_the_recipe_and_the_code():
     sys.path.insert(0, str(BENCH))
     from ablation import ROOT as AROOT
-    from ablation import code_hash, run_key
+    from ablation import code_hash, packages_of, run_key
 
     recipe = AROOT / "recipes" / "cross_frame.yaml"
     code = code_hash()
+    assert code_hash(["tcplug_losses"]) != code_hash(["tcplug_attention"]) != code
+    from benchmarks._recipes import resolve
+
+    assert packages_of(resolve(recipe)) == ["tcplug_attention", "tcplug_backbones", "tcplug_latents", "tcplug_losses"]
     key = run_key(recipe, [], 10, 4, code)
     assert key == run_key(recipe, [], 10, 4, code)
     assert key != run_key(recipe, [], 10, 4, code + "x")  # the code changed: retrain

@@ -29,7 +29,7 @@ def print_config(*configs) -> dict:
 
 #: recipes made base + one technique (matched) after the golden file was printed: checked below instead
 MATCHED = ("baseline", "cross_frame", "flow_warp", "perceptual_temporal", "adversarial", "experts", "world_model",
-           "captions", "motion_lock", "two_tier", "video_ldm")
+           "captions", "motion_lock", "two_tier", "video_ldm", "world_model_pixels")
 
 
 @pytest.mark.parametrize("combo", sorted(c for c in RESOLVED if c.split(" + ")[0] not in

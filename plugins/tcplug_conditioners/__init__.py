@@ -1,5 +1,6 @@
 """Built-in conditioners: ``depth``, ``skeleton`` (ControlNet-style adapters), ``physics_state``
-(a small world model) and ``caption`` (text through cross-attention, with classifier-free
+(a small world model), ``pixel_state`` (the same world model fed with a state estimated from the
+first frame's pixels, :mod:`tcplug_conditioners.pixel_state`) and ``caption`` (text through cross-attention, with classifier-free
 guidance).
 
 Structural maps enter the backbone as zero-initialized residuals, one per block (the
@@ -529,4 +530,7 @@ def tcplug_register_components(register):
     register(Depth, name="depth")
     register(Skeleton, name="skeleton")
     register(PhysicsState, name="physics_state")
+    from tcplug_conditioners.pixel_state import PixelState  # needs this module's PhysicsState
+
+    register(PixelState, name="pixel_state")
     register(Caption, name="caption")

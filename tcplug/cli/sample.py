@@ -28,7 +28,8 @@ def _conditioning_batch(args, cfg: dict) -> dict | None:
             if args.clip < seen + n:
                 i = args.clip - seen
                 batch = slice_batch(b, slice(i, i + 1))
-                batch.pop("video")  # the clip's conditioning, not its pixels
+                video = batch.pop("video")  # the clip's conditioning, not its pixels ...
+                batch["first_frames"] = video[:, :2]  # ... but for its first frames (image-to-video)
                 break
             seen += n
         else:
@@ -40,6 +41,8 @@ def _conditioning_batch(args, cfg: dict) -> dict | None:
             batch["state"] = [json.loads(Path(args.state).read_text())]
         except (OSError, ValueError) as exc:
             raise TcplugError(f"--state {args.state}: not a readable JSON state ({exc})") from None
+    if args.first_frame is not None:
+        batch["first_frames"] = _first_frames(args.first_frame, args.size or int((cfg.get("data") or {}).get("size", 32)))
     if args.static_mask is not None:
         from tcplug.video import read_mask
 
@@ -48,9 +51,33 @@ def _conditioning_batch(args, cfg: dict) -> dict | None:
     return batch or None
 
 
+def _first_frames(path: str, size: int):
+    """``(1, n, 3, size, size)`` in [-1, 1]: an image, or a video's first two frames."""
+    import numpy as np
+    import torch
+
+    from tcplug.scoring import load_frames
+
+    p = Path(path)
+    if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"):
+        try:
+            from PIL import Image
+
+            frames = np.asarray(Image.open(p).convert("RGB"))[None]
+        except (OSError, ValueError) as exc:
+            raise TcplugError(f"--first-frame {path}: not a readable image ({exc})") from None
+        from tcplug.scoring import resize_frames
+
+        frames = resize_frames(frames, size, size)
+    else:
+        frames = load_frames(p, size, max_frames=2)
+    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return video[None]
+
+
 # what each conditioner reads at sampling, and the flags of `tcplug sample` that give it
 _NEEDS = {"txt": "--caption TEXT", "state": "--state state.json", "depth": "--clip N", "skeleton": "--clip N",
-          "flow": "--clip N",
+          "flow": "--clip N", "first_frames": "--first-frame IMAGE",
           "static": "--static-mask IMAGE"}
 
 
@@ -99,6 +126,9 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--caption", default=None, help="caption, for a caption-conditioned model")
     parser.add_argument("--state", default=None, help="state.json: the initial object state (physics_state)")
+    parser.add_argument("--first-frame", default=None, metavar="IMAGE",
+                        help="an image (or a video's first frames): what an image-to-video model (pixel_state) "
+                        "starts from")
     parser.add_argument("--clip", type=int, default=None,
                         help="condition on validation clip N of the recipe's data (its depth, skeleton, state, "
                         "static mask and caption)")

@@ -1,0 +1,200 @@
+"""``pixel_state``: the world model without privilege. The object state it rolls out is *estimated
+from the first frame's pixels* by a learned encoder; the simulator's true state is only its
+training target, never its input.
+
+``physics_state`` conditions on the exact initial state of the simulator (a privileged input: a
+user generating a video from an image does not have it). ``pixel_state`` reads what an
+image-to-video user gives, the first frame (``frames_seen: 2``: the first two, which makes the
+velocity observable), and estimates each object's position, velocity, size, depth, colour and
+class with a small convolutional encoder; the dynamics and the renderer are ``physics_state``'s.
+In training the encoder learns from the true state of the first frame (matched to its slots by the
+permutation of lowest position error), the dynamics from the true trajectory, and the denoiser is
+conditioned on maps rendered from the *estimated* state, exactly as at sampling.
+:meth:`PixelState.estimate_error` is the estimate's position error in pixels, to report beside the
+row that uses it.
+"""
+
+from __future__ import annotations
+
+from itertools import permutations
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tcplug import TcplugError
+from tcplug_conditioners import SHAPES, PhysicsState, _need
+
+
+def _first_frames(batch: dict[str, Any], n: int) -> Tensor:
+    """``(B, n, 3, H, W)`` in [-1, 1]: ``batch["first_frames"]`` (sampling) or the clip's first frames."""
+    frames = batch.get("first_frames")
+    if frames is None and batch.get("video") is not None:
+        frames = batch["video"][:, :n]
+    if frames is None:
+        raise TcplugError("conditioner 'pixel_state' needs the first frame(s) of the clip: 'first_frames' "
+                          "(B, n, 3, H, W) in [-1, 1] in the batch (tcplug sample --first-frame IMAGE, or --clip N)")
+    if frames.dim() == 4:
+        frames = frames[:, None]
+    if frames.shape[1] < n:
+        raise TcplugError(f"pixel_state(frames_seen={n}) needs {n} first frames, got {frames.shape[1]}")
+    return frames[:, :n].float()
+
+
+class StateEncoder(nn.Module):
+    """First frames ``(B, n, 3, H, W)`` -> per-slot state estimates.
+
+    A conv trunk over the frames and two coordinate channels; per slot a heat map whose spatial
+    softmax gives the position (the expected pixel coordinate), and heat-weighted trunk features
+    that an MLP maps to velocity (px/frame), size (px), depth, colour (RGB in [0, 1]), class logits
+    and a presence logit.
+    """
+
+    def __init__(self, frames_seen: int, slots: int, classes: int, channels: int = 32) -> None:
+        super().__init__()
+        self.slots, self.classes = slots, classes
+        c = channels
+        self.trunk = nn.Sequential(
+            nn.Conv2d(3 * frames_seen + 2, c, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(c, c, 3, padding=2, dilation=2), nn.SiLU(),
+            nn.Conv2d(c, c, 3, padding=4, dilation=4), nn.SiLU(),
+            nn.Conv2d(c, c, 3, padding=1), nn.SiLU())
+        self.heat = nn.Conv2d(c + 3 * frames_seen + 2, slots, 1)  # the trunk's features and the pixels themselves
+        self.head = nn.Sequential(nn.Linear(c, 2 * c), nn.SiLU(), nn.Linear(2 * c, 2 + 1 + 1 + 3 + classes + 1))
+
+    def forward(self, frames: Tensor) -> dict[str, Tensor]:
+        b, n, _, h, w = frames.shape
+        ys = torch.linspace(-1, 1, h, device=frames.device).view(1, 1, h, 1).expand(b, 1, h, w)
+        xs = torch.linspace(-1, 1, w, device=frames.device).view(1, 1, 1, w).expand(b, 1, h, w)
+        x = torch.cat([frames.flatten(1, 2), xs, ys], 1)
+        feat = self.trunk(x)  # (B, C, H, W)
+        logits = self.heat(torch.cat([feat, x], 1)).flatten(2)  # (B, K, HW)
+        att = logits.softmax(-1)
+        px = torch.arange(w, device=frames.device, dtype=feat.dtype).repeat(h)
+        py = torch.arange(h, device=frames.device, dtype=feat.dtype).repeat_interleave(w)
+        pos = torch.stack([(att * px).sum(-1), (att * py).sum(-1)], -1)  # (B, K, 2) pixels
+        pooled = torch.einsum("bkn,bcn->bkc", att, feat.flatten(2))
+        out = self.head(pooled)
+        k = self.classes
+        return {"pos": pos, "vel": out[..., 0:2], "size": F.softplus(out[..., 2]) + 1.0,
+                "depth": torch.sigmoid(out[..., 3]), "colour": torch.sigmoid(out[..., 4:7]),
+                "class_logits": out[..., 7:7 + k], "present_logit": out[..., 7 + k], "heat_logits": logits,
+                "width": w}
+
+
+class PixelState(PhysicsState):
+    """The ``physics_state`` world model, fed with an object state estimated from the first
+    frame's pixels (see the module docstring). Reads ``first_frames`` at sampling, never the
+    simulator's state; the true ``state`` is a training target only.
+
+    Args:
+        frames_seen: first frames the estimator reads: 1 (image-to-video; velocity is then a
+            guess from appearance alone) or 2 (the velocity is observable).
+        slots: objects the estimator can report (absent ones are predicted absent).
+        estimator_channels: width of the estimator's conv trunk.
+        estimator_weight: weight of the estimation loss in the training objective.
+        Other arguments as ``physics_state``.
+    """
+
+    needs = ("first_frames",)
+
+    def __init__(self, frames_seen: int = 1, slots: int = 2, estimator_channels: int = 32,
+                 estimator_weight: float = 1.0, hidden: int = 128, aux_weight: float = 1.0,
+                 softness: float = 0.5, scale: float = 1.0, input_maps: bool = False, shapes: bool = False,
+                 prior: bool = True, rollout_loss: bool = True, lr_scale: float = 6.0) -> None:
+        super().__init__(hidden, aux_weight, softness, scale, input_maps, shapes, prior, rollout_loss, lr_scale)
+        if frames_seen not in (1, 2):
+            raise TcplugError(f"pixel_state: frames_seen must be 1 or 2, got {frames_seen}")
+        if slots < 1:
+            raise TcplugError(f"pixel_state: slots must be >= 1, got {slots}")
+        self.frames_seen, self.slots, self.estimator_weight = frames_seen, slots, estimator_weight
+        self.estimator = StateEncoder(frames_seen, slots, len(SHAPES), estimator_channels)
+
+    def estimate(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """The estimated initial state, in :meth:`parse`'s layout (``pos``/``vel`` ``(B, 1, K, 2)``)."""
+        frames = _first_frames(batch, self.frames_seen).to(self.estimator.heat.weight)
+        e = self.estimator((frames + 1) / 2)
+        b, _, _, h, w = frames.shape
+        return {"pos": e["pos"][:, None].float(), "vel": e["vel"][:, None].float(), "size": e["size"].float(),
+                "depth": e["depth"].float(), "colour": e["colour"].float(),
+                "present": (e["present_logit"] > 0).float(), "shape": e["class_logits"].argmax(-1),
+                "gravity": torch.zeros(b, device=frames.device), "world": torch.full((b,), float(w),
+                                                                                      device=frames.device)}
+
+    def maps(self, batch: dict[str, Any], latent_shape: tuple[int, ...]) -> Tensor:
+        t = batch["video"].shape[1] if batch.get("video") is not None else batch.get("num_frames") or latent_shape[1]
+        with torch.no_grad():
+            st = self.estimate(batch)
+            height, width = (batch["video"].shape[-2:] if batch.get("video") is not None
+                             else batch.get("frame_size") or _first_frames(batch, self.frames_seen).shape[-2:])
+            pos, _ = self.rollout(st, t)
+        return self.render(pos, st, int(height), int(width))
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The dynamics and the estimator train at ``lr * lr_scale`` in a group of their own."""
+        if self.lr_scale == 1:
+            return []
+        return [{"params": [*self.dynamics.parameters(), *self.estimator.parameters()], "lr_scale": self.lr_scale}]
+
+    def _matched(self, batch: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        """Estimator outputs, the true first-frame state, and per clip the slot of each true
+        object ``(B, K_true)`` (the permutation of lowest position error; -1: no slot)."""
+        st = self.parse(_need(batch, "state", "pixel_state"), device=self.estimator.heat.weight.device)
+        frames = _first_frames(batch, self.frames_seen).to(self.estimator.heat.weight)
+        e = self.estimator((frames + 1) / 2)
+        b, k_true = st["present"].shape
+        assign = torch.full((b, k_true), -1, dtype=torch.long, device=frames.device)
+        with torch.no_grad():
+            cost = (e["pos"][:, None, :, :] - st["pos"][:, 0, :, None, :]).norm(dim=-1)  # (B, Kt, S)
+            for i in range(b):
+                objs = [j for j in range(k_true) if st["present"][i, j] > 0]
+                best, best_cost = None, float("inf")
+                for perm in permutations(range(self.slots), min(len(objs), self.slots)):
+                    c = float(sum(cost[i, j, s] for j, s in zip(objs, perm)))
+                    if c < best_cost:
+                        best, best_cost = perm, c
+                for j, s in zip(objs, best or ()):
+                    assign[i, j] = s
+        return e, st, assign
+
+    def estimation_loss(self, batch: dict[str, Any]) -> Tensor:
+        """The estimator's error against the true first-frame state (normalized units)."""
+        e, st, assign = self._matched(batch)
+        s = st["world"].view(-1, 1)
+        present = torch.zeros_like(e["present_logit"])
+        terms = []
+        w = e["width"]
+        h = e["heat_logits"].shape[-1] // w
+        for i, j in (assign >= 0).nonzero().tolist():
+            k = int(assign[i, j])
+            present[i, k] = 1
+            x, y = (st["pos"][i, 0, j] * w / s[i]).round().long().tolist()
+            x, y = min(max(x, 0), w - 1), min(max(y, 0), h - 1)
+            # the heat map as a classifier of the object's centre pixel (a keypoint loss), and the rest
+            terms.append(F.cross_entropy(e["heat_logits"][i, k][None], torch.tensor([y * w + x], device=s.device))
+                         + ((e["pos"][i, k] - st["pos"][i, 0, j]) / s[i] * 2).pow(2).sum()
+                         + ((e["vel"][i, k] - st["vel"][i, 0, j]) / s[i] * 8).pow(2).sum()
+                         + ((e["size"][i, k] - st["size"][i, j]) / s[i] * 4).pow(2)
+                         + (e["depth"][i, k] - st["depth"][i, j]).pow(2)
+                         + (e["colour"][i, k] - st["colour"][i, j]).pow(2).sum()
+                         + F.cross_entropy(e["class_logits"][i, k][None], st["shape"][i, j][None]))
+        loss = F.binary_cross_entropy_with_logits(e["present_logit"], present)
+        if terms:
+            loss = loss + torch.stack(terms).mean()
+        return loss
+
+    def auxiliary_loss(self, batch: dict[str, Any]) -> Tensor:
+        """The dynamics' loss (on the true trajectory, as ``physics_state``) plus the estimator's
+        (times ``estimator_weight / aux_weight``, so that ``aux_weight`` scales the dynamics)."""
+        loss = super().auxiliary_loss(batch)
+        return loss + self.estimator_weight / max(self.aux_weight, 1e-12) * self.estimation_loss(batch)
+
+    @torch.no_grad()
+    def estimate_error(self, batch: dict[str, Any]) -> float:
+        """Mean distance in pixels between each true object's first-frame position and its
+        matched slot's estimate (objects without a slot are left out)."""
+        e, st, assign = self._matched(batch)
+        d = [float((e["pos"][i, int(assign[i, j])] - st["pos"][i, 0, j]).norm())
+             for i, j in (assign >= 0).nonzero().tolist()]
+        return sum(d) / len(d) if d else float("nan")
