@@ -51,6 +51,27 @@ def run_tcplug(*args, env=None, cwd=None, timeout=300):
                           env=full_env, cwd=cwd, timeout=timeout)
 
 
+def tcplug_in_process(*args, cwd) -> tuple[int, str, str]:
+    """Run ``tcplug ARGS`` in this process (no interpreter start-up or imports to pay for: for the
+    many short fits whose subject is a recipe, not the command line); ``(status, stdout, stderr)``."""
+    import contextlib
+    import io
+
+    from tcplug.cli import main
+
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exc:
+                code = exc.code
+    finally:
+        os.chdir(here)
+    return int(code or 0), out.getvalue(), err.getvalue()
+
+
 @pytest.fixture
 def tiny():
     return list(TINY)

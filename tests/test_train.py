@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import RECIPES, run_tcplug
+from tests.conftest import RECIPES, run_tcplug, tcplug_in_process
 
 RECIPE_FILES = [p for p in sorted(RECIPES.glob("*.yaml")) if p.stem != "base"]  # baseline.yaml is base.yaml alone
 
@@ -53,8 +53,9 @@ def test_resume_from_last(tmp_path, tiny):
 
 @pytest.mark.parametrize("recipe", RECIPE_FILES, ids=[p.stem for p in RECIPE_FILES])
 def test_every_recipe_smoke(recipe, tmp_path, tiny):
-    proc = run_tcplug("fit", "--config", recipe, *tiny, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, _, err = tcplug_in_process("fit", "--config", recipe, *tiny, cwd=tmp_path)
+    assert code == 0, err[-3000:]
+    assert (tmp_path / "runs" / recipe.stem / "version_0" / "checkpoints" / "last.ckpt").is_file()
 
 
 @pytest.mark.parametrize("sub", ["validate", "test", "predict"])
