@@ -151,9 +151,11 @@ def mmd(a: Tensor, b: Tensor) -> Tensor:
     return m2.clamp_min(0).sqrt().float()
 
 
-class FrameDistance(VideoMetric):
-    """Distance between the frames' distribution and the reference's (see the module docstring);
-    lower is closer. ``max_frames`` caps the stored frames per side (evenly subsampled)."""
+class SetDistance(VideoMetric):
+    """A distance between the distribution of features of the clips and of the reference's
+    (lower is closer): features are stored per side (reduced across DDP processes by
+    concatenation) and compared in :meth:`compute`. Subclasses give :meth:`features` and
+    :meth:`distance`."""
 
     higher_is_better = False
     needs_reference = True
@@ -163,27 +165,40 @@ class FrameDistance(VideoMetric):
         self.add_state("features", default=[], dist_reduce_fx="cat")
         self.add_state("ref_features", default=[], dist_reduce_fx="cat")
 
-    @staticmethod
-    def _features(video: Tensor) -> Tensor:
-        if video.dim() != 5:
-            _check(video)
-        return frame_features(video.flatten(0, 1))
+    def clip_features(self, video: Tensor, flows) -> Tensor:
+        """Feature vectors ``(N, D)`` of clips ``(B, T, C, H, W)``."""
+        raise NotImplementedError
+
+    def distance(self, a: Tensor, b: Tensor) -> Tensor:
+        """The distance between feature sets ``a`` (the clips) and ``b`` (the reference)."""
+        raise NotImplementedError
 
     def update(self, video, flows=None, batch=None) -> None:
-        self.features.append(self._features(video))
+        self.features.append(self.clip_features(video, flows))
 
     def update_reference(self, video, flows=None, batch=None) -> None:
-        self.ref_features.append(self._features(video))
+        self.ref_features.append(self.clip_features(video, flows))
 
     def compute(self) -> Tensor:
         def cat(x):
-            if isinstance(x, Tensor):
-                return x
-            return torch.cat(x) if len(x) else torch.zeros(0)
+            return x if isinstance(x, Tensor) else (torch.cat(x) if len(x) else torch.zeros(0))
 
         a, b = cat(self.features), cat(self.ref_features)
         if a.numel() == 0 or b.numel() == 0:
             return torch.tensor(float("nan"))
+        return self.distance(a, b)
+
+
+class FrameDistance(SetDistance):
+    """Distance between the frames' distribution and the reference's (see the module docstring):
+    :func:`mmd` of :func:`frame_features`; lower is closer."""
+
+    def clip_features(self, video: Tensor, flows=None) -> Tensor:
+        if video.dim() != 5:  # one frame per clip is enough here
+            _check(video)
+        return frame_features(video.flatten(0, 1))
+
+    def distance(self, a: Tensor, b: Tensor) -> Tensor:
         return mmd(a, b)
 
 

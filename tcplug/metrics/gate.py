@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tcplug.metrics.base import VideoMetric
+from tcplug.metrics.fidelity import SetDistance
 
 #: flow magnitudes (pixels per frame) above which a pixel counts as moving in :func:`clip_dynamics`
 MOVING = (0.25, 1.0, 2.0)
@@ -109,42 +109,22 @@ def standardized_mmd(a: Tensor, b: Tensor, ref: Tensor) -> float:
     return float(mmd((a.double() - mu) / sd, (b.double() - mu) / sd))
 
 
-class DynamicsDistance(VideoMetric):
+class DynamicsDistance(SetDistance):
     """Distance between the clips' motion statistics (:func:`clip_dynamics`) and the reference's:
     :func:`standardized_mmd`, lower is closer. A camera pan over a still frame reads far from
     objects moving over a still background; compare with the data's value measured the same way
     (with the same number of clips: the estimate is biased upward for small sets)."""
 
-    higher_is_better = False
     needs_flow = True
-    needs_reference = True
 
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("features", default=[], dist_reduce_fx="cat")
-        self.add_state("ref_features", default=[], dist_reduce_fx="cat")
-
-    @staticmethod
-    def _features(video: Tensor, flows) -> Tensor:
+    def clip_features(self, video: Tensor, flows=None) -> Tensor:
         from tcplug.metrics.temporal import _check, estimate_flows
 
         _check(video)
         fwd = flows[0] if flows is not None else estimate_flows(video)[0]
         return clip_dynamics(video, fwd)
 
-    def update(self, video, flows=None, batch=None) -> None:
-        self.features.append(self._features(video, flows))
-
-    def update_reference(self, video, flows=None, batch=None) -> None:
-        self.ref_features.append(self._features(video, flows))
-
-    def compute(self) -> Tensor:
-        def cat(x):
-            return x if isinstance(x, Tensor) else (torch.cat(x) if len(x) else torch.zeros(0))
-
-        a, b = cat(self.features), cat(self.ref_features)
-        if a.numel() == 0 or b.numel() == 0:
-            return torch.tensor(float("nan"))
+    def distance(self, a: Tensor, b: Tensor) -> Tensor:
         return torch.tensor(standardized_mmd(a, b, b))
 
 
