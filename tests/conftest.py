@@ -56,19 +56,23 @@ def tcplug_in_process(*args, cwd) -> tuple[int, str, str]:
     many short fits whose subject is a recipe, not the command line); ``(status, stdout, stderr)``."""
     import contextlib
     import io
+    import warnings
 
     from tcplug.cli import main
 
-    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    out, err, here, environ = io.StringIO(), io.StringIO(), os.getcwd(), dict(os.environ)
     os.chdir(cwd)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        # what a run changes for its process (warning filters, PL_GLOBAL_SEED...) is undone after it
+        with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 code = main([str(a) for a in args])
             except SystemExit as exc:
                 code = exc.code
     finally:
         os.chdir(here)
+        os.environ.clear()
+        os.environ.update(environ)
     return int(code or 0), out.getvalue(), err.getvalue()
 
 
