@@ -80,7 +80,7 @@ def clip_dynamics(video: Tensor, fwd: Tensor) -> Tensor:
     speed_pair = mag.mean(dim=(2, 3))  # (B, P)
     feats.append(speed_pair.mean(1))
     moving = (mag > 1.0).float()
-    feats.append(((mag * moving).sum(dim=(1, 2, 3)) / moving.sum(dim=(1, 2, 3)).clamp_min(1)))
+    feats.append((mag * moving).sum(dim=(1, 2, 3)) / moving.sum(dim=(1, 2, 3)).clamp_min(1))
     med = f.flatten(3).median(dim=3).values  # (B, P, 2)
     glob = med.norm(dim=2)
     local = (f - med[..., None, None]).norm(dim=2).mean(dim=(2, 3))
