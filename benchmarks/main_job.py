@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablation import SMOKE, aggregate, data_clips, load, per_clip, reference_clips, sample  # noqa: E402
+from ablation import PER_CLIP, SMOKE, data_clips, mean_ci, per_clip, sample, world_clips  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,13 +95,23 @@ def trajectory(model, batch: dict, path: Path, levels=(999, 900, 800, 600, 400),
     return {"one_shot_x0_mse": mse, "latent_variance": round(float(z0.var()), 4)}
 
 
-def clip_interval(group: dict, ref: dict, boot: int, seed: int = 0) -> dict:
-    """95 % bootstrap interval of every metric over the clips (one training run: clips resampled
-    with replacement; the ablation adds seeds)."""
-    rng = np.random.default_rng(seed)
-    n = len(group["features"])
-    draws = [aggregate([group], ref, [rng.integers(0, n, n)]) for _ in range(boot)]
-    return {k: [round(float(np.nanpercentile([d[k] for d in draws], q)), 4) for q in (2.5, 97.5)] for k in draws[0]}
+def scored(video: torch.Tensor, data: torch.Tensor, ref: torch.Tensor, batch: dict, boot: int) -> dict:
+    """Per-clip means with 95 % bootstrap intervals over the clips (one training run; the
+    ablation adds seeds) of the generated clips and of the data clips they were conditioned on,
+    and the fidelity gate of the former against the latter (the floor)."""
+    from tcplug.metrics.gate import ClipSet, evaluate
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, v in (("generated", video), ("data_floor", data)):
+        per = per_clip(v, batch)
+        out[name] = {k: [round(x, 4) for x in (lambda m, ci: [m, *ci])(*mean_ci([per[k]], boot, rng))]
+                     for k in PER_CLIP}
+    report = evaluate(ClipSet(video, batch.get("state")), ClipSet(data, batch.get("state")), ClipSet(ref))
+    for name, side, ci in (("generated", "figures", "intervals"), ("data_floor", "floor", "floor_intervals")):
+        out[name].update({k: [round(v, 4), *[round(x, 4) for x in report[ci][k]]] for k, v in report[side].items()})
+    out["gate"] = report["gate"]
+    return out
 
 
 def main() -> None:
@@ -122,7 +132,7 @@ def main() -> None:
             args.clips, args.reference, args.boot = 2, 4, 10
             args.trajectory = args.trajectory or str(Path(tmp) / "x0.png")  # the diagnostic runs too
             proc = subprocess.run([sys.executable, "-m", "tcplug", "fit", "--config", str(ROOT / "recipes" / "full.yaml"),
-                                   *SMOKE, f"--trainer.logger.init_args.save_dir={tmp}"], cwd=tmp,
+                                   "--config", str(SMOKE), f"--trainer.logger.init_args.save_dir={tmp}"], cwd=tmp,
                                   capture_output=True, text=True)
             if proc.returncode:
                 raise SystemExit(proc.stderr[-2000:])
@@ -137,21 +147,22 @@ def main() -> None:
         cfg = yaml.safe_load((run / "config.yaml").read_text())
         t0 = time.perf_counter()
         batch = data_clips(cfg["data"], args.clips)
-        model = load(ckpt)
+        from ablation import knows
+
+        from tcplug.module import TCPlugModule
+
+        model = TCPlugModule.from_checkpoint(str(ckpt))
         found = {"trajectory": trajectory(model, batch, Path(args.trajectory), seed=args.seed)} if args.trajectory else {}
-        ref = per_clip(reference_clips(cfg["data"], args.reference), {})
-        video, oracle = sample(model, batch, args.seed)
+        video = sample(model, batch, args.seed)
         data = (batch["video"].float() + 1) / 2
-        gen_c, data_c = per_clip(video, batch), per_clip(data, batch)
-        gen_m, data_m = aggregate([gen_c], ref), aggregate([data_c], ref)
-        gen_ci, data_ci = clip_interval(gen_c, ref, args.boot), clip_interval(data_c, ref, args.boot)
+        figures = scored(video, data, world_clips(cfg["data"], 777, args.reference)[0], batch, args.boot)
         if args.img:
             strip(data, video, Path(args.img), rows=args.rows)
         metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
         print(json.dumps({"bench": "main_job", "run": str(run), "global_step": metrics.get("global_step"),
-                          "clips": args.clips, "reference": args.reference, "oracle": oracle,
-                          "generated": gen_m, "data_floor": data_m, "generated_ci95": gen_ci, "data_floor_ci95": data_ci,
-                          **found, "score_s": round(time.perf_counter() - t0, 1)}))
+                          "clips": args.clips, "reference": args.reference, "knows": knows(model),
+                          "values": "[value, 95 % low, 95 % high]", **figures, **found,
+                          "score_s": round(time.perf_counter() - t0, 1)}))
 
 
 if __name__ == "__main__":

@@ -158,6 +158,15 @@ def test_stream_buffer_is_bounded_by_the_window():
     assert max(counts) <= 2 * 2 * 3 and counts[-1] == counts[len(counts) // 2]
 
 
+def test_an_ancestral_sampler_is_sampled_all_at_once():
+    """Fresh noise at each ancestral step would differ between a chunk and the whole video:
+    such a model does not offer streaming (tcplug sample then samples it all at once)."""
+    m = model(variant("cross_frame", window=2))
+    assert m.can_stream
+    m.diffusion.schedule.sampler = "ddpm"
+    assert not m.can_stream
+
+
 def test_non_causal_variant_refuses_streaming():
     m = model(variant("full3d"))
     with pytest.raises(NotImplementedError, match="streaming"):
@@ -204,7 +213,8 @@ def test_cross_attention_is_untouched_and_cfg_mismatch_is_loud():
 # ----- the sample command -------------------------------------------------------------------
 @pytest.mark.slow
 def test_sample_command_long_video(tmp_path, tiny):
-    proc = run_tcplug("fit", "--config", RECIPES / "cross_frame.yaml", *tiny, cwd=tmp_path)
+    # streaming needs a deterministic sampler (the recipes' ancestral one samples all at once)
+    proc = run_tcplug("fit", "--config", RECIPES / "cross_frame.yaml", *tiny, "--model.sampler=ddim", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
     out = tmp_path / "long.mp4"

@@ -65,7 +65,7 @@ def test_tutorial_variant_streams_in_tcplug_sample(site, tmp_path, tiny):
     """The tutorial's variant, copied verbatim, trains and then streams a long video with
     `tcplug sample` (the K/V buffer hands it kv_index; its memory() keeps one frame)."""
     proc = run_tcplug("fit", "--config", RECIPES / "baseline.yaml", *tiny,
-                      "--model.backbone.init_args.attention=token_shift", env=site, cwd=tmp_path)
+                      "--model.backbone.init_args.attention=token_shift", "--model.sampler=ddim", env=site, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
     proc = run_tcplug("sample", "--ckpt", ckpt, "--frames", "9", "--chunk", "3", "--out", tmp_path / "long.mp4",

@@ -157,6 +157,11 @@ def main(argv: Sequence[str]) -> int:
                 writer.write(to_uint8(video[0]))
         print(f"wrote {writer.frames} frames to {args.out}")
         return 0
+    d = model.diffusion
+    if d.backbone.supports_streaming and d.schedule.kind == "ddpm" and d.schedule.sampler == "ddpm" and \
+            args.frames > chunk:
+        print("tcplug sample: sampling all at once: the recipe's ancestral sampler (model.sampler: ddpm) cannot "
+              "stream; a model trained with model.sampler: ddim streams with a bounded K/V buffer", file=sys.stderr)
     video = model.generate(1, args.frames, size, size, steps=args.steps, seed=args.seed, batch=batch,
                            progress=True, guidance_scale=args.guidance)
     write_video(to_uint8(video[0]), args.out, fps=args.fps)

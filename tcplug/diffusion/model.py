@@ -329,10 +329,13 @@ class VideoDiffusion(nn.Module):
 
     @property
     def can_stream(self) -> bool:
-        """Whether the pipeline can stream this model: a streaming backbone, and no router,
-        conditioner or motion lock (those models are sampled all at once)."""
+        """Whether the pipeline can stream this model: a streaming backbone, a deterministic
+        sampler (DDIM or flow matching: an ancestral step's fresh noise would differ between a
+        chunk and the whole video), and no router, conditioner or motion lock (those models are
+        sampled all at once)."""
         plain = self.router is None and len(self.conditioners) == 0 and self.motion_lock is None
-        return plain and bool(self.backbone.supports_streaming)
+        deterministic = not (self.schedule.kind == "ddpm" and self.schedule.sampler == "ddpm")
+        return plain and deterministic and bool(self.backbone.supports_streaming)
 
 
 __all__ = ["Noised", "VideoDiffusion", "clip_timesteps"]
