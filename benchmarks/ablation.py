@@ -30,7 +30,7 @@ future (oracle) · exact simulator state (privileged) · caption · first-frame 
 
 Controls, scored by the same code (no learning): the validation clips themselves (data: the floor),
 held-out data (clips of another seed that no row saw: they must pass), and fakes made from the
-validation clips: frozen, gray, blurred, shuffled frames, independent frames, a still frame under a
+validation clips: frozen, frozen from half-way (freezes_late), gray, blurred, shuffled frames, independent frames, a still frame under a
 slow pan, a jittering still frame, replayed training clips.
 
 Each finished (row, seed) keeps its sampled clips in ``--out/runs/`` under a key of the row's
@@ -72,7 +72,7 @@ ROOT = _recipes.ROOT
 SMOKE = ROOT / "recipes" / "presets" / "cpu-smoke.yaml"
 PLUS = ["baseline", *_recipes.TECHNIQUES]
 LOO = ["full", *[f"full - {t}" for t in _recipes.IN_FULL], *[f"full + {t}" for t in _recipes.LATENT_DESIGNS]]
-CONTROLS = ["data", "held-out data", "frozen", "gray", "blurred", "shuffled", "independent", "still_pan", "jitter", "replayed train"]
+CONTROLS = ["data", "held-out data", "frozen", "freezes_late", "gray", "blurred", "shuffled", "independent", "still_pan", "jitter", "replayed train"]
 PER_CLIP = ["tvs", "warp_error", "coverage", "bg_flicker", "motion_static", "motion_moving"]
 
 
@@ -222,7 +222,7 @@ def data_clips(data_cfg: dict, n: int) -> dict:
 def controls(data: torch.Tensor, train: torch.Tensor) -> dict[str, torch.Tensor]:
     from tcplug.metrics import controls as c
 
-    return {"data": data, "frozen": c.frozen(data), "gray": c.gray(data), "blurred": c.blurred(data),
+    return {"data": data, "frozen": c.frozen(data), "freezes_late": c.freezes_late(data), "gray": c.gray(data), "blurred": c.blurred(data),
             "shuffled": c.shuffled(data), "independent": c.independent(data), "still_pan": c.still_pan(data),
             "jitter": c.jitter(data), "replayed train": train[: len(data)]}
 

@@ -55,6 +55,11 @@ def test_frozen_fails_on_motion(world):
     assert "motion" in reasons(world["judged"](controls.frozen(world["data"])))
 
 
+def test_a_clip_that_freezes_late_fails_on_motion_and_dynamics(world):
+    found = reasons(world["judged"](controls.freezes_late(world["data"])))
+    assert "dynamics" in found and "motion" in found, found
+
+
 def test_gray_fails_on_appearance_and_sharpness(world):
     assert {"appearance", "sharpness"} <= reasons(world["judged"](controls.gray(world["data"])))
 

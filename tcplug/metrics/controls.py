@@ -17,6 +17,14 @@ def frozen(data: Tensor) -> Tensor:
     return data[:, :1].expand_as(data).contiguous()
 
 
+def freezes_late(data: Tensor, at: float = 0.5) -> Tensor:
+    """Each clip as it is until ``at`` of its length, then its last frame there held: real motion
+    that stops (a generator that runs out of motion)."""
+    t = data.shape[1]
+    k = max(1, int(round(at * t)))
+    return torch.cat([data[:, :k], data[:, k - 1: k].expand(-1, t - k, *data.shape[2:])], 1).contiguous()
+
+
 def gray(data: Tensor) -> Tensor:
     """Uniform mid-gray: TVS 0, nothing of the data."""
     return torch.full_like(data, 0.5)
@@ -86,7 +94,7 @@ def jitter(data: Tensor, amplitude: float = 1.0, seed: int = 0) -> Tensor:
 
 
 #: every control by name
-CONTROLS = {"frozen": frozen, "gray": gray, "blurred": blurred, "shuffled": shuffled, "independent": independent,
+CONTROLS = {"frozen": frozen, "freezes_late": freezes_late, "gray": gray, "blurred": blurred, "shuffled": shuffled, "independent": independent,
             "still_pan": still_pan, "jitter": jitter}
 
-__all__ = ["CONTROLS", "blurred", "frozen", "gray", "independent", "jitter", "shuffled", "still_pan"]
+__all__ = ["CONTROLS", "blurred", "freezes_late", "frozen", "gray", "independent", "jitter", "shuffled", "still_pan"]
