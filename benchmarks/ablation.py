@@ -441,7 +441,8 @@ def update_docs(text: str, files: list[Path], marker: str = "ablation") -> None:
         if start not in body or end not in body:
             raise SystemExit(f"{f}: no {start} ... {end} markers")
         head, rest = body.split(start, 1)
-        f.write_text(head + start + "\n" + text + end + rest.split(end, 1)[1])
+        here = text if f.parent == ROOT / "docs" else text.replace("](img/", "](docs/img/")  # links from the root
+        f.write_text(head + start + "\n" + here + end + rest.split(end, 1)[1])
 
 
 def strip(video: torch.Tensor, path: Path, clips: int = 3) -> str:
