@@ -72,7 +72,6 @@ ROOT = _recipes.ROOT
 SMOKE = ROOT / "recipes" / "presets" / "cpu-smoke.yaml"
 PLUS = ["baseline", *_recipes.TECHNIQUES]
 LOO = ["full", *[f"full - {t}" for t in _recipes.IN_FULL], *[f"full + {t}" for t in _recipes.LATENT_DESIGNS]]
-CONTROLS = ["data", "held-out data", "frozen", "freezes_late", "gray", "blurred", "shuffled", "independent", "still_pan", "jitter", "replayed train"]
 PER_CLIP = ["tvs", "warp_error", "coverage", "bg_flicker", "motion_static", "motion_moving"]
 
 
@@ -222,9 +221,7 @@ def data_clips(data_cfg: dict, n: int) -> dict:
 def controls(data: torch.Tensor, train: torch.Tensor) -> dict[str, torch.Tensor]:
     from tcplug.metrics import controls as c
 
-    return {"data": data, "frozen": c.frozen(data), "freezes_late": c.freezes_late(data), "gray": c.gray(data), "blurred": c.blurred(data),
-            "shuffled": c.shuffled(data), "independent": c.independent(data), "still_pan": c.still_pan(data),
-            "jitter": c.jitter(data), "replayed train": train[: len(data)]}
+    return {"data": data, **{name: make(data) for name, make in c.CONTROLS.items()}, "replayed train": train[: len(data)]}
 
 
 # ----- scoring -------------------------------------------------------------------------------

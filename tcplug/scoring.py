@@ -159,11 +159,12 @@ def score_set(clips: list[np.ndarray], reference: list[np.ndarray], train: list[
                           "shards, or a longer video")
     named = build_metrics(names) if names else {}
     extra = {name: named[name] for name in metric_bands(named)}  # third-party metrics with a gate band
+    rest_video = as_batch(rest)
     figures, floor = {}, {}
     if extra:
         for side, videos in ((figures, cand), (floor, held)):
             suite = MetricSuite({k: type(m)() for k, m in extra.items()}, flow_preset)
-            suite.update_reference(as_batch(rest))
+            suite.update_reference(rest_video)
             suite.update(as_batch(videos))
             side.update(suite.compute())
     train_video = None
@@ -173,6 +174,6 @@ def score_set(clips: list[np.ndarray], reference: list[np.ndarray], train: list[
             raise TcplugError(f"the training clips hold no clip of at least {length} frames")
         train_video = as_batch(train_windows)
     report = evaluate(ClipSet(as_batch(cand), flow_preset=flow_preset), ClipSet(as_batch(held), flow_preset=flow_preset),
-                      ClipSet(as_batch(rest), flow_preset=flow_preset), train_video, extra=figures, extra_floor=floor,
+                      ClipSet(rest_video, flow_preset=flow_preset), train_video, extra=figures, extra_floor=floor,
                       extra_bands=metric_bands(extra))
     return {"length": length, "reference_clips": len(rest), "heldout_clips": len(held), **report}
