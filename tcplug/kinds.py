@@ -346,7 +346,7 @@ class WorldConditioner(Component):
     the backbone's input, at latent resolution, under ``input_maps`` ``(B, T, K, h, w)``.
 
     What the engine may ask of a conditioner, with its default: :meth:`setup` (size adapters to
-    the backbone), :meth:`auxiliary_loss` with ``aux_weight`` / ``aux_name`` (a training objective
+    the backbone), :meth:`stream_context` (one chunk of a streamed video), :meth:`auxiliary_loss` with ``aux_weight`` / ``aux_name`` (a training objective
     of its own, e.g. the world model's dynamics), :meth:`null_context` (the unconditional context
     for classifier-free guidance), :meth:`precompute` / :meth:`precompute_shared` (what
     ``tcplug data encode`` stores in shards), and ``needs`` (batch keys read at sampling).
@@ -362,6 +362,27 @@ class WorldConditioner(Component):
 
     def forward(self, batch: dict[str, Any], latent_shape: tuple[int, ...]) -> dict[str, Tensor]:
         raise NotImplementedError
+
+    #: context entries that hold one value per frame (their dim 1 is the latent frame axis)
+    PER_FRAME: ClassVar[tuple[str, ...]] = ("maps", "input_maps", "residuals")
+
+    def stream_context(self, batch: dict[str, Any], latent_shape: tuple[int, ...], start: int,
+                       state: dict[str, Any]) -> dict[str, Any]:
+        """The context for one chunk of a streamed video: latent frames ``start .. start + T`` of
+        ``latent_shape`` ``(B, T, C, h, w)`` (the chunk's). ``batch`` is what :meth:`forward` gets
+        at sampling, with ``frames`` (the chunk's pixel frames, a ``range``) and ``num_frames``
+        (their count); ``state`` is this conditioner's, kept across the chunks of one video (what
+        it rolls forward: a world model's object state), so memory does not grow with the length.
+
+        Default: :meth:`forward`'s context, right for a condition that does not change with time
+        (a caption). A conditioner whose context has per-frame entries (:attr:`PER_FRAME`) must
+        override this; without it, streaming past the first chunk raises a clear error."""
+        ctx = self(batch, latent_shape)
+        if start > 0 and any(k in ctx for k in self.PER_FRAME):
+            raise TcplugError(f"conditioner {type(self).__name__} gives per-frame conditioning but defines no "
+                              "stream_context: a video longer than one chunk cannot be streamed with it (sample it "
+                              "all at once, or give it a stream_context that rolls its condition forward)")
+        return ctx
 
     def auxiliary_loss(self, batch: dict[str, Any]) -> Tensor | None:
         """A training term of the conditioner itself, logged as ``train/loss_<aux_name>``

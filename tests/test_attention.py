@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tcplug
+from tcplug.errors import TcplugError
 from tcplug.module import TCPlugModule
 from tests.conftest import RECIPES, run_tcplug
 
@@ -158,18 +159,22 @@ def test_stream_buffer_is_bounded_by_the_window():
     assert max(counts) <= 2 * 2 * 3 and counts[-1] == counts[len(counts) // 2]
 
 
-def test_an_ancestral_sampler_is_sampled_all_at_once():
-    """Fresh noise at each ancestral step would differ between a chunk and the whole video:
-    such a model does not offer streaming (tcplug sample then samples it all at once)."""
+def test_an_ancestral_sampler_streams_and_equals_all_at_once():
+    """Each frame draws its step noise from its own generator: an ancestral (ddpm) sampler gives
+    the same frames chunk by chunk as all at once."""
     m = model(variant("cross_frame", window=2))
-    assert m.can_stream
     m.diffusion.schedule.sampler = "ddpm"
-    assert not m.can_stream
+    assert m.can_stream
+    whole = m.generate(1, 9, 8, 8, seed=2)
+    streamed = torch.cat(list(m.stream(9, 8, 8, 4, seed=2)), dim=1)
+    assert torch.allclose(streamed, whole, atol=1e-4), (streamed - whole).abs().max()
+    assert not torch.allclose(whole, m.generate(1, 9, 8, 8, seed=3), atol=1e-2)  # the noise is the seed's
 
 
 def test_non_causal_variant_refuses_streaming():
     m = model(variant("full3d"))
-    with pytest.raises(NotImplementedError, match="streaming"):
+    assert not m.can_stream
+    with pytest.raises(TcplugError, match="does not support streaming"):
         list(m.stream(8, 8, 8, 4))
 
 
@@ -213,8 +218,8 @@ def test_cross_attention_is_untouched_and_cfg_mismatch_is_loud():
 # ----- the sample command -------------------------------------------------------------------
 @pytest.mark.slow
 def test_sample_command_long_video(tmp_path, tiny):
-    # streaming needs a deterministic sampler (the recipes' ancestral one samples all at once)
-    proc = run_tcplug("fit", "--config", RECIPES / "cross_frame.yaml", *tiny, "--model.sampler=ddim", cwd=tmp_path)
+    # the recipe's ancestral sampler streams: each frame draws its step noise from its own generator
+    proc = run_tcplug("fit", "--config", RECIPES / "cross_frame.yaml", *tiny, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
     out = tmp_path / "long.mp4"

@@ -148,7 +148,16 @@ class DiT(Backbone):
     that carries earlier chunks' keys/values while sampling long videos chunk by chunk.
     """
 
-    supports_streaming = True
+    @property
+    def supports_streaming(self) -> bool:
+        """Streams when every block's attention variant can (a causal variant with a bounded
+        window: its ``memory()``); ``full3d`` or an unbounded ``temporal`` cannot."""
+        try:
+            for block in self.blocks:
+                block.attn.memory()
+        except NotImplementedError:
+            return False
+        return True
 
     def __init__(
         self,

@@ -67,15 +67,20 @@ class ControlAdapter(nn.Module):
         return out
 
 
-def pool_frames(maps: Tensor, t: int, who: str = "conditioner") -> Tensor:
+def pool_frames(maps: Tensor, t: int, who: str = "conditioner", first: bool = True) -> Tensor:
     """Pixel-frame maps ``(B, T, K, H, W)`` -> one per latent frame ``(B, t, K, H, W)``.
 
     A latent design that compresses time ``c``-fold (``T = c (t - 1) + 1``, a causal video VAE)
     codes frame 0 alone and frames ``c(k-1)+1 .. ck`` in latent frame ``k``: each latent frame
-    gets the mean of the maps of the frames it codes. ``T == t`` returns the maps unchanged."""
+    gets the mean of the maps of the frames it codes. ``T == t`` returns the maps unchanged.
+    ``first=False``: the maps start after frame 0 (a later chunk of a streamed video, ``T = c t``)."""
     frames = maps.shape[1]
     if frames == t:
         return maps
+    if not first:
+        if frames % t:
+            raise TcplugError(f"{who}: {frames} frames of conditioning maps do not fit {t} latent frames")
+        return maps.unflatten(1, (t, frames // t)).mean(2)
     if t < 2 or (frames - 1) % (t - 1):
         raise TcplugError(f"{who}: {frames} frames of conditioning maps do not fit {t} latent frames")
     c = (frames - 1) // (t - 1)
@@ -122,11 +127,33 @@ class MapConditioner(WorldConditioner):
         raise NotImplementedError
 
     def forward(self, batch: dict[str, Any], latent_shape: tuple[int, ...]) -> dict[str, Any]:
+        return self._context(self.maps(batch, latent_shape), latent_shape)
+
+    def stream_maps(self, batch: dict[str, Any], frames: range, latent_shape: tuple[int, ...],
+                    state: dict[str, Any]) -> Tensor:
+        """Maps ``(B, len(frames), K, H, W)`` for the pixel frames ``frames`` of a streamed video;
+        ``state`` persists across its chunks. Default: the maps of the clip given (a data clip's
+        depth or keypoints), cut to the frames; past the clip's end, a clear error. A conditioner
+        that can roll its condition forward (the world model) overrides this."""
+        maps = self.maps({**batch, "num_frames": frames.stop}, latent_shape)
+        if maps.shape[1] < frames.stop:
+            raise TcplugError(f"{type(self).__name__}: the conditioning given covers {maps.shape[1]} frames, so a "
+                              f"streamed video cannot go past them (frame {frames.stop - 1} was asked)")
+        return maps[:, frames.start:frames.stop]
+
+    def stream_context(self, batch: dict[str, Any], latent_shape: tuple[int, ...], start: int,
+                       state: dict[str, Any]) -> dict[str, Any]:
+        """The chunk's maps (:meth:`stream_maps`, for ``batch["frames"]``) through the adapter."""
+        frames = batch["frames"]
+        return self._context(self.stream_maps(batch, frames, latent_shape, state), latent_shape,
+                             first=frames.start == 0)
+
+    def _context(self, maps: Tensor, latent_shape: tuple[int, ...], first: bool = True) -> dict[str, Any]:
         if self.adapter is None:
             raise TcplugError(f"{type(self).__name__}.setup(backbone) was not called")
         b, t, _, h, w = latent_shape
-        maps = self.maps(batch, latent_shape).to(self.adapter.embed.weight)
-        small = pool_frames(maps, t, type(self).__name__)
+        maps = maps.to(self.adapter.embed.weight)
+        small = pool_frames(maps, t, type(self).__name__, first)
         if small.shape[:2] != (b, t):
             raise TcplugError(f"{type(self).__name__}: conditioning maps {tuple(maps.shape)} do not match "
                               f"latents of {b} clips x {t} frames")
@@ -334,21 +361,46 @@ class PhysicsState(MapConditioner):
             canvas = canvas * (1 - a) + value * a
         return canvas * 2 - 1
 
-    def maps(self, batch: dict[str, Any], latent_shape: tuple[int, ...]) -> Tensor:
+    def initial_state(self, batch: dict[str, Any], latent_shape: tuple[int, ...]) -> tuple[dict[str, Tensor], int, int]:
+        """The state to roll out (in :meth:`parse`'s layout, one row per clip) and the frame size
+        ``(height, width)`` to render at."""
         b = latent_shape[0]
-        # pixel frames: the clip's, or what the sampler asks for (a latent design may compress time)
-        t = batch["video"].shape[1] if batch.get("video") is not None else batch.get("num_frames") or latent_shape[1]
-        states = _need(batch, "state", "physics_state")
-        st = self.parse(states, device=self.dynamics[0].weight.device)
+        st = self.parse(_need(batch, "state", "physics_state"), device=self.dynamics[0].weight.device)
         if st["pos"].shape[0] == 1 and b > 1:
             st = {k: v.expand(b, *v.shape[1:]) for k, v in st.items()}
         if batch.get("video") is not None:
             height, width = batch["video"].shape[-2:]
         else:  # at sampling the module passes the requested frame size
             height, width = batch.get("frame_size") or (int(st["world"][0]), int(st["world"][0]))
+        return st, int(height), int(width)
+
+    def maps(self, batch: dict[str, Any], latent_shape: tuple[int, ...]) -> Tensor:
+        # pixel frames: the clip's, or what the sampler asks for (a latent design may compress time)
+        t = batch["video"].shape[1] if batch.get("video") is not None else batch.get("num_frames") or latent_shape[1]
         with torch.no_grad():
+            st, height, width = self.initial_state(batch, latent_shape)
             pos, _ = self.rollout(st, t)
         return self.render(pos, st, height, width)
+
+    @torch.no_grad()
+    def stream_maps(self, batch: dict[str, Any], frames: range, latent_shape: tuple[int, ...],
+                    state: dict[str, Any]) -> Tensor:
+        """The rollout continued chunk by chunk: ``state`` holds the object state of the next
+        frame, so the maps of frames ``frames`` cost the same whatever the video's length, and
+        equal :meth:`maps` of the whole video cut to them."""
+        if not state:
+            st, height, width = self.initial_state(batch, latent_shape)
+            state.update(st=st, size=(height, width), pos=st["pos"][:, 0], vel=st["vel"][:, 0], frame=0)
+        st, pos, vel = state["st"], state["pos"], state["vel"]
+        if frames.start != state["frame"]:
+            raise TcplugError(f"{type(self).__name__}: streamed chunks must follow each other (frame "
+                              f"{state['frame']} next, asked for {frames.start})")
+        out = []
+        for _ in frames:
+            out.append(pos)
+            pos, vel = self.step(pos, vel, st)
+        state.update(pos=pos, vel=vel, frame=frames.stop)
+        return self.render(torch.stack(out, 1), st, *state["size"])
 
     def param_groups(self) -> list[dict[str, Any]]:
         """The dynamics train at ``lr * lr_scale`` in a parameter group of their own."""
@@ -517,6 +569,13 @@ class Caption(WorldConditioner):
             texts = ["" if d else s for s, d in zip(texts, drop.tolist())]
         text, mask = self.encode(texts)
         return {"text": text, "text_mask": mask}
+
+    def stream_context(self, batch: dict[str, Any], latent_shape: tuple[int, ...], start: int,
+                       state: dict[str, Any]) -> dict[str, Any]:
+        """The caption, encoded once for the whole streamed video."""
+        if "context" not in state:
+            state["context"] = self(batch, latent_shape)
+        return state["context"]
 
     def null_context(self, context: dict[str, Any]) -> dict[str, Any]:
         """The same context with the empty caption (the unconditional branch of guidance)."""

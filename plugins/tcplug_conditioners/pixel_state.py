@@ -122,14 +122,13 @@ class PixelState(PhysicsState):
                 "gravity": torch.zeros(b, device=frames.device), "world": torch.full((b,), float(w),
                                                                                       device=frames.device)}
 
-    def maps(self, batch: dict[str, Any], latent_shape: tuple[int, ...]) -> Tensor:
-        t = batch["video"].shape[1] if batch.get("video") is not None else batch.get("num_frames") or latent_shape[1]
+    def initial_state(self, batch: dict[str, Any], latent_shape: tuple[int, ...]) -> tuple[dict[str, Tensor], int, int]:
+        """The state estimated from the first frames, and the frame size to render at."""
         with torch.no_grad():
             st = self.estimate(batch)
-            height, width = (batch["video"].shape[-2:] if batch.get("video") is not None
-                             else batch.get("frame_size") or _first_frames(batch, self.frames_seen).shape[-2:])
-            pos, _ = self.rollout(st, t)
-        return self.render(pos, st, int(height), int(width))
+        height, width = (batch["video"].shape[-2:] if batch.get("video") is not None
+                         else batch.get("frame_size") or _first_frames(batch, self.frames_seen).shape[-2:])
+        return st, int(height), int(width)
 
     def param_groups(self) -> list[dict[str, Any]]:
         """The dynamics and the estimator train at ``lr * lr_scale`` in a group of their own."""

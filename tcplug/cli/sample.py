@@ -113,9 +113,10 @@ def main(argv: Sequence[str]) -> int:
 
     parser = argparse.ArgumentParser(
         prog="tcplug sample",
-        description="Sample a video from a checkpoint. Models that can stream are sampled chunk by chunk "
-        "with the K/V frame buffer (memory bounded by the attention window, not by the length); models "
-        "with conditioners, experts or a motion lock are sampled all at once.")
+        description="Sample a video from a checkpoint. Models whose attention is causal with a bounded window "
+        "are sampled chunk by chunk with the K/V frame buffer (memory bounded by the window, not by the length): "
+        "conditioners roll their condition forward, experts and guidance run per chunk, the motion lock stays "
+        "anchored to the first frame. Other models are sampled all at once.")
     parser.add_argument("--ckpt", required=True, help="a checkpoint written by tcplug fit (its recipe is inside)")
     parser.add_argument("--frames", type=int, required=True, help="frames to generate")
     parser.add_argument("--out", required=True, help="output .mp4")
@@ -153,15 +154,13 @@ def main(argv: Sequence[str]) -> int:
     if model.can_stream:
         with VideoWriter(args.out, fps=args.fps) as writer:
             for video in model.stream(args.frames, size, size, chunk, steps=args.steps, seed=args.seed,
-                                      progress=True):
+                                      progress=True, batch=batch, guidance_scale=args.guidance):
                 writer.write(to_uint8(video[0]))
         print(f"wrote {writer.frames} frames to {args.out}")
         return 0
-    d = model.diffusion
-    if d.backbone.supports_streaming and d.schedule.kind == "ddpm" and d.schedule.sampler == "ddpm" and \
-            args.frames > chunk:
-        print("tcplug sample: sampling all at once: the recipe's ancestral sampler (model.sampler: ddpm) cannot "
-              "stream; a model trained with model.sampler: ddim streams with a bounded K/V buffer", file=sys.stderr)
+    if args.frames > chunk:
+        print("tcplug sample: sampling all at once: this model's attention looks at future frames (or has no "
+              "bounded window), so it cannot stream; memory grows with --frames", file=sys.stderr)
     video = model.generate(1, args.frames, size, size, steps=args.steps, seed=args.seed, batch=batch,
                            progress=True, guidance_scale=args.guidance)
     write_video(to_uint8(video[0]), args.out, fps=args.fps)

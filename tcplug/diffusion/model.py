@@ -173,9 +173,23 @@ class VideoDiffusion(nn.Module):
         ``maps`` and ``input_maps`` concatenated along ``K``)."""
         if len(self.conditioners) == 0:
             return None
+        return self._merge(c(batch, latent_shape) for c in self.conditioners)
+
+    def stream_context(self, batch: dict[str, Any], latent_shape: tuple[int, ...], start: int,
+                       states: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """The merged context of one chunk of a streamed video (latent frames ``start ..
+        start + T``): each conditioner's :meth:`~tcplug.WorldConditioner.stream_context`, with its
+        own entry of ``states`` (one dict per conditioner, kept across the chunks)."""
+        if len(self.conditioners) == 0:
+            return None
+        return self._merge(c.stream_context(batch, latent_shape, start, state)
+                           for c, state in zip(self.conditioners, states))
+
+    @staticmethod
+    def _merge(contexts) -> dict[str, Any]:
         merged: dict[str, Any] = {}
-        for c in self.conditioners:
-            for key, value in c(batch, latent_shape).items():
+        for ctx in contexts:
+            for key, value in ctx.items():
                 if key == "residuals" and key in merged:
                     merged[key] = [a + b for a, b in zip(merged[key], value)]
                 elif key in ("maps", "input_maps") and key in merged:
@@ -329,13 +343,12 @@ class VideoDiffusion(nn.Module):
 
     @property
     def can_stream(self) -> bool:
-        """Whether the pipeline can stream this model: a streaming backbone, a deterministic
-        sampler (DDIM or flow matching: an ancestral step's fresh noise would differ between a
-        chunk and the whole video), and no router, conditioner or motion lock (those models are
-        sampled all at once)."""
-        plain = self.router is None and len(self.conditioners) == 0 and self.motion_lock is None
-        deterministic = not (self.schedule.kind == "ddpm" and self.schedule.sampler == "ddpm")
-        return plain and deterministic and bool(self.backbone.supports_streaming)
+        """Whether the pipeline can stream this model: a streaming backbone (a causal attention
+        variant with a bounded window). Conditioners roll their condition forward chunk by chunk
+        (:meth:`~tcplug.WorldConditioner.stream_context`), experts and guidance run per chunk, the
+        motion lock stays anchored to frame 0, and an ancestral sampler draws each frame's step
+        noise from its own generator."""
+        return bool(self.backbone.supports_streaming)
 
 
 __all__ = ["Noised", "VideoDiffusion", "clip_timesteps"]

@@ -198,11 +198,19 @@ def sample_loop(
     progress: bool = False,
     lock: LockedSampling | None = None,
     configure: Callable[[Any, int], dict | None] | None = None,
+    frame_generators: list[torch.Generator] | None = None,
+    before_step: Callable[[int], None] | None = None,
 ) -> Tensor:
     """Denoise ``noise`` (latents ``(B, T, C, h, w)``) in ``steps`` sampler steps.
 
     ``model_fn(x_t, timesteps) -> prediction`` in the schedule's parameterization; timesteps
     are ``(B,)``, or per latent pixel ``(B, T, 1, h, w)`` when a lock is given.
+
+    An ancestral sampler (``ddpm``) draws fresh noise at every step: from ``generator``, or, with
+    ``frame_generators`` (one per clip and frame, clip-major: :func:`frame_generators`), each
+    frame's from its own generator, so that a frame gets the same noise at every step whether the
+    video is sampled at once or chunk by chunk. ``before_step(i)`` is called before step ``i``
+    (the streaming pipeline points its K/V buffers at the step).
 
     ``lock`` (:class:`~tcplug.diffusion.lock.LockedSampling`) ties the locked positions of every
     frame after the anchor (frame 0) to the anchor: they start from the anchor's noise; after each
@@ -225,9 +233,17 @@ def sample_loop(
         if schedule.kind == "ddpm":
             t_batch = t_batch.long()
         t_in = lock.timesteps(i, t_batch) if lock is not None else t_batch
+        if before_step is not None:
+            before_step(i)
         pred = model_fn(scale(x, t) if scale is not None else x, t_in)
         before = x
-        if schedule.kind == "ddpm" and schedule.sampler == "ddpm":
+        if schedule.kind == "ddpm" and schedule.sampler == "ddpm" and frame_generators is not None:
+            if len(frame_generators) != x.shape[0] * x.shape[1]:
+                raise TcplugError(f"{len(frame_generators)} frame generators for {x.shape[0]} clips x {x.shape[1]} "
+                                  "frames")
+            # one row per (clip, frame): diffusers draws a list of generators' noise row by row
+            x = sched.step(pred.flatten(0, 1), t, x.flatten(0, 1), generator=frame_generators).prev_sample.view_as(x)
+        elif schedule.kind == "ddpm" and schedule.sampler == "ddpm":
             x = sched.step(pred, t, x, generator=generator).prev_sample
         else:
             x = sched.step(pred, t, x).prev_sample
@@ -250,6 +266,14 @@ def frame_noise(seed: int, clip: int, frames: range, frame_shape: tuple[int, ...
     return torch.stack(out)
 
 
+def frame_generators(seed: int, clips: int, frames: range) -> list[torch.Generator]:
+    """The ancestral sampler's step noise: one generator per clip and frame (clip-major, as
+    ``(B, T)`` flattens), seeded apart from :func:`frame_noise`'s. Each frame draws from its own
+    generator once per step, whatever chunk it is sampled in."""
+    return [torch.Generator().manual_seed((((seed * 1_000_003 + c) * 100_003 + f) ^ 0x5DEECE66D) & (2**63 - 1))
+            for c in range(clips) for f in frames]
+
+
 class FrameStream:
     """The streaming K/V frame buffer.
 
@@ -258,18 +282,23 @@ class FrameStream:
     :meth:`~tcplug.AttentionVariant.memory`: the last ``window`` frames and, optionally, the
     first frame). Memory is bounded by the window, never by the video length. For a causal
     variant, streamed sampling therefore equals all-at-once sampling.
+
+    Entries are keyed by the attention module, the block index and the step, so several expert
+    backbones share one buffer without mixing; the guided (unconditional) pass keeps a buffer of
+    its own (the pipeline gives it a second ``FrameStream``).
     """
 
     def __init__(self) -> None:
         self.step = 0
         self.frame_start = 0
-        self._kv: dict[tuple[int, int], tuple[Tensor, Tensor, Tensor]] = {}
+        self._kv: dict[tuple[int, int, int], tuple[Tensor, Tensor, Tensor]] = {}
 
     def attend(self, attn, block: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Attention of the current chunk ``q, k, v (B, T, H, N, D)`` over buffer + chunk."""
         t = q.shape[1]
         idx = torch.arange(self.frame_start, self.frame_start + t, device=q.device)
-        past = self._kv.get((block, self.step))
+        key = (id(attn), block, self.step)
+        past = self._kv.get(key)
         if past is not None:
             k, v, idx = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1), torch.cat([past[2], idx])
         out = attn(q, k, v, kv_index=idx)
@@ -277,12 +306,19 @@ class FrameStream:
         keep = idx >= self.frame_start + t - window
         if first:
             keep = keep | (idx == 0)
-        self._kv[(block, self.step)] = (k[:, keep], v[:, keep], idx[keep])
+        self._kv[key] = (k[:, keep], v[:, keep], idx[keep])
         return out
 
     def buffered_frames(self) -> int:
         """Frames currently held (summed over blocks and steps)."""
         return sum(int(e[2].numel()) for e in self._kv.values())
+
+
+def chunk_ranges(frames: int, chunk: int) -> list[range]:
+    """Consecutive ranges of at most ``chunk`` frames covering ``range(frames)``."""
+    if chunk < 1:
+        raise TcplugError(f"chunk must be >= 1 frame, got {chunk}")
+    return [range(s, min(s + chunk, frames)) for s in range(0, frames, chunk)]
 
 
 @torch.no_grad()
@@ -299,31 +335,28 @@ def stream_sample(
     progress: bool = False,
     configure: Callable[[Any, int], dict | None] | None = None,
 ):
-    """Sample ``num_frames`` frames in chunks of ``chunk``, carrying the K/V buffer.
+    """Sample ``num_frames`` frames in chunks of ``chunk``, carrying the K/V buffer (a bare
+    backbone; :func:`tcplug.diffusion.stream` streams a whole model, conditioners and lock included).
 
     ``model_fn(x (B, C, c, h, w), timesteps (B,), stream) -> prediction``. Yields clean latents
-    chunk by chunk, each ``(num_clips, <= chunk, c, h, w)``; nothing accumulates.
+    chunk by chunk, each ``(num_clips, <= chunk, c, h, w)``; nothing accumulates. An ancestral
+    sampler draws each frame's step noise from its own generator (:func:`frame_generators`).
     """
-    if schedule.kind == "ddpm" and schedule.sampler == "ddpm":
-        raise TcplugError("streaming needs a deterministic sampler: use sampler 'ddim' (or flow matching)")
     stream = FrameStream()
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=num_frames, desc="streaming", unit="frame")
-    for start in range(0, num_frames, chunk):
-        frames = range(start, min(start + chunk, num_frames))
+    for frames in chunk_ranges(num_frames, chunk):
         x = torch.stack([frame_noise(seed, c, frames, frame_shape) for c in range(num_clips)]).to(device)
-        sched = schedule.make_sampler(steps, configure)
-        x = x * getattr(sched, "init_noise_sigma", 1.0)
-        stream.frame_start = start
-        for j, t in enumerate(sched.timesteps):
-            stream.step = j
-            t_batch = torch.full((x.shape[0],), float(t), device=x.device)
-            if schedule.kind == "ddpm":
-                t_batch = t_batch.long()
-            x = sched.step(model_fn(x, t_batch, stream), t, x).prev_sample
+        stream.frame_start = frames.start
+
+        def at(i: int) -> None:
+            stream.step = i
+
+        x = sample_loop(lambda z, t: model_fn(z, t, stream), x, schedule, steps, configure=configure,
+                        frame_generators=frame_generators(seed, num_clips, frames), before_step=at)
         if bar is not None:
             bar.update(len(frames))
         yield x

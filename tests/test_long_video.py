@@ -1,0 +1,94 @@
+"""Long video: every model whose attention streams is sampled chunk by chunk, conditioners, experts,
+guidance, the ancestral sampler and the motion lock included."""
+
+import pytest
+import torch
+
+from tcplug import WorldConditioner, get_component
+from tcplug.errors import TcplugError
+from tcplug.module import TCPlugModule
+from tests.test_world import comp, wake
+
+STATE = {"size": 16, "gravity": 0.2,
+         "objects": [{"class": "square", "size": 2.5, "colour": [220, 40, 40], "depth": 0.3},
+                     {"class": "circle", "size": 2.0, "colour": [40, 200, 60], "depth": 0.6}],
+         "position": [[[4.0, 5.0], [11.0, 9.0]]], "velocity": [[[0.9, 0.3], [-0.6, 0.5]]]}
+BATCH = {"state": [STATE], "txt": ["a red square and a green circle"]}
+
+
+def full_stack(**kw):
+    """The main job's stack at toy size: cross-frame attention with an anchor, the world model with
+    input maps, captions with guidance, feed-forward experts, the ancestral sampler."""
+    torch.manual_seed(0)
+    bb = get_component("backbone", "dit")(dim=32, depth=2, heads=2, patch_size=2, conv_channels=8,
+                                          attention=comp("attention", "cross_frame", window=2, anchor=True))
+    m = TCPlugModule(bb, conditioner=[comp("conditioner", "physics_state", shapes=True, input_maps=True),
+                                      comp("conditioner", "caption", width=32)],
+                     router=comp("router", "noise_boundary", num_experts=2, experts="ffn"),
+                     prediction_type="v_prediction", sampler="ddpm", guidance_scale=2.0, sample_steps=4, **kw)
+    return wake(m).eval()
+
+
+def test_the_full_stack_streams_and_equals_all_at_once():
+    m = full_stack()
+    assert m.can_stream
+    whole = m.generate(1, 10, 16, 16, batch=BATCH, seed=1)
+    experts = list(m.diffusion.sampler_expert_steps)
+    streamed = torch.cat(list(m.stream(10, 16, 16, 4, batch=BATCH, seed=1)), dim=1)
+    assert streamed.shape == whole.shape == (1, 10, 3, 16, 16)
+    assert torch.allclose(streamed, whole, atol=1e-4), (streamed - whole).abs().max()
+    assert experts[0] and experts[1]  # both experts took steps
+    # the conditions matter: another caption or another state gives another video
+    other = {**BATCH, "state": [{**STATE, "velocity": [[[-0.9, 0.0], [0.6, -0.5]]]}]}
+    assert (torch.cat(list(m.stream(10, 16, 16, 4, batch=other, seed=1)), 1) - whole).abs().max() > 1e-2
+
+
+def test_the_world_model_rolls_its_state_forward_chunk_by_chunk():
+    world = comp("conditioner", "physics_state", shapes=True)
+    batch = {"state": [STATE], "frame_size": (16, 16)}
+    whole = world.maps({**batch, "num_frames": 40}, (1, 40, 3, 16, 16))
+    state: dict = {}
+    chunks = [world.stream_maps(batch, range(s, min(s + 6, 40)), (1, 6, 3, 16, 16), state) for s in range(0, 40, 6)]
+    assert torch.equal(torch.cat(chunks, 1), whole)
+    assert set(state) == {"st", "size", "pos", "vel", "frame"} and state["pos"].shape == (1, 2, 2)  # no history
+    with pytest.raises(TcplugError, match="follow each other"):
+        world.stream_maps(batch, range(3, 9), (1, 6, 3, 16, 16), state)
+
+
+def test_a_streamed_motion_lock_stays_anchored_to_frame_0():
+    """Auto lock from the world model's rollout, copy_anchor: in every chunk, positions that have been
+    static since frame 0 hold frame 0's latents; the streamed lock (the masks of the chunks so far,
+    multiplied) is the all-at-once lock of the whole video, and moving objects still move."""
+    torch.manual_seed(0)
+    bb = get_component("backbone", "dit")(dim=32, depth=2, heads=2, patch_size=2,
+                                          attention=comp("attention", "cross_frame", window=2, anchor=True))
+    m = wake(TCPlugModule(bb, conditioner=comp("conditioner", "physics_state"), sample_steps=3,
+                          motion_lock=comp("motion_lock", "auto", source="conditioning", dilate=1),
+                          lock_copy_anchor=True)).eval()
+    batch = {"state": [STATE]}
+    video = torch.cat(list(m.stream(12, 16, 16, 4, batch=batch, seed=0)), dim=1)
+    d = m.diffusion
+    cond = {**batch, "frame_size": (16, 16), "num_clips": 1, "num_frames": 12}
+    lock = d.lock_mask(cond, d.context(cond, (1, 12, 3, 16, 16)), (1, 12, 3, 16, 16))[0, 0, 0].bool()
+    assert 0.2 < lock.float().mean() < 0.95
+    assert torch.equal(video[0, :, :, lock], video[0, :1, :, lock].expand(12, -1, -1))
+    assert (video[0, 1:, :, ~lock] - video[0, :-1, :, ~lock]).abs().max() > 0.05
+
+
+def test_a_condition_that_cannot_roll_forward_stops_with_a_clear_error():
+    torch.manual_seed(0)
+    bb = get_component("backbone", "dit")(dim=32, depth=2, heads=2, patch_size=2,
+                                          attention=comp("attention", "cross_frame", window=1))
+    m = TCPlugModule(bb, conditioner=comp("conditioner", "depth"), sample_steps=2).eval()
+    depth = torch.rand(1, 4, 1, 8, 8)
+    assert len(list(m.stream(4, 8, 8, 2, batch={"depth": depth}))) == 2  # within the clip given
+    with pytest.raises(TcplugError, match="covers 4 frames"):
+        list(m.stream(8, 8, 8, 4, batch={"depth": depth}))
+
+    # the kind's default stream_context, on a conditioner with per-frame context: refused past chunk 0
+    world = comp("conditioner", "physics_state")
+    world.setup(bb)
+    chunk = {"state": [STATE], "frame_size": (8, 8), "frames": range(4, 8), "num_frames": 4}
+    assert "residuals" in WorldConditioner.stream_context(world, {**chunk, "frames": range(4)}, (1, 4, 3, 8, 8), 0, {})
+    with pytest.raises(TcplugError, match="defines no stream_context"):
+        WorldConditioner.stream_context(world, chunk, (1, 4, 3, 8, 8), 4, {})
