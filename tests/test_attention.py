@@ -228,6 +228,12 @@ def test_sample_command_long_video(tmp_path, tiny):
     from tcplug.video import read_video
 
     assert read_video(out).shape == (24, 16, 16, 3)
+    # a video longer than one chunk gets its drift beside it, against the recipe's validation clips
+    import json
+
+    report = json.loads((tmp_path / "long.drift.json").read_text())
+    assert len(report["starts"]) == 6 and "motion_ratio" in report["figures"] and "drift" in proc.stdout
+    assert (tmp_path / "long.drift.png").is_file()
 
 
 def test_sample_refuses_pickled_payload(tmp_path):

@@ -92,3 +92,58 @@ def test_a_condition_that_cannot_roll_forward_stops_with_a_clear_error():
     assert "residuals" in WorldConditioner.stream_context(world, {**chunk, "frames": range(4)}, (1, 4, 3, 8, 8), 0, {})
     with pytest.raises(TcplugError, match="defines no stream_context"):
         WorldConditioner.stream_context(world, chunk, (1, 4, 3, 8, 8), 4, {})
+
+
+# ----- drift ----------------------------------------------------------------------------------------
+def _long_world(n=3, frames=64):
+    from tcplug.data.synthetic import make_clip
+
+    return [make_clip(0, i, frames=frames, size=32) for i in range(n)]
+
+
+def test_drift_sees_what_adjacent_frame_metrics_miss():
+    """A video that fades slowly or freezes half-way keeps an adjacent-frame TVS like the data's; the
+    per-chunk figures against the first chunk and the data's motion see both. The simulated world
+    itself (its truth as long as the video) is flat."""
+    import numpy as np
+
+    from tcplug.data.synthetic import make_clip
+    from tcplug.metrics import drift
+
+    world = _long_world()
+    data = [c["frames"] for c in world]
+    states = [c["state"] for c in world]
+    reference = [make_clip(1, i, frames=8, size=32)["frames"] for i in range(8)]
+    fade = np.linspace(1.0, 0.6, 64)[:, None, None, None]
+    faded = [(v * fade).astype(np.uint8) for v in data]
+    frozen = [np.concatenate([v[:32], np.repeat(v[31:32], 32, 0)]) for v in data]
+    reports = {name: drift.chunk_figures(videos, 8, reference, states)
+               for name, videos in (("data", data), ("faded", faded), ("frozen", frozen))}
+    s = {name: drift.summary(r) for name, r in reports.items()}
+    assert np.all(np.abs(s["data"]["background_colour"]) < 1) and np.all(s["data"]["trajectory_error"] < 2)
+    assert np.all(np.abs(np.log(s["data"]["motion_ratio"])) < np.log(1.6))
+    # the fade: TVS per chunk within the data's range, the background's colour 20+ levels off
+    tvs = {k: np.nanmean(r["figures"]["tvs"]) for k, r in reports.items()}
+    assert tvs["faded"] < 2 * tvs["data"]
+    assert np.all(s["faded"]["background_colour"] > 20)
+    # frozen half-way: no motion at the end (TVS reads it as perfectly coherent)
+    assert np.all(s["frozen"]["motion_ratio"] < 0.05) and np.nanmean(reports["frozen"]["figures"]["tvs"][:, -2:]) < 0.1
+    assert np.all(s["frozen"]["trajectory_error"] > 3 * s["data"]["trajectory_error"])
+
+
+def test_score_per_chunk_writes_figures_and_a_plot(tmp_path):
+    import json
+
+    from tcplug.video import write_video
+    from tests.conftest import tcplug_in_process
+
+    world = _long_world(n=1, frames=32)
+    write_video(world[0]["frames"], tmp_path / "long.mp4", fps=8)
+    code, out, err = tcplug_in_process("score", tmp_path / "long.mp4", "--per-chunk", 8, "--json", cwd=tmp_path)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["starts"] == [0, 8, 16, 24] and len(report["figures"]["tvs"][0]) == 4
+    assert report["summary"]["background_colour"][0] < 5
+    assert (tmp_path / "long.drift.png").stat().st_size > 10_000
+    code, _, err = tcplug_in_process("score", tmp_path / "long.mp4", "--per-chunk", 64, cwd=tmp_path)
+    assert code == 1 and "fewer than one chunk" in err

@@ -135,6 +135,10 @@ def main(argv: Sequence[str]) -> int:
                         "static mask and caption)")
     parser.add_argument("--static-mask", default=None, metavar="IMAGE",
                         help="white = static: the mask a motion lock (mask) ties to the first frame")
+    parser.add_argument("--no-drift", action="store_true",
+                        help="do not measure the drift of a video longer than one chunk (by default its figures per "
+                        "chunk go to OUT.drift.json and a plot to OUT.drift.png, against the recipe's validation "
+                        "clips when its data can be read)")
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: "
                         "the recipe's model.guidance_scale)")
     args = parser.parse_args(list(argv))
@@ -157,12 +161,44 @@ def main(argv: Sequence[str]) -> int:
                                       progress=True, batch=batch, guidance_scale=args.guidance):
                 writer.write(to_uint8(video[0]))
         print(f"wrote {writer.frames} frames to {args.out}")
-        return 0
-    if args.frames > chunk:
-        print("tcplug sample: sampling all at once: this model's attention looks at future frames (or has no "
-              "bounded window), so it cannot stream; memory grows with --frames", file=sys.stderr)
-    video = model.generate(1, args.frames, size, size, steps=args.steps, seed=args.seed, batch=batch,
-                           progress=True, guidance_scale=args.guidance)
-    write_video(to_uint8(video[0]), args.out, fps=args.fps)
-    print(f"wrote {video.shape[1]} frames to {args.out}")
+    else:
+        if args.frames > chunk:
+            print("tcplug sample: sampling all at once: this model's attention looks at future frames (or has no "
+                  "bounded window), so it cannot stream; memory grows with --frames", file=sys.stderr)
+        video = model.generate(1, args.frames, size, size, steps=args.steps, seed=args.seed, batch=batch,
+                               progress=True, guidance_scale=args.guidance)
+        write_video(to_uint8(video[0]), args.out, fps=args.fps)
+        print(f"wrote {video.shape[1]} frames to {args.out}")
+    if args.frames >= 2 * chunk and chunk >= 2 and not args.no_drift:
+        _write_drift(args.out, chunk, cfg)
     return 0
+
+
+def _write_drift(out: str, chunk: int, cfg: dict) -> None:
+    """The video's drift beside it: OUT.drift.json (figures per chunk, summary) and OUT.drift.png,
+    against the recipe's validation clips when its data can be read."""
+    from tcplug.metrics import drift
+    from tcplug.scoring import load_frames
+
+    frames = load_frames(out)
+    reference = None
+    try:
+        from tcplug.data import VideoDataModule
+
+        dm = VideoDataModule(**{**(cfg.get("data") or {}), "num_workers": 0})
+        dm.prepare_data()
+        dm.setup("validate")
+        clips = []
+        for b in dm.val_dataloader():
+            clips += list(((b["video"].permute(0, 1, 3, 4, 2).numpy() + 1) * 127.5 + 0.5).clip(0, 255).astype("uint8"))
+        reference = [c for c in clips if c.shape[1:3] == frames.shape[1:3]] or None
+    except (TcplugError, OSError, ValueError) as exc:  # the drift is still measured, without the data's ratios
+        print(f"tcplug sample: drift without the data's figures (the recipe's data cannot be read: {exc})",
+              file=sys.stderr)
+    report = drift.chunk_figures([frames], chunk, reference if reference and len(reference) >= 2 else None)
+    base = Path(out).with_suffix("")
+    Path(f"{base}.drift.json").write_text(json.dumps(drift.to_json(report)))
+    drift.plot(report, f"{base}.drift.png", f"{Path(out).name}: per chunk of {chunk} frames")
+    last = " ".join(f"{k}={v[0]:.3g}" for k, v in drift.to_json(report)["summary"].items() if v[0] is not None)
+    print(f"drift (last quarter of the chunks against the first): {last}; per chunk in {base}.drift.json, "
+          f"plot {base}.drift.png")

@@ -46,6 +46,11 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--size", type=int, default=None, help="resize frames (and the reference) to SIZE x SIZE first")
     parser.add_argument("--max-frames", type=int, default=None, help="score only the first N frames")
     parser.add_argument("--flow", default="medium", choices=["ultrafast", "fast", "medium"], help="DIS preset")
+    parser.add_argument("--per-chunk", type=int, default=None, metavar="K",
+                        help="drift: figures per chunk of K frames against frame index (TVS, motion, sharpness, "
+                        "appearance against the first chunk; with --reference the ratios and the dynamics distance), "
+                        "a summary (the last quarter of the chunks against the first), and a plot VIDEO.drift.png "
+                        "beside each video")
     parser.add_argument("--split", type=int, default=1, metavar="N",
                         help="each video holds N clips side by side (as tcplug's validation samples): score each")
     args = parser.parse_intermixed_args(list(argv))
@@ -53,6 +58,8 @@ def main(argv: Sequence[str]) -> int:
         raise TcplugError("--train needs --reference REF: memorisation is judged against held-out reference clips")
     if args.split < 1:
         raise TcplugError(f"--split must be >= 1, got {args.split}")
+    if args.per_chunk is not None:
+        return _drift(args)
     names = [n.strip() for n in args.metrics.split(",") if n.strip()] if args.metrics else None
     if names is None:
         names = list(DEFAULT_METRICS if args.reference else NO_REFERENCE_METRICS)
@@ -97,6 +104,54 @@ def main(argv: Sequence[str]) -> int:
                 print(f"{name}: frames={result['frames']} {values}", flush=True)
     if reference is not None and scored:
         _set_line(scored, reference, train, names, args)
+    return 1 if failed else 0
+
+
+def _drift(args) -> int:
+    """``--per-chunk K``: each video's figures per chunk, its summary, its plot beside it."""
+    from pathlib import Path
+
+    from tcplug.metrics import drift
+    from tcplug.scoring import load_frames, load_reference, resize_frames
+
+    if args.per_chunk < 2:
+        raise TcplugError(f"--per-chunk needs chunks of at least 2 frames, got {args.per_chunk}")
+    if args.split > 1 or args.train or args.metrics:
+        raise TcplugError("--per-chunk measures whole videos against frame index: it takes no --split, --train "
+                          "or --metrics")
+    reference = load_reference(args.reference, args.max_frames) if args.reference else None
+    failed = 0
+    for path in _videos(args.videos):
+        try:
+            frames = load_frames(path, args.size, args.max_frames)
+            if len(frames) < args.per_chunk:
+                raise TcplugError(f"{path}: {len(frames)} frames, fewer than one chunk of {args.per_chunk}")
+            ref = [resize_frames(c, *frames.shape[1:3]) for c in reference] if reference is not None else None
+            report = drift.chunk_figures([frames], args.per_chunk, ref, flow_preset=args.flow,
+                                         progress=sys.stderr.isatty())
+        except TcplugError as exc:
+            failed += 1
+            print(f"tcplug score: error: {exc}", file=sys.stderr)
+            continue
+        out = Path(path).with_suffix(".drift.png")
+        try:
+            drift.plot(report, out, f"{Path(path).name}: per chunk of {args.per_chunk} frames")
+        except OSError as exc:
+            out = None
+            print(f"tcplug score: {path}: the drift plot was not written ({exc})", file=sys.stderr)
+        data = drift.to_json(report)
+        if args.json:
+            print(json.dumps({"path": str(path), "frames": int(len(frames)), "plot": str(out) if out else None,
+                              **data}), flush=True)
+            continue
+        print(f"{path}: frames={len(frames)} chunks={len(report['starts'])} of {args.per_chunk}"
+              + (f" plot={out}" if out else ""), flush=True)
+        names = list(data["figures"])
+        for c, start in enumerate(report["starts"]):
+            values = " ".join(f"{k}={_fmt(k, v)}" for k in names if (v := data["figures"][k][0][c]) is not None)
+            print(f"  frames {start}-{start + args.per_chunk - 1}: {values}", flush=True)
+        last = " ".join(f"{k}={v[0]:.4g}" for k, v in data["summary"].items() if v[0] is not None)
+        print(f"  drift (last quarter of the chunks against the first): {last}", flush=True)
     return 1 if failed else 0
 
 
