@@ -102,6 +102,14 @@ class TCPlugModule(pl.LightningModule):
             is frozen, and ``tcplug export CKPT --lora OUT`` writes the adapters in the family's format.
         train_experts: with several expert backbones, train only these (indices; expert 0 takes
             the highest noise); the others are frozen. Default: all.
+        frame_timesteps: ``clip`` (one training noise level per clip), ``independent`` (one per
+            frame: diffusion forcing) or ``history`` (leading context frames clean or noised up to
+            ``context_noise``; the rest share a level), for clean-context streaming.
+        context_noise: the context frames' highest training timestep under ``history``, and the
+            timestep clean-context streaming commits finished frames at.
+        stream_mode: what chunks of a streamed video attend to: ``same_step`` (earlier frames at the
+            same sampler step: streamed = all at once for causal variants) or ``clean`` (a K/V cache
+            of the finished frames, :class:`tcplug.diffusion.sampling.CleanContext`).
         lr: AdamW learning rate; weight_decay, betas: AdamW settings. Parameters a component
             declares in :meth:`~tcplug.Component.param_groups` (a part that must learn faster or
             slower, e.g. ``physics_state``'s dynamics) train at ``lr * lr_scale`` in a parameter
@@ -153,6 +161,9 @@ class TCPlugModule(pl.LightningModule):
         compile: bool = False,
         lora: LoraSpec | None = None,
         train_experts: list[int] | None = None,
+        frame_timesteps: Literal["clip", "independent", "history"] = "clip",
+        context_noise: float = 0.0,
+        stream_mode: Literal["same_step", "clean"] = "same_step",
     ) -> None:
         super().__init__()
         losses = list(losses) if losses is not None else [get_registry().get("loss", "denoise")()]
@@ -173,7 +184,7 @@ class TCPlugModule(pl.LightningModule):
             backbone, latent, router, conditioners, motion_lock,
             NoiseSchedule(noise, prediction_type, num_train_timesteps, beta_schedule, sampler, shift, scheduler),
             LockSettings(lock_timestep, lock_copy_anchor, lock_prob, lock_loss_weight, preview_steps),
-            guidance_scale, lora, train_experts)
+            guidance_scale, lora, train_experts, frame_timesteps, context_noise, stream_mode)
         self.losses = nn.ModuleList(losses)
         self.discriminator = discriminator
         # a discriminator that some term trains: alternate G and D steps with their own optimizers

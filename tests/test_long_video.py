@@ -147,3 +147,80 @@ def test_score_per_chunk_writes_figures_and_a_plot(tmp_path):
     assert (tmp_path / "long.drift.png").stat().st_size > 10_000
     code, _, err = tcplug_in_process("score", tmp_path / "long.mp4", "--per-chunk", 64, cwd=tmp_path)
     assert code == 1 and "fewer than one chunk" in err
+
+
+# ----- clean-context autoregression and diffusion forcing ----------------------------------------
+def test_clean_context_conditions_each_chunk_on_the_finished_frames():
+    """With the clean K/V cache, chunk 2 is exactly diffusion-forcing sampling of frames 4..7 next to
+    the finished frames 0..3 held at the context timestep (per-frame timesteps in one pass)."""
+    from tcplug.diffusion.sampling import (
+        CleanContext,
+        NoiseSchedule,
+        frame_noise,
+        sample_loop,
+        stream_sample,
+    )
+
+    torch.manual_seed(0)
+    bb = wake(get_component("backbone", "dit")(dim=32, depth=2, heads=2, patch_size=2,
+                                               attention=comp("attention", "temporal", causal=True, window=8))).eval()
+    schedule = NoiseSchedule("flow_matching", "flow")
+    shape = (3, 8, 8)
+    with torch.no_grad():
+        chunks = list(stream_sample(lambda x, t, s: bb(x, t, {"stream": s}), shape, 8, 4, schedule, 3, seed=2,
+                                    context="clean"))
+        first = chunks[0]
+
+        def with_context(x, t):  # frames 0..3 finished (t = 0), frames 4..7 at the step's t
+            tt = torch.cat([torch.zeros(1, 4), t.float().view(1, 1).expand(1, 4)], 1)
+            return bb(torch.cat([first, x], 1), tt)[:, 4:]
+
+        expected = sample_loop(with_context, frame_noise(2, 0, range(4, 8), shape)[None], schedule, 3)
+        same_step = list(stream_sample(lambda x, t, s: bb(x, t, {"stream": s}), shape, 8, 4, schedule, 3, seed=2))
+    assert torch.allclose(chunks[1], expected, atol=1e-4), (chunks[1] - expected).abs().max()
+    assert torch.allclose(same_step[0], first, atol=1e-5)  # chunk 1 has no context either way
+    assert (same_step[1] - chunks[1]).abs().max() > 1e-3  # the same-step buffer is another context
+    cache = CleanContext()
+    for s in range(0, 24, 4):  # the cache keeps the window, whatever the length
+        cache.frame_start, cache.writing = s, True
+        bb(torch.randn(1, 4, *shape), torch.zeros(1), {"stream": cache})
+    assert cache.buffered_frames() == 2 * 8
+
+
+@pytest.mark.parametrize("mode", ["independent", "history"])
+def test_diffusion_forcing_draws_noise_levels_per_frame(mode):
+    from tests.helpers import synthetic_batch
+    from tests.test_world import dit
+
+    m = TCPlugModule(dit(), frame_timesteps=mode, context_noise=50, num_val_samples=0,
+                     motion_lock=comp("motion_lock", "mask", source="static"), lock_prob=1.0)
+    torch.manual_seed(0)
+    t = m.diffusion.frame_noise_levels(256, 6, torch.device("cpu"))
+    assert t.shape == (256, 6)
+    if mode == "independent":
+        assert (t.float().std(1) > 0).float().mean() > 0.95
+    else:  # leading context frames at <= context_noise, then one level per clip
+        rows = t[:, -1] > 50
+        ctx = t[rows] <= 50
+        assert bool((ctx | (t[rows] == t[rows, -1:])).all())  # context, or the clip's level
+        lead = ctx.long().cumprod(1).sum(1)
+        assert bool((lead == ctx.sum(1)).all()) and set(lead.tolist()) == {0, 1, 2, 3, 4, 5}  # leading, any count
+    batch = synthetic_batch(n=2, frames=4, size=16, seed=0)
+    loss, terms = m.training_losses(batch)  # per-frame timesteps through the lock and the loss
+    assert torch.isfinite(loss) and m._last_timesteps.dim() == 5
+    loss.backward()
+
+
+def test_the_full_stack_streams_with_a_clean_noise_augmented_context():
+    m = full_stack(stream_mode="clean", context_noise=20)
+    seen = []
+    hook = m.diffusion.backbone.register_forward_pre_hook(lambda mod, args: seen.append(args[1].flatten()[0].item()))
+    video = torch.cat(list(m.stream(12, 16, 16, 4, batch=BATCH, seed=1)), dim=1)
+    hook.remove()
+    # per chunk: 4 steps x 2 passes (guidance), then one commit pass per cache at the context timestep
+    assert len(seen) == 3 * (4 * 2 + 2) and seen[8:10] == [20, 20] and seen[-2:] == [20, 20]
+    same = torch.cat(list(m.stream(12, 16, 16, 4, batch=BATCH, seed=1, context="same_step")), dim=1)
+    assert video.shape == (1, 12, 3, 16, 16) and torch.isfinite(video).all()
+    assert torch.allclose(video[:, :4], same[:, :4], atol=1e-4) and (video[:, 4:] - same[:, 4:]).abs().max() > 1e-5
+    with pytest.raises(TcplugError, match="stream context"):
+        list(m.stream(8, 16, 16, 4, batch=BATCH, context="fifo"))

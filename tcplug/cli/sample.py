@@ -135,6 +135,13 @@ def main(argv: Sequence[str]) -> int:
                         "static mask and caption)")
     parser.add_argument("--static-mask", default=None, metavar="IMAGE",
                         help="white = static: the mask a motion lock (mask) ties to the first frame")
+    parser.add_argument("--context", default=None, choices=["same_step", "clean"],
+                        help="what each streamed chunk attends to: earlier frames at the same sampler step "
+                        "(same_step: streamed = all at once for causal variants) or a K/V cache of the finished frames "
+                        "(clean: conditions on what was generated); default: the recipe's model.stream_mode")
+    parser.add_argument("--context-timestep", type=float, default=None, metavar="T",
+                        help="with --context clean: the timestep finished frames are committed at (noise-augmented "
+                        "context; default: the recipe's model.context_noise)")
     parser.add_argument("--no-drift", action="store_true",
                         help="do not measure the drift of a video longer than one chunk (by default its figures per "
                         "chunk go to OUT.drift.json and a plot to OUT.drift.png, against the recipe's validation "
@@ -158,7 +165,8 @@ def main(argv: Sequence[str]) -> int:
     if model.can_stream:
         with VideoWriter(args.out, fps=args.fps) as writer:
             for video in model.stream(args.frames, size, size, chunk, steps=args.steps, seed=args.seed,
-                                      progress=True, batch=batch, guidance_scale=args.guidance):
+                                      progress=True, batch=batch, guidance_scale=args.guidance,
+                                      context=args.context, context_timestep=args.context_timestep):
                 writer.write(to_uint8(video[0]))
         print(f"wrote {writer.frames} frames to {args.out}")
     else:

@@ -83,8 +83,8 @@ def lock_training(x0: Tensor, noise: Tensor, t: Tensor, lock: Tensor,
     locked = locked_positions(lock, x0.shape[1])
     x0 = torch.where(locked, x0[:, :1], x0)
     noise = torch.where(locked, noise[:, :1], noise)
-    t = torch.where(locked, torch.full_like(locked, settings.timestep, dtype=torch.float),
-                    t.float().view(-1, 1, 1, 1, 1))
+    per = t.float().view(t.shape[0], -1, 1, 1, 1)  # per clip (B,) or per frame (B, T)
+    t = torch.where(locked, torch.full_like(locked, settings.timestep, dtype=torch.float), per)
     weight = torch.where(locked, settings.loss_weight, 1.0).float()
     return x0, noise, t, weight
 

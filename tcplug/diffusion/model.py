@@ -37,6 +37,10 @@ class Noised:
     weight_mask: Tensor | None = None
 
 
+#: ``model.frame_timesteps``: training noise levels per clip, or per frame (diffusion forcing)
+FRAME_TIMESTEPS = ("clip", "independent", "history")
+
+
 def clip_timesteps(timesteps: Tensor) -> Tensor:
     """One timestep per clip ``(B,)``: per-frame/per-token timesteps reduce to their maximum,
     the noise level of the free tokens (locked tokens carry a near-zero timestep)."""
@@ -67,14 +71,32 @@ class VideoDiffusion(nn.Module):
         guidance_scale: classifier-free guidance at sampling (1 = the conditional prediction).
         lora: LoRA adapters (peft) in every expert instead of training the whole backbone.
         train_experts: with several expert backbones, train only these (indices).
+        frame_timesteps: training noise levels: ``clip`` (one per clip), ``independent`` (one per
+            frame, drawn independently: diffusion forcing) or ``history`` (a random number of leading
+            frames are context, clean or noised up to ``context_noise``; the others share one level:
+            what clean-context streaming asks of the model).
+        context_noise: the context frames' highest training timestep under ``history``, and the
+            timestep clean-context streaming commits finished frames at (noise-augmented context).
+        stream_mode: what streamed chunks attend to: ``same_step`` or ``clean``
+            (:func:`~tcplug.diffusion.stream`).
     """
 
     def __init__(self, backbone: Backbone | list[Backbone], latent: LatentDesign | None = None,
                  router: Router | None = None, conditioners: list[WorldConditioner] | None = None,
                  motion_lock: MotionLocker | None = None, schedule: NoiseSchedule | None = None,
                  lock: LockSettings | None = None, guidance_scale: float = 1.0, lora: LoraSpec | None = None,
-                 train_experts: list[int] | None = None) -> None:
+                 train_experts: list[int] | None = None, frame_timesteps: str = "clip", context_noise: float = 0.0,
+                 stream_mode: str = "same_step") -> None:
         super().__init__()
+        from tcplug.diffusion.sampling import STREAM_CONTEXTS
+
+        if frame_timesteps not in FRAME_TIMESTEPS:
+            raise TcplugError(f"model.frame_timesteps {frame_timesteps!r}: use one of {', '.join(FRAME_TIMESTEPS)}")
+        if stream_mode not in STREAM_CONTEXTS:
+            raise TcplugError(f"model.stream_mode {stream_mode!r}: use one of {', '.join(STREAM_CONTEXTS)}")
+        if context_noise < 0:
+            raise TcplugError(f"model.context_noise must be >= 0, got {context_noise}")
+        self.frame_timesteps, self.context_noise, self.stream_mode = frame_timesteps, float(context_noise), stream_mode
         if latent is None:
             from tcplug.registry import get_registry
 
@@ -310,7 +332,7 @@ class VideoDiffusion(nn.Module):
         conditioning context, and the motion lock on a ``lock.prob`` share of batches."""
         x0 = self.encode(batch)
         noise = torch.randn_like(x0)
-        t = self.schedule.sample_timesteps(x0.shape[0], x0.device)
+        t = self.frame_noise_levels(x0.shape[0], x0.shape[1], x0.device)
         context = self.context(batch, tuple(x0.shape))
         weight_mask = None
         lock = None
@@ -319,6 +341,20 @@ class VideoDiffusion(nn.Module):
         if lock is not None:
             x0, noise, t, weight_mask = lock_training(x0, noise, t, lock, self.lock)
         return Noised(x0, noise, self.schedule.add_noise(x0, noise, t), t, context, weight_mask)
+
+    def frame_noise_levels(self, batch: int, frames: int, device: torch.device) -> Tensor:
+        """Training timesteps: ``(B,)`` for ``frame_timesteps: clip``, else per frame ``(B, T)``
+        (``independent``: each frame its own; ``history``: the first ``k ~ U{0..T-1}`` frames at
+        ``U[0, context_noise]``, the rest at one level per clip)."""
+        t = self.schedule.sample_timesteps(batch, device)
+        if self.frame_timesteps == "clip":
+            return t
+        if self.frame_timesteps == "independent":
+            return self.schedule.sample_timesteps(batch * frames, device).view(batch, frames)
+        k = torch.randint(0, frames, (batch, 1), device=device)
+        ctx = torch.rand(batch, frames, device=device) * self.context_noise
+        ctx = ctx.round().to(t.dtype) if self.schedule.kind == "ddpm" else ctx
+        return torch.where(torch.arange(frames, device=device) < k, ctx, t.view(-1, 1).expand(batch, frames))
 
     def auxiliary_losses(self, batch: dict[str, Any], timesteps: Tensor, name_of) -> dict[str, tuple[float, Tensor]]:
         """Objectives of the router and conditioners themselves: ``{name: (weight, value)}``;
@@ -351,4 +387,4 @@ class VideoDiffusion(nn.Module):
         return bool(self.backbone.supports_streaming)
 
 
-__all__ = ["Noised", "VideoDiffusion", "clip_timesteps"]
+__all__ = ["FRAME_TIMESTEPS", "Noised", "VideoDiffusion", "clip_timesteps"]

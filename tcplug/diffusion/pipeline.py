@@ -18,10 +18,13 @@ from torch import Tensor
 from tcplug.diffusion.lock import LockedSampling, StreamedLock
 from tcplug.diffusion.model import VideoDiffusion
 from tcplug.diffusion.sampling import (
+    CleanContext,
     FrameStream,
     chunk_ranges,
+    commit_chunk,
     frame_generators,
     frame_noise,
+    make_stream,
     sample_loop,
 )
 from tcplug.errors import TcplugError
@@ -94,6 +97,10 @@ def _sample_chunk(model: VideoDiffusion, noise: Tensor, span: range, context: di
                        frame_generators=gens, before_step=at)
 
 
+def _denoise_with(model: VideoDiffusion, context: dict[str, Any], x: Tensor, t: Tensor) -> Tensor:
+    return model.denoise(x, t, context)
+
+
 def pixel_frames(latent: range, compression: int) -> range:
     """The pixel frames latent frames ``latent`` stand for: with time compressed ``c``-fold (a
     causal video VAE), latent frame 0 is pixel frame 0 and latent frame ``s > 0`` pixel frames
@@ -106,7 +113,8 @@ def pixel_frames(latent: range, compression: int) -> range:
 @torch.no_grad()
 def stream(model: VideoDiffusion, frames: int, height: int, width: int, chunk: int, steps: int = DEFAULT_STEPS,
            seed: int = 0, num: int = 1, progress: bool = False, batch: dict[str, Any] | None = None,
-           guidance_scale: float | None = None, lock: bool = True) -> Iterator[Tensor]:
+           guidance_scale: float | None = None, lock: bool = True, context: str | None = None,
+           context_timestep: float | None = None) -> Iterator[Tensor]:
     """Sample a long video chunk by chunk with the K/V frame buffer: any model whose backbone
     streams (``model.can_stream``), conditioners, experts, guidance and motion lock included.
 
@@ -119,6 +127,10 @@ def stream(model: VideoDiffusion, frames: int, height: int, width: int, chunk: i
     - an ancestral sampler draws each frame's step noise from its own generator;
     - the latent design carries what it needs across chunks (a global code, a VAE's context).
 
+    ``context``: ``same_step`` (each chunk attends to earlier frames as they were at the same sampler
+    step: exact, streamed = all at once for causal variants) or ``clean`` (a K/V cache of the finished
+    frames, :class:`~tcplug.diffusion.sampling.CleanContext`, committed by one more pass per chunk at
+    ``context_timestep``); defaults: the model's ``stream_mode`` and ``context_noise``.
     ``batch``, ``guidance_scale``, ``lock`` as :func:`generate`. ``chunk`` counts pixel frames.
     Yields decoded video chunks ``(num, <= chunk, 3, height, width)`` in [-1, 1]; memory is bounded
     by the attention windows, not by ``frames``. For causal variants without a motion lock, the same
@@ -136,7 +148,9 @@ def stream(model: VideoDiffusion, frames: int, height: int, width: int, chunk: i
     configure = model.timestep_schedule((num, latent_frames, *frame_shape))
     scale = model.guidance_scale if guidance_scale is None else guidance_scale
     whole = {**(batch or {}), "frame_size": (height, width), "num_clips": num, "num_frames": frames}
-    buffers = (FrameStream(), FrameStream())  # the conditional and the unconditional pass
+    context = model.stream_mode if context is None else context
+    context_timestep = model.context_noise if context_timestep is None else float(context_timestep)
+    buffers = (make_stream(context), make_stream(context))  # the conditional and the unconditional pass
     preview_buffer = FrameStream()
     states: list[dict[str, Any]] = [{} for _ in model.conditioners]
     locker = StreamedLock(model.lock) if lock and model.motion_lock is not None else None
@@ -152,19 +166,24 @@ def stream(model: VideoDiffusion, frames: int, height: int, width: int, chunk: i
         shape = (num, len(span), *frame_shape)
         pixels = pixel_frames(span, c)
         cond_batch = {**whole, "frames": pixels, "num_frames": len(pixels)}
-        context = model.stream_context(cond_batch, shape, span.start, states)
-        null = model.null_context(context)
+        ctx = model.stream_context(cond_batch, shape, span.start, states)
+        null = model.null_context(ctx)
         noise = torch.stack([frame_noise(seed, k, span, frame_shape) for k in range(num)]).to(model.device)
         gens = frame_generators(seed, num, span)
 
-        run = functools.partial(_sample_chunk, model, noise, span, context, null, scale, configure)
+        run = functools.partial(_sample_chunk, model, noise, span, ctx, null, scale, configure)
 
         def preview(run=run, span=span) -> Tensor:  # a cheap streamed first pass of this chunk, no lock
             z = run((preview_buffer,), model.lock.preview_steps, None, frame_generators(seed, num, span), count=False)
             return latent.decode_stream(z, preview_carried).clamp(-1, 1)
 
-        locked = locker.chunk(model, cond_batch, context, shape, span.start, preview) if locker else None
+        locked = locker.chunk(model, cond_batch, ctx, shape, span.start, preview) if locker else None
         z = run(buffers, steps, locked, gens)
+        if isinstance(buffers[0], CleanContext):  # the finished chunk joins the cache of each pass
+            for buffer, c_ctx in ((buffers[0], ctx), (buffers[1], null)):
+                if c_ctx is not None or buffer is buffers[0]:
+                    commit_chunk(functools.partial(_denoise_with, model, {**(c_ctx or {}), "stream": buffer}),
+                                 [buffer], z, model.schedule, context_timestep, seed, span)
         if locker is not None:
             locker.finished(z, noise, span.start)
         if bar is not None:

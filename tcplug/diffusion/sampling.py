@@ -314,6 +314,44 @@ class FrameStream:
         return sum(int(e[2].numel()) for e in self._kv.values())
 
 
+class CleanContext(FrameStream):
+    """Clean-context autoregression: a K/V cache of *finished* frames.
+
+    :class:`FrameStream` (the same-step buffer) lets each chunk attend, at sampler step ``j``, to
+    earlier frames as they were at step ``j`` of their own chunk: exact for causal variants
+    (streamed = all at once), but the context is as noisy as the chunk. Here each chunk attends, at
+    every step, to the keys/values of the frames already generated, computed once per chunk by a
+    *commit* pass over its finished latents (at ``context_timestep``: 0 = clean, above 0 = the
+    noise-augmented context a model trained with ``model.frame_timesteps: history`` learns to
+    correct), as CausVid, Self-Forcing and SkyReels-V2 condition on what they generated. The cache
+    keeps what the variant's :meth:`~tcplug.AttentionVariant.memory` asks for (window and sink
+    frames), one entry per block (not per step): memory is bounded by the window.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writing = False  # True during the commit pass
+
+    def attend(self, attn, block: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        t = q.shape[1]
+        idx = torch.arange(self.frame_start, self.frame_start + t, device=q.device)
+        key = (id(attn), block)
+        past = self._kv.get(key)
+        if past is not None:
+            k, v, idx = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1), torch.cat([past[2], idx])
+        out = attn(q, k, v, kv_index=idx)
+        if self.writing:
+            window, first = attn.memory()
+            keep = idx >= self.frame_start + t - window
+            if first:
+                keep = keep | (idx < int(first))
+            self._kv[key] = (k[:, keep], v[:, keep], idx[keep])
+        return out
+
+
+STREAM_CONTEXTS = ("same_step", "clean")
+
+
 def chunk_ranges(frames: int, chunk: int) -> list[range]:
     """Consecutive ranges of at most ``chunk`` frames covering ``range(frames)``."""
     if chunk < 1:
@@ -334,6 +372,8 @@ def stream_sample(
     device: torch.device | str = "cpu",
     progress: bool = False,
     configure: Callable[[Any, int], dict | None] | None = None,
+    context: str = "same_step",
+    context_timestep: float = 0.0,
 ):
     """Sample ``num_frames`` frames in chunks of ``chunk``, carrying the K/V buffer (a bare
     backbone; :func:`tcplug.diffusion.stream` streams a whole model, conditioners and lock included).
@@ -341,8 +381,10 @@ def stream_sample(
     ``model_fn(x (B, C, c, h, w), timesteps (B,), stream) -> prediction``. Yields clean latents
     chunk by chunk, each ``(num_clips, <= chunk, c, h, w)``; nothing accumulates. An ancestral
     sampler draws each frame's step noise from its own generator (:func:`frame_generators`).
+    ``context``: ``same_step`` (:class:`FrameStream`) or ``clean`` (:class:`CleanContext`, each
+    chunk committed by one more pass at ``context_timestep``, see :func:`commit_chunk`).
     """
-    stream = FrameStream()
+    stream = make_stream(context)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -357,8 +399,37 @@ def stream_sample(
 
         x = sample_loop(lambda z, t: model_fn(z, t, stream), x, schedule, steps, configure=configure,
                         frame_generators=frame_generators(seed, num_clips, frames), before_step=at)
+        if isinstance(stream, CleanContext):
+            commit_chunk(lambda z, t: model_fn(z, t, stream), [stream], x, schedule, context_timestep, seed, frames)
         if bar is not None:
             bar.update(len(frames))
         yield x
     if bar is not None:
         bar.close()
+
+
+def make_stream(context: str) -> FrameStream:
+    """The K/V buffer of a streamed video: ``same_step`` or ``clean`` (:data:`STREAM_CONTEXTS`)."""
+    if context not in STREAM_CONTEXTS:
+        raise TcplugError(f"stream context {context!r}: use one of {', '.join(STREAM_CONTEXTS)}")
+    return CleanContext() if context == "clean" else FrameStream()
+
+
+def commit_chunk(model_fn: Callable[[Tensor, Tensor], Tensor], caches: list[CleanContext], z: Tensor,
+                 schedule: NoiseSchedule, timestep: float, seed: int, frames: range) -> None:
+    """The commit pass of clean-context streaming: the finished latents ``z`` ``(B, T, C, h, w)`` of
+    latent frames ``frames``, noised to ``timestep`` (0: as they are) with noise of their own, run
+    through ``model_fn`` once while ``caches`` record their keys/values."""
+    t = torch.full((z.shape[0],), float(timestep), device=z.device)
+    if schedule.kind == "ddpm":
+        t = t.long()
+    if timestep > 0:
+        noise = torch.stack([frame_noise(seed + 7_919, c, frames, tuple(z.shape[2:])) for c in range(z.shape[0])])
+        z = schedule.add_noise(z, noise.to(z), t)
+    for cache in caches:
+        cache.writing, cache.frame_start = True, frames.start
+    try:
+        model_fn(z, t)
+    finally:
+        for cache in caches:
+            cache.writing = False
