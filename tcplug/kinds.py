@@ -199,11 +199,12 @@ class AttentionVariant(Component):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
-    def memory(self) -> tuple[int, bool]:
-        """Frames to keep from earlier chunks when streaming: ``(window, first_frame)``.
+    def memory(self) -> tuple[int, bool | int]:
+        """Frames to keep from earlier chunks when streaming: ``(window, first_frames)``.
 
-        ``window`` previous frames, plus the video's first frame if ``first_frame``. A variant
-        that cannot stream (it looks at future frames) raises :class:`NotImplementedError`.
+        ``window`` previous frames, plus the video's first frame if ``first_frames`` is True, or
+        its first ``first_frames`` frames if it is a number (an attention sink). A variant that
+        cannot stream (it looks at future frames) raises :class:`NotImplementedError`.
         """
         raise NotImplementedError(f"{type(self).__name__} does not support streaming")
 

@@ -122,6 +122,7 @@ def model(attention, depth=2, seed=0):
 
 
 STREAMABLE = [("per_frame", {}), ("first_frame", {}), ("sparse_causal", {}), ("cross_frame", {"window": 2}),
+              ("cross_frame", {"window": 1, "sink": 3}),
               ("cross_frame", {"window": 1, "anchor": True}), ("temporal", {"causal": True, "window": 3})]
 
 

@@ -199,6 +199,8 @@ class CrossFrame(FrameRule):
     Args:
         window: previous frames in the buffer (0 = per-frame attention).
         anchor: also attend to the first frame (a fixed reference across the whole video).
+        sink: also attend to the first ``sink`` frames (an attention sink, StreamingLLM-style: a
+            long video keeps them in every window; ``anchor`` is ``sink: 1``).
 
     Without anchor, the training fast path takes each frame's window as a strided view of
     the keys/values (frames are contiguous in the heads-first layout): no copy.
@@ -206,17 +208,24 @@ class CrossFrame(FrameRule):
 
     causal = True
 
-    def __init__(self, window: int = 2, anchor: bool = False) -> None:
+    def __init__(self, window: int = 2, anchor: bool = False, sink: int = 0) -> None:
         super().__init__()
-        if window < 0:
-            raise TcplugError(f"cross_frame window must be >= 0, got {window}")
-        self.window, self.anchor = window, anchor
+        if window < 0 or sink < 0:
+            raise TcplugError(f"cross_frame window and sink must be >= 0, got {window} and {sink}")
+        self.window, self.anchor, self.sink = window, anchor, sink
+
+    @property
+    def sink_frames(self) -> int:
+        """Leading frames every frame sees: ``sink``, at least 1 with ``anchor``."""
+        return max(self.sink, 1 if self.anchor else 0)
 
     def allowed(self, qi, ki):
         ok = (ki <= qi) & (ki >= qi - self.window)
-        return ok | (ki == 0) if self.anchor else ok
+        return ok | ((ki < self.sink_frames) & (ki <= qi)) if self.sink_frames else ok
 
     def fast(self, q, k, v):
+        if self.sink_frames > 1:  # several sink frames: the general (masked) path
+            return self.general(q, k, v, torch.arange(k.shape[1], device=k.device))
         b, t, h, n, d = q.shape
         w = self.window
         qb, kb, vb = to_bh(q), to_bh(k), to_bh(v)
@@ -238,7 +247,7 @@ class CrossFrame(FrameRule):
         return from_bh(out, b, h)
 
     def memory(self):
-        return self.window, self.anchor
+        return self.window, self.sink_frames
 
 
 def rope(x: Tensor, pos: Tensor) -> Tensor:

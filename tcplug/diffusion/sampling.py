@@ -304,8 +304,8 @@ class FrameStream:
         out = attn(q, k, v, kv_index=idx)
         window, first = attn.memory()
         keep = idx >= self.frame_start + t - window
-        if first:
-            keep = keep | (idx == 0)
+        if first:  # True: the first frame; an int: that many leading (sink) frames
+            keep = keep | (idx < int(first))
         self._kv[key] = (k[:, keep], v[:, keep], idx[keep])
         return out
 

@@ -1,0 +1,210 @@
+"""Drift of long videos: one checkpoint streamed several ways, measured per chunk to 64x its clip length.
+
+For each streaming mode and sampling seed, streams ``--videos`` videos of ``--frames`` frames
+(default 512 = 64 x the 8-frame training clip = 32 s at 16 fps), each conditioned on the initial
+state and caption of a held-out clip of the synthetic world (seed 4242: no clip the model trained or
+validated on), and measures them chunk by chunk (:mod:`tcplug.metrics.drift`) against 64 short
+held-out clips of the world (the reference for the ratios and the dynamics distance), with the truth
+simulated as long as the video (trajectory error, each object's size). **The data floor** is that
+simulated truth, measured the same way. Modes:
+
+- ``same_step``: today's streaming (earlier frames at the same sampler step: streamed = all at once);
+- ``clean``: clean-context autoregression (a K/V cache of the finished frames);
+- ``clean_noisy``: the same with the finished frames committed at timestep ``--context-noise``
+  (noise-augmented context).
+
+Reported per mode, at 1x, 4x, 16x and 64x the clip length (the chunk at frame 0, 3c, 15c, 63c): each
+figure's mean over videos and seeds with a bootstrap interval; per video the drift summary (the last
+quarter of the chunks against the first); paired differences against ``same_step`` (same states,
+captions, seeds and noise); frames per second; and peak memory of one video at each length.
+Writes ``drift.json``, ``drift.md``, a plot ``drift.png`` and strips of the first and last frames.
+
+Usage:
+  python benchmarks/drift.py --ckpt runs/full/version_0/checkpoints/last.ckpt --out drift_out
+  python benchmarks/drift.py --smoke      # random weights, tiny; no claims
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _mem import peak_mib  # noqa: E402
+from _models import load_model  # noqa: E402
+
+MODES = {"same_step": ("same_step", 0.0), "clean": ("clean", 0.0), "clean_noisy": ("clean", None)}
+#: figures compared between modes, per video (the summary), and what "better" means
+PAIRED = {"motion_ratio": "closer to the data's", "trajectory_error": "lower", "object_size_true": "closer to 1",
+          "background_colour": "lower", "dynamics_distance": "lower"}
+
+
+def world(n: int, frames: int, size: int, data_cfg: dict, seed: int = 4242) -> list[dict]:
+    from tcplug.data.synthetic import make_clip
+
+    return [make_clip(seed, i, frames, size, int(data_cfg.get("num_shapes", 2)), float(data_cfg.get("gravity", 0)),
+                      world=data_cfg.get("world", "simple")) for i in range(n)]
+
+
+def to_u8(video: torch.Tensor) -> np.ndarray:
+    """``(T, 3, H, W)`` in [-1, 1] -> ``(T, H, W, 3)`` uint8."""
+    return ((video.permute(0, 2, 3, 1).float().numpy() + 1) * 127.5 + 0.5).clip(0, 255).astype(np.uint8)
+
+
+def stream_videos(model, frames: int, size: int, chunk: int, batch: dict, seed: int, steps, mode, noise):
+    """``(videos uint8 list, seconds)`` of one streamed batch."""
+    ctx, t_ctx = MODES[mode]
+    t_ctx = noise if t_ctx is None else t_ctx
+    n = len(batch["state"])
+    t0 = time.perf_counter()
+    parts = list(model.stream(frames, size, size, chunk, steps=steps, seed=seed, num=n, batch=batch, context=ctx,
+                              context_timestep=t_ctx))
+    wall = time.perf_counter() - t0
+    video = torch.cat(parts, 1)
+    return [to_u8(v) for v in video], wall
+
+
+def finite(obj):
+    """``obj`` with every NaN/inf float as None (strict JSON)."""
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def mean_ci(values: np.ndarray, rng, boot: int = 1000) -> tuple[float, list[float]]:
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return float("nan"), [float("nan"), float("nan")]
+    means = [float(np.mean(rng.choice(v, v.size))) for _ in range(boot)]
+    return float(v.mean()), [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def strip(videos: list[np.ndarray], frames: list[int], path: Path, clips: int = 3) -> None:
+    from PIL import Image
+
+    rows = [np.concatenate([v[f] for f in frames], 1) for v in videos[:clips]]
+    img = np.concatenate(rows, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).resize((img.shape[1] * 3, img.shape[0] * 3), Image.NEAREST).save(path)
+
+
+def main() -> None:
+    from tcplug.metrics import drift
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--ckpt")
+    p.add_argument("--out", default=None)
+    p.add_argument("--frames", type=int, default=None, help="video length (default 64x the clip length)")
+    p.add_argument("--videos", type=int, default=16)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--context-noise", type=float, default=50.0, help="clean_noisy's commit timestep")
+    p.add_argument("--memory-lengths", default="1,4,16,64", help="multiples of the clip length for peak memory")
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args()
+    if args.smoke:
+        args.videos, args.seeds, args.steps, args.memory_lengths = 2, "0", 2, "1,4"
+    if not args.ckpt and not args.smoke:
+        p.error("--ckpt is required (or --smoke)")
+    model, chunk, size = load_model(args.ckpt, args.smoke)
+    data_cfg = model.recipe.get("data", {}) if args.ckpt else {}
+    frames = args.frames or chunk * (8 if args.smoke else 64)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    modes = [m for m in args.modes.split(",") if m]
+    out = Path(args.out) if args.out else None
+    clips = world(args.videos, frames, size, data_cfg)
+    batch = {"state": [c["state"] for c in clips], "txt": [c["txt"] for c in clips]}
+    states = [c["state"] for c in clips]
+    reference = [c["frames"] for c in world(8 if args.smoke else 64, chunk, size, data_cfg, seed=4343)]
+    floor = drift.chunk_figures([c["frames"] for c in clips], chunk, reference, states)
+    rng = np.random.default_rng(0)
+    reports, fps, per_video = {}, {}, {}
+    first_last = {}
+    for mode in modes:
+        vids, walls = [], []
+        mode_reports = []
+        for seed in seeds:
+            v, wall = stream_videos(model, frames, size, chunk, batch, seed, args.steps, mode, args.context_noise)
+            walls.append(wall)
+            mode_reports.append(drift.chunk_figures(v, chunk, reference, states))
+            if seed == seeds[0]:
+                vids = v
+        fps[mode] = round(len(seeds) * len(batch["state"]) * frames / sum(walls), 1)
+        reports[mode] = {"chunk": chunk, "starts": mode_reports[0]["starts"],
+                         "figures": {k: np.concatenate([r["figures"][k] for r in mode_reports])
+                                     for k in mode_reports[0]["figures"]}}
+        per_video[mode] = drift.summary(reports[mode])
+        first_last[mode] = vids
+        if out is not None:
+            strip(vids, list(range(chunk)), out / "img" / f"drift-{mode}-first.png")
+            strip(vids, list(range(frames - chunk, frames)), out / "img" / f"drift-{mode}-last.png")
+    if out is not None:
+        strip([c["frames"] for c in clips], list(range(frames - chunk, frames)), out / "img" / "drift-data-last.png")
+    at = {f"{m}x": m - 1 for m in (1, 4, 16, 64) if (m - 1) < len(floor["starts"])}
+    table = {}
+    for mode in ["data", *modes]:
+        rep = floor if mode == "data" else reports[mode]
+        table[mode] = {name: {k: mean_ci(rep["figures"][name][:, c], rng) for k, c in at.items()}
+                       for name in drift.ordered(rep["figures"])}
+    floor_summary = drift.summary(floor)
+    paired = {}
+    base = per_video.get("same_step")
+    for mode in modes:
+        if mode == "same_step" or base is None:
+            continue
+        paired[mode] = {}
+        for name, better in PAIRED.items():
+            a, b = per_video[mode].get(name), base.get(name)
+            if a is None or b is None:
+                continue
+            if better == "closer to the data's":
+                target = np.nanmean(floor_summary[name])
+                a, b = np.abs(np.log(a / target)), np.abs(np.log(b / target))
+            elif better == "closer to 1":
+                a, b = np.abs(np.log(a)), np.abs(np.log(b))
+            paired[mode][name] = mean_ci(a - b, rng)  # below 0: flatter than same_step
+    memory = {}
+    one = {"state": batch["state"][:1], "txt": batch["txt"][:1]}
+    for mult in [int(x) for x in args.memory_lengths.split(",")]:
+        for mode in ("same_step", "clean"):
+            def run(mult=mult, mode=mode):
+                for _ in model.stream(chunk * mult, size, size, chunk, steps=args.steps, seed=0, num=1, batch=one,
+                                      context=MODES[mode][0]):
+                    pass
+            memory.setdefault(mode, {})[f"{mult}x"] = peak_mib(run)
+    result = {"bench": "drift", "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores",
+              "date": datetime.date.today().isoformat(), "ckpt": bool(args.ckpt), "frames": frames, "chunk": chunk,
+              "videos": len(batch["state"]), "seeds": seeds, "steps": args.steps or model.sample_steps,
+              "context_noise": args.context_noise, "fps": fps, "peak_mib": memory,
+              "memory_ratio": {m: round(v[max(v, key=lambda k: int(k[:-1]))] / v["1x"], 3) for m, v in memory.items()},
+              "at": table, "summary": {m: {k: mean_ci(v, rng) for k, v in s.items()} for m, s in
+                                       {"data": floor_summary, **per_video}.items()},
+              "paired_vs_same_step": paired}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "drift.json").write_text(json.dumps(finite(result), indent=1))
+        drift.plot(reports[modes[0]], out / "drift.png", f"{modes[0]}: {frames} frames, per chunk of {chunk}",
+                   floor=floor)
+        for mode in modes[1:]:
+            drift.plot(reports[mode], out / f"drift-{mode}.png", f"{mode}: {frames} frames, per chunk of {chunk}",
+                       floor=floor)
+    print(json.dumps(finite({k: v for k, v in result.items() if k not in ("at",)})))
+
+
+if __name__ == "__main__":
+    main()
