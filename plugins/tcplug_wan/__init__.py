@@ -116,11 +116,27 @@ class WanBackbone(JointTokenBackbone):
         return self.model.blocks
 
     def rotary_at(self, start: int, t: int, h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Wan's rotary embedding for latent frames ``start .. start + t`` (absolute positions)."""
-        p = self.patch_size
-        cos, sin = self.model.rope(torch.empty(1, 1, start + t, h, w, device=device))
-        n = (h // p) * (w // p)
-        return cos[:, start * n:].to(device), sin[:, start * n:].to(device)
+        """Wan's rotary embedding for latent frames ``start .. start + t`` (absolute positions),
+        as ``WanRotaryPosEmbed`` builds it, with the frame axis computed for just these positions
+        (``get_1d_rotary_pos_embed``): its table stops at ``rope_max_seq_len`` frames, and a long
+        video must not pay for the whole prefix at every chunk."""
+        from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+        rope = self.model.rope
+        _, p_h, p_w = rope.patch_size
+        hh, ww = h // p_h, w // p_w
+        split = [rope.t_dim, rope.h_dim, rope.w_dim]
+        out = []
+        for table, frame in zip((rope.freqs_cos, rope.freqs_sin),
+                                get_1d_rotary_pos_embed(rope.t_dim, torch.arange(start, start + t, dtype=torch.float64),
+                                                        10000.0, use_real=True, repeat_interleave_real=True,
+                                                        freqs_dtype=torch.float64)):  # WanRotaryPosEmbed's theta
+            _, fh, fw = table.split(split, dim=1)
+            grid = torch.cat([frame.to(table).view(t, 1, 1, -1).expand(t, hh, ww, -1),
+                              fh[:hh].view(1, hh, 1, -1).expand(t, hh, ww, -1),
+                              fw[:ww].view(1, 1, ww, -1).expand(t, hh, ww, -1)], dim=-1)
+            out.append(grid.reshape(1, t * hh * ww, 1, -1).to(device))
+        return out[0], out[1]
 
     def save_lora_weights(self, out: str, state_dict: dict[str, Tensor]) -> None:
         """Write adapters (peft state dict of :attr:`lora_target`) as ``WanPipeline.load_lora_weights`` reads them."""
