@@ -23,7 +23,8 @@ class LossContext:
         x0: clean latents ``(B, T, C, h, w)``.
         noise: the noise that was added, same shape as ``x0``.
         xt: noisy latents fed to the backbone, same shape.
-        timesteps: ``(B,)`` per clip, or ``(B, T, 1, h, w)`` per latent pixel when a motion
+        timesteps: ``(B,)`` per clip, ``(B, T)`` per frame (diffusion forcing,
+            ``model.frame_timesteps``), or ``(B, T, 1, h, w)`` per latent pixel when a motion
             lock gives locked tokens their own timestep (what the schedule's methods take).
         pred: the backbone's prediction, same shape as ``x0``.
         target: what ``pred`` should equal under the schedule's parameterization.

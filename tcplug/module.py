@@ -110,6 +110,9 @@ class TCPlugModule(pl.LightningModule):
         stream_mode: what chunks of a streamed video attend to: ``same_step`` (earlier frames at the
             same sampler step: streamed = all at once for causal variants) or ``clean`` (a K/V cache
             of the finished frames, :class:`tcplug.diffusion.sampling.CleanContext`).
+        rollout_prob: the share of training batches whose first ``rollout_frames`` latent frames
+            (0: half the clip) are the model's own rollout (``rollout_steps`` sampler steps, no
+            gradient), held as context and left out of the loss (training on its own rollouts).
         lr: AdamW learning rate; weight_decay, betas: AdamW settings. Parameters a component
             declares in :meth:`~tcplug.Component.param_groups` (a part that must learn faster or
             slower, e.g. ``physics_state``'s dynamics) train at ``lr * lr_scale`` in a parameter
@@ -164,6 +167,9 @@ class TCPlugModule(pl.LightningModule):
         frame_timesteps: Literal["clip", "independent", "history"] = "clip",
         context_noise: float = 0.0,
         stream_mode: Literal["same_step", "clean"] = "same_step",
+        rollout_prob: float = 0.0,
+        rollout_frames: int = 0,
+        rollout_steps: int = 4,
     ) -> None:
         super().__init__()
         losses = list(losses) if losses is not None else [get_registry().get("loss", "denoise")()]
@@ -184,7 +190,8 @@ class TCPlugModule(pl.LightningModule):
             backbone, latent, router, conditioners, motion_lock,
             NoiseSchedule(noise, prediction_type, num_train_timesteps, beta_schedule, sampler, shift, scheduler),
             LockSettings(lock_timestep, lock_copy_anchor, lock_prob, lock_loss_weight, preview_steps),
-            guidance_scale, lora, train_experts, frame_timesteps, context_noise, stream_mode)
+            guidance_scale, lora, train_experts, frame_timesteps, context_noise, stream_mode, rollout_prob,
+            rollout_frames, rollout_steps)
         self.losses = nn.ModuleList(losses)
         self.discriminator = discriminator
         # a discriminator that some term trains: alternate G and D steps with their own optimizers

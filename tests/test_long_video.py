@@ -224,3 +224,33 @@ def test_the_full_stack_streams_with_a_clean_noise_augmented_context():
     assert torch.allclose(video[:, :4], same[:, :4], atol=1e-4) and (video[:, 4:] - same[:, 4:]).abs().max() > 1e-5
     with pytest.raises(TcplugError, match="stream context"):
         list(m.stream(8, 16, 16, 4, batch=BATCH, context="fifo"))
+
+
+def test_training_on_its_own_rollout():
+    """rollout_prob 1: the first half of every clip is what the model itself sampled from the batch's
+    conditions (not the data), held as context at <= context_noise and left out of the loss; the
+    later frames are the data's and carry the gradient."""
+    from tests.helpers import synthetic_batch
+
+    torch.manual_seed(0)
+    m = full_stack(rollout_prob=1.0, context_noise=30, rollout_steps=2, num_val_samples=0).train()
+    batch = synthetic_batch(n=2, frames=4, size=16, seed=0)
+    made = []
+    real = m.diffusion.own_rollout
+
+    def spy(context, shape):
+        made.append(real(context, shape))
+        return made[-1]
+
+    m.diffusion.own_rollout = spy
+    noised = m.diffusion.add_noise(batch)
+    data = m.diffusion.encode(batch)
+    own = made[0]
+    assert own.shape == (2, 2, 3, 16, 16) and not own.requires_grad
+    assert torch.equal(noised.x0[:, :2], own) and (own - data[:, :2]).abs().mean() > 0.05
+    assert torch.equal(noised.x0[:, 2:], data[:, 2:])
+    assert noised.timesteps.shape == (2, 4) and bool((noised.timesteps[:, :2] <= 30).all())
+    assert torch.equal(noised.weight_mask.flatten(), torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    loss, _ = m.training_losses(batch)
+    loss.backward()
+    assert m.training and all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)

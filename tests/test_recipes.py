@@ -18,7 +18,8 @@ from tests.conftest import ROOT, run_tcplug
 RESOLVED = json.loads((ROOT / "tests" / "data" / "resolved_recipes.json").read_text())
 #: (section, key, default) of every setting added since the golden file was printed
 ADDED_SINCE = [("model", "max_loss", 1.0e4), ("model", "frame_timesteps", "clip"), ("model", "context_noise", 0.0),
-               ("model", "stream_mode", "same_step")]
+               ("model", "stream_mode", "same_step"), ("model", "rollout_prob", 0.0), ("model", "rollout_frames", 0),
+               ("model", "rollout_steps", 4)]
 #: (class path, init argument, default) of every component argument added since then
 ARGS_ADDED_SINCE = [("tcplug_attention.CrossFrame", "sink", 0)]
 

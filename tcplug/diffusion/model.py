@@ -79,6 +79,12 @@ class VideoDiffusion(nn.Module):
             timestep clean-context streaming commits finished frames at (noise-augmented context).
         stream_mode: what streamed chunks attend to: ``same_step`` or ``clean``
             (:func:`~tcplug.diffusion.stream`).
+        rollout_prob: the share of training batches whose first ``rollout_frames`` latent frames
+            (default: half the clip) are replaced by the model's own rollout (``rollout_steps``
+            sampler steps, no gradient, from the batch's conditions), held as context at
+            ``U[0, context_noise]`` and left out of the loss: the later frames learn to continue what
+            the model itself made (training on its own rollouts, as Self-Forcing; here with the data's
+            later frames as the target).
     """
 
     def __init__(self, backbone: Backbone | list[Backbone], latent: LatentDesign | None = None,
@@ -86,7 +92,8 @@ class VideoDiffusion(nn.Module):
                  motion_lock: MotionLocker | None = None, schedule: NoiseSchedule | None = None,
                  lock: LockSettings | None = None, guidance_scale: float = 1.0, lora: LoraSpec | None = None,
                  train_experts: list[int] | None = None, frame_timesteps: str = "clip", context_noise: float = 0.0,
-                 stream_mode: str = "same_step") -> None:
+                 stream_mode: str = "same_step", rollout_prob: float = 0.0, rollout_frames: int = 0,
+                 rollout_steps: int = 4) -> None:
         super().__init__()
         from tcplug.diffusion.sampling import STREAM_CONTEXTS
 
@@ -97,6 +104,10 @@ class VideoDiffusion(nn.Module):
         if context_noise < 0:
             raise TcplugError(f"model.context_noise must be >= 0, got {context_noise}")
         self.frame_timesteps, self.context_noise, self.stream_mode = frame_timesteps, float(context_noise), stream_mode
+        if not 0 <= rollout_prob <= 1 or rollout_frames < 0 or rollout_steps < 1:
+            raise TcplugError(f"model.rollout_prob must be in [0, 1], rollout_frames >= 0 and rollout_steps >= 1 (got "
+                              f"{rollout_prob}, {rollout_frames}, {rollout_steps})")
+        self.rollout_prob, self.rollout_frames, self.rollout_steps = rollout_prob, rollout_frames, rollout_steps
         if latent is None:
             from tcplug.registry import get_registry
 
@@ -338,20 +349,57 @@ class VideoDiffusion(nn.Module):
         lock = None
         if self.motion_lock is not None and float(torch.rand(())) < self.lock.prob:
             lock = self.lock_mask(batch, context, tuple(x0.shape))
+        rollout = None
+        if self.rollout_prob > 0 and x0.shape[1] > 1 and float(torch.rand(())) < self.rollout_prob:
+            k = min(self.rollout_frames or x0.shape[1] // 2, x0.shape[1] - 1)
+            x0 = torch.cat([self.own_rollout(context, tuple(x0[:, :k].shape)), x0[:, k:]], 1)
+            t = self.frame_noise_levels(x0.shape[0], x0.shape[1], x0.device, context_frames=k)
+            rollout = (torch.arange(x0.shape[1], device=x0.device) >= k).float().view(1, -1, 1, 1, 1)
         if lock is not None:
             x0, noise, t, weight_mask = lock_training(x0, noise, t, lock, self.lock)
+        if rollout is not None:
+            weight_mask = rollout if weight_mask is None else weight_mask * rollout
         return Noised(x0, noise, self.schedule.add_noise(x0, noise, t), t, context, weight_mask)
 
-    def frame_noise_levels(self, batch: int, frames: int, device: torch.device) -> Tensor:
+    @torch.no_grad()
+    def own_rollout(self, context: dict[str, Any] | None, shape: tuple[int, ...]) -> Tensor:
+        """The model's own first ``shape[1]`` latent frames ``shape`` ``(B, k, C, h, w)``, sampled in
+        ``rollout_steps`` steps without gradients (in eval mode) from the batch's conditions cut to them."""
+        from tcplug.diffusion.sampling import sample_loop
+        from tcplug.kinds import WorldConditioner
+
+        k = shape[1]
+        c = self.latent.temporal_compression
+        pixels = k if c == 1 else (k - 1) * c + 1
+        ctx = None
+        if context is not None:
+            ctx = {}
+            for key, value in context.items():
+                if key in WorldConditioner.PER_FRAME:
+                    n = pixels if key == "maps" else k
+                    value = [v[:, :n] for v in value] if isinstance(value, list) else value[:, :n]
+                ctx[key] = value
+        was = self.training
+        self.train(False)
+        try:
+            return sample_loop(lambda x, t: self.denoise(x, t, ctx), torch.randn(shape, device=self.device),
+                               self.schedule, self.rollout_steps)
+        finally:
+            self.train(was)
+
+    def frame_noise_levels(self, batch: int, frames: int, device: torch.device,
+                           context_frames: int | None = None) -> Tensor:
         """Training timesteps: ``(B,)`` for ``frame_timesteps: clip``, else per frame ``(B, T)``
         (``independent``: each frame its own; ``history``: the first ``k ~ U{0..T-1}`` frames at
-        ``U[0, context_noise]``, the rest at one level per clip)."""
+        ``U[0, context_noise]``, the rest at one level per clip). ``context_frames`` fixes ``k``
+        (a rollout's context), whatever ``frame_timesteps`` says."""
         t = self.schedule.sample_timesteps(batch, device)
-        if self.frame_timesteps == "clip":
+        if self.frame_timesteps == "clip" and context_frames is None:
             return t
-        if self.frame_timesteps == "independent":
+        if self.frame_timesteps == "independent" and context_frames is None:
             return self.schedule.sample_timesteps(batch * frames, device).view(batch, frames)
-        k = torch.randint(0, frames, (batch, 1), device=device)
+        k = torch.randint(0, frames, (batch, 1), device=device) if context_frames is None else \
+            torch.full((batch, 1), context_frames, device=device)
         ctx = torch.rand(batch, frames, device=device) * self.context_noise
         ctx = ctx.round().to(t.dtype) if self.schedule.kind == "ddpm" else ctx
         return torch.where(torch.arange(frames, device=device) < k, ctx, t.view(-1, 1).expand(batch, frames))
