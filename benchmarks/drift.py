@@ -102,6 +102,52 @@ def strip(videos: list[np.ndarray], frames: list[int], path: Path, clips: int = 
     Image.fromarray(img).resize((img.shape[1] * 3, img.shape[0] * 3), Image.NEAREST).save(path)
 
 
+SHOWN = ("dynamics_distance", "motion_ratio", "sharpness_ratio", "tvs", "trajectory_error", "object_size_true",
+         "background_colour", "object_colour")
+
+
+def _f(v, ci=None) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "–"
+    text = f"{v:.3g}"
+    if ci and ci[0] is not None and np.isfinite(ci[0]):
+        text += f" [{ci[0]:.3g}, {ci[1]:.3g}]"
+    return text
+
+
+def markdown(result: dict) -> str:
+    """The tables of docs/benchmarks.md from a result (``drift.json``)."""
+    at = result["at"]
+    lengths = list(next(iter(at["data"].values())))
+    lines = [f"{result['frames']} frames ({result['frames'] // result['chunk']}x the {result['chunk']}-frame clip), "
+             f"{result['videos']} videos x {len(result['seeds'])} sampling seeds per mode, {result['steps']} sampler "
+             f"steps; data = the world simulated as long as the video, measured the same way. Mean [95 % bootstrap "
+             "interval] over videos and seeds (the dynamics distance is one figure per seed: the set of chunks).", "",
+             "| mode | figure | " + " | ".join(lengths) + " |", "|---|---|" + "---|" * len(lengths)]
+    for mode in at:
+        for name in SHOWN:
+            if name in at[mode]:
+                cells = [_f(*at[mode][name][k]) for k in lengths]
+                lines.append(f"| {mode} | {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Drift summary per video (the last quarter of the chunks against the first: a ratio for "
+              "distances and ratios, the value itself for figures measured against the first chunk):", "",
+              "| mode | " + " | ".join(SHOWN) + " |", "|---|" + "---|" * len(SHOWN)]
+    for mode, figs in result["summary"].items():
+        lines.append(f"| {mode} | " + " | ".join(_f(*figs[n]) if n in figs else "–" for n in SHOWN) + " |")
+    if result.get("paired_vs_same_step"):
+        lines += ["", "Paired against `same_step` (same states, captions, seeds and noise), per video: the "
+                  "summary's distance from the data's (motion ratio), from 1 (object size) or the value (the "
+                  "others), this mode minus same_step: below 0 = flatter:", "",
+                  "| mode | " + " | ".join(PAIRED) + " |", "|---|" + "---|" * len(PAIRED)]
+        for mode, figs in result["paired_vs_same_step"].items():
+            lines.append(f"| {mode} | " + " | ".join(_f(*figs[n]) if n in figs else "–" for n in PAIRED) + " |")
+    lines += ["", "Frames per second (all videos of a batch): " + ", ".join(f"{m} {v}" for m, v in result["fps"].items())
+              + ". Peak memory of one video (MiB, torch's allocations): "
+              + "; ".join(f"{m}: " + ", ".join(f"{k} {v}" for k, v in d.items()) + f" (ratio {result['memory_ratio'][m]})"
+                          for m, d in result["peak_mib"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     from tcplug.metrics import drift
 
@@ -116,7 +162,11 @@ def main() -> None:
     p.add_argument("--context-noise", type=float, default=50.0, help="clean_noisy's commit timestep")
     p.add_argument("--memory-lengths", default="1,4,16,64", help="multiples of the clip length for peak memory")
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--render", default=None, metavar="DRIFT_JSON", help="print the markdown tables of a result")
     args = p.parse_args()
+    if args.render:
+        print(markdown(json.loads(Path(args.render).read_text())))
+        return
     if args.smoke:
         args.videos, args.seeds, args.steps, args.memory_lengths = 2, "0", 2, "1,4"
     if not args.ckpt and not args.smoke:
@@ -198,6 +248,7 @@ def main() -> None:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "drift.json").write_text(json.dumps(finite(result), indent=1))
+        (out / "drift.md").write_text(markdown(finite(result)))
         drift.plot(reports[modes[0]], out / "drift.png", f"{modes[0]}: {frames} frames, per chunk of {chunk}",
                    floor=floor)
         for mode in modes[1:]:
