@@ -244,7 +244,8 @@ def main() -> None:
               "memory_ratio": {m: round(v[max(v, key=lambda k: int(k[:-1]))] / v["1x"], 3) for m, v in memory.items()},
               "at": table, "summary": {m: {k: mean_ci(v, rng) for k, v in s.items()} for m, s in
                                        {"data": floor_summary, **per_video}.items()},
-              "paired_vs_same_step": paired}
+              "paired_vs_same_step": paired,
+              "per_video": {m: {k: [float(x) for x in v] for k, v in s.items()} for m, s in per_video.items()}}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "drift.json").write_text(json.dumps(finite(result), indent=1))
@@ -254,7 +255,7 @@ def main() -> None:
         for mode in modes[1:]:
             drift.plot(reports[mode], out / f"drift-{mode}.png", f"{mode}: {frames} frames, per chunk of {chunk}",
                        floor=floor)
-    print(json.dumps(finite({k: v for k, v in result.items() if k not in ("at",)})))
+    print(json.dumps(finite({k: v for k, v in result.items() if k not in ("at", "per_video")})))
 
 
 if __name__ == "__main__":
