@@ -84,11 +84,26 @@ def reserve_run_folder(cfg) -> Path | None:
     return root / f"version_{version}"
 
 
+def _differs(a: Any, b: Any) -> bool:
+    """Whether the asked setting ``a`` differs from the checkpoint's ``b``. A key the checkpoint's
+    recipe does not have at all (a setting added to tcplug since it was written, at its default
+    now) is no difference: an old checkpoint stays resumable."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return any(_differs(a.get(k), b[k]) for k in b)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) != len(b) or any(_differs(x, y) for x, y in zip(a, b))
+    return a != b
+
+
 def _first_difference(a: Any, b: Any, where: str) -> str:
     if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b), key=str):
-            if a.get(key) != b.get(key):
-                return _first_difference(a.get(key), b.get(key), f"{where}.{key}")
+        for key in sorted(b, key=str):
+            if _differs(a.get(key), b[key]):
+                return _first_difference(a.get(key), b[key], f"{where}.{key}")
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if _differs(x, y):
+                return _first_difference(x, y, f"{where}[{i}]")
     return f"{where} is {b!r} in the checkpoint, {a!r} now"
 
 
@@ -105,7 +120,7 @@ def compare_with_checkpoint(asked: dict, ckpt: dict, path: str) -> dict[str, tup
     refused, applied = [], {}
     for key in sorted(set(saved) | set(asked)):
         a, b = asked.get(key), saved.get(key)
-        if a == b or key not in saved:
+        if key not in saved or not _differs(a, b):
             continue
         if key in FIXED:
             refused.append(_first_difference(a, b, f"model.{key}"))
