@@ -102,17 +102,12 @@ class TCPlugModule(pl.LightningModule):
             is frozen, and ``tcplug export CKPT --lora OUT`` writes the adapters in the family's format.
         train_experts: with several expert backbones, train only these (indices; expert 0 takes
             the highest noise); the others are frozen. Default: all.
-        frame_timesteps: ``clip`` (one training noise level per clip), ``independent`` (one per
-            frame: diffusion forcing) or ``history`` (leading context frames clean or noised up to
-            ``context_noise``; the rest share a level), for clean-context streaming.
-        context_noise: the context frames' highest training timestep under ``history``, and the
-            timestep clean-context streaming commits finished frames at.
-        stream_mode: what chunks of a streamed video attend to: ``same_step`` (earlier frames at the
-            same sampler step: streamed = all at once for causal variants) or ``clean`` (a K/V cache
-            of the finished frames, :class:`tcplug.diffusion.sampling.CleanContext`).
-        rollout_prob: the share of training batches whose first ``rollout_frames`` latent frames
-            (0: half the clip) are the model's own rollout (``rollout_steps`` sampler steps, no
-            gradient), held as context and left out of the loss (training on its own rollouts).
+        frame_timesteps: training noise levels per clip or per frame (diffusion forcing).
+        context_noise: the context frames' training noise, and the clean context's commit timestep.
+        stream_mode: what streamed chunks attend to: ``same_step`` or ``clean`` (finished frames).
+        rollout_prob: the share of batches that start from the model's own rollout (no gradient).
+        rollout_frames: the rollout's latent frames (0: half the clip).
+        rollout_steps: the rollout's sampler steps. These six: see :class:`tcplug.diffusion.VideoDiffusion`.
         lr: AdamW learning rate; weight_decay, betas: AdamW settings. Parameters a component
             declares in :meth:`~tcplug.Component.param_groups` (a part that must learn faster or
             slower, e.g. ``physics_state``'s dynamics) train at ``lr * lr_scale`` in a parameter
@@ -167,9 +162,7 @@ class TCPlugModule(pl.LightningModule):
         frame_timesteps: Literal["clip", "independent", "history"] = "clip",
         context_noise: float = 0.0,
         stream_mode: Literal["same_step", "clean"] = "same_step",
-        rollout_prob: float = 0.0,
-        rollout_frames: int = 0,
-        rollout_steps: int = 4,
+        rollout_prob: float = 0.0, rollout_frames: int = 0, rollout_steps: int = 4,
     ) -> None:
         super().__init__()
         losses = list(losses) if losses is not None else [get_registry().get("loss", "denoise")()]
@@ -208,8 +201,7 @@ class TCPlugModule(pl.LightningModule):
             name = self.name_of(term)
             self._loss_names.append(name if name not in self._loss_names else f"{name}_{i + 1}")
         # the component objects are saved through the CLI's config; keep plain values here
-        self.save_hyperparameters(ignore=["backbone", "latent", "losses", "discriminator", "router",
-                                          "conditioner", "motion_lock", "metrics"])
+        self.save_hyperparameters(ignore=["backbone", "latent", "losses", "discriminator", "router", "conditioner", "motion_lock", "metrics"])
 
     @property
     def backbone(self) -> Backbone:
@@ -412,8 +404,7 @@ class TCPlugModule(pl.LightningModule):
 
     def stream(self, frames: int, height: int, width: int, chunk: int, steps: int | None = None,
                **kwargs) -> Iterator[Tensor]:
-        """A long video chunk by chunk, ``(num, <= chunk, 3, height, width)`` each, from
-        :func:`tcplug.diffusion.stream` (``seed``, ``num``, ``progress`` as there)."""
+        """A long video chunk by chunk, ``(num, <= chunk, 3, height, width)`` each: :func:`tcplug.diffusion.stream`."""
         return stream(self.diffusion, frames, height, width, chunk, steps or self.sample_steps, **kwargs)
 
     @property

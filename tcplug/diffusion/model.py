@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tcplug.diffusion import forcing
 from tcplug.diffusion.lock import LockSettings, lock_training, token_mask
 from tcplug.diffusion.sampling import NoiseSchedule
 from tcplug.errors import TcplugError
@@ -361,48 +362,14 @@ class VideoDiffusion(nn.Module):
             weight_mask = rollout if weight_mask is None else weight_mask * rollout
         return Noised(x0, noise, self.schedule.add_noise(x0, noise, t), t, context, weight_mask)
 
-    @torch.no_grad()
     def own_rollout(self, context: dict[str, Any] | None, shape: tuple[int, ...]) -> Tensor:
-        """The model's own first ``shape[1]`` latent frames ``shape`` ``(B, k, C, h, w)``, sampled in
-        ``rollout_steps`` steps without gradients (in eval mode) from the batch's conditions cut to them."""
-        from tcplug.diffusion.sampling import sample_loop
-        from tcplug.kinds import WorldConditioner
-
-        k = shape[1]
-        c = self.latent.temporal_compression
-        pixels = k if c == 1 else (k - 1) * c + 1
-        ctx = None
-        if context is not None:
-            ctx = {}
-            for key, value in context.items():
-                if key in WorldConditioner.PER_FRAME:
-                    n = pixels if key == "maps" else k
-                    value = [v[:, :n] for v in value] if isinstance(value, list) else value[:, :n]
-                ctx[key] = value
-        was = self.training
-        self.train(False)
-        try:
-            return sample_loop(lambda x, t: self.denoise(x, t, ctx), torch.randn(shape, device=self.device),
-                               self.schedule, self.rollout_steps)
-        finally:
-            self.train(was)
+        """The model's own first latent frames ``shape`` (:func:`tcplug.diffusion.forcing.own_rollout`)."""
+        return forcing.own_rollout(self, context, shape)
 
     def frame_noise_levels(self, batch: int, frames: int, device: torch.device,
                            context_frames: int | None = None) -> Tensor:
-        """Training timesteps: ``(B,)`` for ``frame_timesteps: clip``, else per frame ``(B, T)``
-        (``independent``: each frame its own; ``history``: the first ``k ~ U{0..T-1}`` frames at
-        ``U[0, context_noise]``, the rest at one level per clip). ``context_frames`` fixes ``k``
-        (a rollout's context), whatever ``frame_timesteps`` says."""
-        t = self.schedule.sample_timesteps(batch, device)
-        if self.frame_timesteps == "clip" and context_frames is None:
-            return t
-        if self.frame_timesteps == "independent" and context_frames is None:
-            return self.schedule.sample_timesteps(batch * frames, device).view(batch, frames)
-        k = torch.randint(0, frames, (batch, 1), device=device) if context_frames is None else \
-            torch.full((batch, 1), context_frames, device=device)
-        ctx = torch.rand(batch, frames, device=device) * self.context_noise
-        ctx = ctx.round().to(t.dtype) if self.schedule.kind == "ddpm" else ctx
-        return torch.where(torch.arange(frames, device=device) < k, ctx, t.view(-1, 1).expand(batch, frames))
+        """Training timesteps (:func:`tcplug.diffusion.forcing.noise_levels`)."""
+        return forcing.noise_levels(self, batch, frames, device, context_frames)
 
     def auxiliary_losses(self, batch: dict[str, Any], timesteps: Tensor, name_of) -> dict[str, tuple[float, Tensor]]:
         """Objectives of the router and conditioners themselves: ``{name: (weight, value)}``;
