@@ -187,7 +187,6 @@ def main() -> None:
     floor = drift.chunk_figures([c["frames"] for c in clips], chunk, reference, states)
     rng = np.random.default_rng(0)
     reports, fps, per_video = {}, {}, {}
-    first_last = {}
     for mode in modes:
         vids, walls = [], []
         mode_reports = []
@@ -210,7 +209,6 @@ def main() -> None:
                          "figures": {k: np.concatenate([r["figures"][k] for r in mode_reports])
                                      for k in mode_reports[0]["figures"]}}
         per_video[mode] = drift.summary(reports[mode])
-        first_last[mode] = vids
         if out is not None:
             strip(vids, list(range(chunk)), out / "img" / f"drift-{mode}-first.png")
             strip(vids, list(range(frames - chunk, frames)), out / "img" / f"drift-{mode}-last.png")
