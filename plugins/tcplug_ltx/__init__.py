@@ -128,9 +128,16 @@ class LTXBackbone(JointTokenBackbone):
         return self.model.transformer_blocks
 
     def rotary_at(self, start: int, t: int, h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """LTX's rotary embedding for latent frames ``start .. start + t`` (absolute positions)."""
-        cos, sin = self.model.rope(torch.empty(1, 1, device=device), start + t, h, w, self.rope_scale)
-        return cos[:, start * h * w:], sin[:, start * h * w:]
+        """LTX's rotary embedding for latent frames ``start .. start + t`` (absolute positions), from
+        the coordinates of just these frames (the rope's ``video_coords``, scaled as it scales its own
+        grid), so a long video does not rebuild the whole prefix at every chunk."""
+        rope = self.model.rope
+        s = self.rope_scale
+        f, y, x = torch.meshgrid(torch.arange(start, start + t, dtype=torch.float32, device=device),
+                                 torch.arange(h, dtype=torch.float32, device=device),
+                                 torch.arange(w, dtype=torch.float32, device=device), indexing="ij")
+        coords = torch.stack([f * s[0] * rope.patch_size_t, y * s[1] * rope.patch_size, x * s[2] * rope.patch_size])
+        return rope(torch.empty(1, 1, device=device), video_coords=coords.flatten(1)[None])
 
     def save_lora_weights(self, out: str, state_dict: dict[str, Tensor]) -> None:
         """Write adapters (peft state dict of :attr:`lora_target`) as ``LTXPipeline.load_lora_weights`` reads them."""
