@@ -302,12 +302,16 @@ class FrameStream:
         if past is not None:
             k, v, idx = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1), torch.cat([past[2], idx])
         out = attn(q, k, v, kv_index=idx)
+        self._store(attn, key, k, v, idx, t)
+        return out
+
+    def _store(self, attn, key, k: Tensor, v: Tensor, idx: Tensor, t: int) -> None:
+        """Keep of ``k, v`` the frames the variant still needs after this chunk (its ``memory()``)."""
         window, first = attn.memory()
         keep = idx >= self.frame_start + t - window
         if first:  # True: the first frame; an int: that many leading (sink) frames
             keep = keep | (idx < int(first))
         self._kv[key] = (k[:, keep], v[:, keep], idx[keep])
-        return out
 
     def buffered_frames(self) -> int:
         """Frames currently held (summed over blocks and steps)."""
@@ -341,11 +345,7 @@ class CleanContext(FrameStream):
             k, v, idx = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1), torch.cat([past[2], idx])
         out = attn(q, k, v, kv_index=idx)
         if self.writing:
-            window, first = attn.memory()
-            keep = idx >= self.frame_start + t - window
-            if first:
-                keep = keep | (idx < int(first))
-            self._kv[key] = (k[:, keep], v[:, keep], idx[keep])
+            self._store(attn, key, k, v, idx, t)
         return out
 
 
