@@ -169,9 +169,14 @@ class Backbone(Component):
         wrapped diffusers model, so adapter names are the ones its pipeline loads)."""
         return self
 
-    def save_lora_weights(self, out: str, state_dict: dict[str, Tensor]) -> None:
-        """Write adapters (a peft state dict of :attr:`lora_target`) to the folder ``out`` in the
-        format the family's pipeline loads. Default: no export format."""
+    #: the adapter file formats :meth:`save_lora_weights` writes (the first is the default)
+    lora_formats: tuple[str, ...] = ("diffusers",)
+
+    def save_lora_weights(self, out: str, state_dict: dict[str, Tensor], format: str = "diffusers") -> None:
+        """Write adapters (a peft state dict of :attr:`lora_target`, the ``alpha / rank`` scale
+        already folded into ``lora_B``) to the folder ``out`` in ``format``, one of
+        :attr:`lora_formats` (``diffusers``: what the family's pipeline loads). Default: no
+        export format."""
         raise TcplugError(f"backbone {type(self).__name__} has no save_lora_weights: its family defines no "
                           "export format for adapters")
 

@@ -5,8 +5,11 @@ the backbone itself; a model family points at the wrapped diffusers model, so ad
 are the ones its pipeline loads). ``apply_lora`` injects the adapters and freezes everything
 else in the backbone; the module's optimizer then sees only the adapters (and the trainable
 parts of other components, e.g. zero-initialised conditioner adapters).
-Exporting writes the adapters through the backbone's ``save_lora_weights(out, state_dict)``
-(a family writes its pipeline's format: ``WanPipeline.load_lora_weights`` reads Wan's).
+Exporting writes the adapters through the backbone's ``save_lora_weights(out, state_dict, format)``
+(a family writes its pipeline's format: ``WanPipeline.load_lora_weights`` reads Wan's; a family
+may offer more, e.g. Wan's ``original`` key layout for ComfyUI and the Wan repository). The
+``alpha / rank`` scale is folded into ``lora_B`` first, so a loader that assumes
+``alpha = rank`` (diffusers without adapter metadata) applies the trained update exactly.
 """
 
 from __future__ import annotations
@@ -88,17 +91,44 @@ def lora_state_dict(backbone: nn.Module) -> dict[str, Tensor]:
     return get_peft_model_state_dict(lora_target(backbone), adapter_name=ADAPTER)
 
 
-def export_lora(backbone: nn.Module, out: str) -> int:
-    """Write ``backbone``'s adapters with its ``save_lora_weights``; returns the tensor count."""
+def lora_scale(backbone: nn.Module) -> float:
+    """The adapters' ``alpha / rank`` (peft's ``scaling``) of ``backbone``; 1.0 without adapters."""
+    from peft.tuners.lora import LoraLayer
+
+    scales = {m.scaling[ADAPTER] for m in lora_target(backbone).modules()
+              if isinstance(m, LoraLayer) and ADAPTER in m.scaling}
+    if len(scales) > 1:
+        raise TcplugError(f"the adapters have several alpha / rank scales {sorted(scales)}: cannot fold them into one file")
+    return scales.pop() if scales else 1.0
+
+
+def folded_state_dict(backbone: nn.Module) -> dict[str, Tensor]:
+    """:func:`lora_state_dict` on the CPU with ``alpha / rank`` folded into every ``lora_B``: the
+    update ``B A`` of the file equals the trained ``(alpha / rank) B A`` at ``alpha = rank``."""
+    scale = lora_scale(backbone)
+    return {k: (v.detach().float() * scale if ".lora_B." in k else v.detach()).to(v.dtype).cpu().contiguous()
+            for k, v in lora_state_dict(backbone).items()}
+
+
+def export_lora(backbone: nn.Module, out: str, format: str | None = None) -> int:
+    """Write ``backbone``'s adapters with its ``save_lora_weights`` in ``format`` (default: the
+    family's first, ``diffusers``); returns the tensor count."""
     save = getattr(backbone, "save_lora_weights", None)
     if save is None:
         raise TcplugError(f"backbone {type(backbone).__name__} has no save_lora_weights: its family defines no "
                           "export format for adapters")
-    state = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(backbone).items()}
+    formats = tuple(getattr(backbone, "lora_formats", ("diffusers",)))
+    if format is not None and format not in formats:
+        raise TcplugError(f"backbone {type(backbone).__name__} writes LoRA adapters as {', '.join(formats)}, "
+                          f"not {format!r}")
+    state = folded_state_dict(backbone)
     if not state:
         raise TcplugError("the checkpoint's backbone has no LoRA adapters (was model.lora set?)")
-    save(out, state)
+    if format is None or format == formats[0]:
+        save(out, state)  # a third party's family may take (out, state_dict) only
+    else:
+        save(out, state, format=format)
     return len(state)
 
 
-__all__ = ["LoraSpec", "apply_lora", "export_lora", "lora_state_dict", "lora_target"]
+__all__ = ["LoraSpec", "apply_lora", "export_lora", "folded_state_dict", "lora_scale", "lora_state_dict", "lora_target"]

@@ -111,6 +111,47 @@ def test_lora_trains_adapters_only_and_exports_to_wan_pipeline(wan_dir, tmp_path
     assert (loaded - ours).abs().max() < 1e-4
 
 
+def test_lora_exports_in_both_layouts_load_in_wan_pipeline_with_alpha_folded(wan_dir, tmp_path):
+    """alpha != rank, adapters on attention and feed-forward: the diffusers export and the
+    original Wan layout (ComfyUI's keys) both load into WanPipeline and give tcplug's sample (the
+    alpha / rank scale travels: unfolded, diffusers would load the update at alpha = rank); the
+    original keys round-trip to diffusers' keys."""
+    from diffusers import WanPipeline
+    from safetensors.torch import load_file
+    from tcplug_wan.lora import from_original
+
+    from tcplug.lora import export_lora, folded_state_dict
+
+    model = wan_module(wan_dir, lora={"rank": 4, "alpha": 12, "init": False,
+                                      "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]})
+    latents = torch.randn(2, 16, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    ours = tcplug_sample(model, latents).clamp(0, 1)
+    for fmt in ("diffusers", "original"):
+        out = tmp_path / fmt
+        assert export_lora(model.backbone, str(out), fmt) > 0
+        pipe = WanPipeline.from_pretrained(wan_dir, local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_lora_weights(str(out), weight_name=None if fmt == "diffusers" else "wan_lora.safetensors")
+        loaded = pipeline_sample(pipe, latents)
+        assert (loaded - ours).abs().max() < 1e-4, fmt
+    original = load_file(str(tmp_path / "original" / "wan_lora.safetensors"))
+    assert "diffusion_model.blocks.1.self_attn.q.lora_down.weight" in original
+    assert "diffusion_model.blocks.0.ffn.2.lora_up.weight" in original
+    assert not any("attn1" in k or "to_q" in k for k in original)
+    state = folded_state_dict(model.backbone)
+    back = from_original(original)
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_lora_export_refuses_a_format_the_family_does_not_write(wan_dir, tmp_path):
+    from tcplug import TcplugError
+    from tcplug.lora import export_lora
+
+    model = wan_module(wan_dir, lora={"rank": 4})
+    with pytest.raises(TcplugError, match="diffusers, original, not 'kohya'"):
+        export_lora(model.backbone, str(tmp_path / "x"), "kohya")
+
+
 def test_lora_targets_matching_nothing_name_the_layers(wan_dir):
     from tcplug import TcplugError
 

@@ -213,7 +213,7 @@ class JointTokenBackbone(Backbone):
         """The module LoRA adapters go into (the diffusers transformer)."""
         return self.model
 
-    def save_lora_weights(self, out: str, state_dict: dict[str, Tensor]) -> None:
+    def save_lora_weights(self, out: str, state_dict: dict[str, Tensor], format: str = "diffusers") -> None:
         """Write adapters (peft state dict of :attr:`lora_target`) as the family's pipeline loads them."""
         raise NotImplementedError
 

@@ -139,7 +139,7 @@ class LTXBackbone(JointTokenBackbone):
         coords = torch.stack([f * s[0] * rope.patch_size_t, y * s[1] * rope.patch_size, x * s[2] * rope.patch_size])
         return rope(torch.empty(1, 1, device=device), video_coords=coords.flatten(1)[None])
 
-    def save_lora_weights(self, out: str, state_dict: dict[str, Tensor]) -> None:
+    def save_lora_weights(self, out: str, state_dict: dict[str, Tensor], format: str = "diffusers") -> None:
         """Write adapters (peft state dict of :attr:`lora_target`) as ``LTXPipeline.load_lora_weights`` reads them."""
         from diffusers import LTXPipeline
 

@@ -138,8 +138,27 @@ class WanBackbone(JointTokenBackbone):
             out.append(grid.reshape(1, t * hh * ww, 1, -1).to(device))
         return out[0], out[1]
 
-    def save_lora_weights(self, out: str, state_dict: dict[str, Tensor]) -> None:
-        """Write adapters (peft state dict of :attr:`lora_target`) as ``WanPipeline.load_lora_weights`` reads them."""
+    lora_formats = ("diffusers", "original")
+
+    def save_lora_weights(self, out: str, state_dict: dict[str, Tensor], format: str = "diffusers") -> None:
+        """Write adapters (peft state dict of :attr:`lora_target`): ``diffusers``, as
+        ``WanPipeline.save_lora_weights`` writes them (``pytorch_lora_weights.safetensors``);
+        ``original``, the Wan repository's key layout that ComfyUI loads
+        (``wan_lora.safetensors``, :func:`tcplug_wan.lora.to_original`). ``WanPipeline.load_lora_weights``
+        reads both."""
+        if format == "original":
+            from pathlib import Path
+
+            from safetensors.torch import save_file
+
+            from tcplug_wan.lora import to_original
+
+            Path(out).mkdir(parents=True, exist_ok=True)
+            save_file(to_original(state_dict), str(Path(out) / "wan_lora.safetensors"),
+                      metadata={"format": "pt", "layout": "wan-original"})
+            return
+        if format != "diffusers":
+            raise TcplugError(f"wan: LoRA format {format!r} is not one of {', '.join(self.lora_formats)}")
         from diffusers import WanPipeline
 
         WanPipeline.save_lora_weights(out, transformer_lora_layers=state_dict)

@@ -18,6 +18,9 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("ckpt", help="a checkpoint of `tcplug fit` (e.g. RUN/checkpoints/last.ckpt)")
     parser.add_argument("--lora", metavar="OUT", required=True,
                         help="write the LoRA adapters to the folder OUT (e.g. what WanPipeline.load_lora_weights reads)")
+    parser.add_argument("--format", default=None,
+                        help="the adapter file format, one the family writes (default: its first, diffusers; "
+                             "Wan also writes `original`, the Wan repository's keys that ComfyUI loads)")
     parser.add_argument("--overwrite", action="store_true", help="replace what a non-empty folder OUT holds")
     args = parser.parse_args(list(argv))
     out = Path(args.lora)
@@ -29,11 +32,11 @@ def main(argv: Sequence[str]) -> int:
     if model.lora is None:
         raise TcplugError(f"{args.ckpt}: the recipe trained no LoRA adapters (model.lora is not set)")
     if len(model.experts) == 1:
-        count = export_lora(model.backbone, args.lora)
+        count = export_lora(model.backbone, args.lora, args.format)
         print(f"wrote {count} LoRA tensors to {args.lora}")
         return 0
     for i, expert in enumerate(model.experts):  # expert 0 takes the highest noise
         out = Path(args.lora) / f"expert_{i}"
-        count = export_lora(expert, str(out))
+        count = export_lora(expert, str(out), args.format)
         print(f"wrote {count} LoRA tensors of expert {i} to {out}")
     return 0
