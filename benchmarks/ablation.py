@@ -46,6 +46,7 @@ Usage:
   python benchmarks/ablation.py --out abl --rows baseline full     # some rows (resumable)
   python benchmarks/ablation.py --out abl --render --update-docs   # tables from what finished
   python benchmarks/ablation.py --smoke                           # tiny sizes, seconds
+  python benchmarks/ablation.py --out abl --executor slurm        # each (row, seed) a SLURM job (submitit)
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _recipes  # noqa: E402
+import _sweep  # noqa: E402
 
 ROOT = _recipes.ROOT
 SMOKE = ROOT / "recipes" / "presets" / "cpu-smoke.yaml"
@@ -157,6 +159,29 @@ def train(name: str, config: Path, extra: list[Path], work: Path, steps: int | N
         return None, {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][-300:], "wall_s": round(wall, 1)}
     folder = sorted((work / "runs" / run).glob("version_*"))[-1]
     return next(folder.rglob("last.ckpt")), {"wall_s": round(wall, 1)}
+
+
+def row_job(name: str, config: Path, extra: list[Path], work: Path, steps: int | None, seed: int, batch: dict,
+            key: str, path: Path, shown: str) -> str:
+    """One (row, seed): train it, sample its clips, keep them at ``path`` (or the error beside
+    it). What every executor runs (``_sweep.run_jobs``); returns what it did."""
+    if (path.parent / f"{name.replace(' ', '')}.error").is_file():
+        return f"{name} seed {seed}: skipped (the row failed)"
+    ckpt, info = train(name, config, extra, work, steps, seed)
+    if ckpt is None:
+        (path.parent / f"{name.replace(' ', '')}.error").write_text(info["error"])
+        print(f"{name}: failed: {info['error']}", file=sys.stderr)
+        return f"{name}: failed"
+    from tcplug.module import TCPlugModule
+
+    model = TCPlugModule.from_checkpoint(str(ckpt))
+    video = sample(model, batch, seed)
+    tmp_path = path.with_suffix(".tmp.npz")
+    np.savez(tmp_path, key=key, video=(video * 255 + 0.5).to(torch.uint8).numpy(), commit=commit(), args=shown,
+             wall_s=info["wall_s"], knows=json.dumps(knows(model)), state_error=state_error(model, batch))
+    tmp_path.replace(path)
+    print(f"{name} seed {seed}: trained in {info['wall_s']} s", file=sys.stderr)
+    return f"{name} seed {seed}: trained"
 
 
 def knows(model) -> list[str]:
@@ -494,6 +519,10 @@ def main() -> None:
     p.add_argument("--update-docs", action="store_true", help="write the tables into README.md and docs/benchmarks.md")
     p.add_argument("--render", action="store_true", help="train nothing: score what finished under --out")
     p.add_argument("--fresh", action="store_true", help="retrain every (row, seed), ignoring --out/runs/")
+    p.add_argument("--executor", choices=_sweep.EXECUTORS, default="local",
+                   help="where the (row, seed) jobs run: here, submitit's local executor, or SLURM (submitit)")
+    p.add_argument("--slurm", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="submitit's SLURM parameters, e.g. slurm_partition=gpu gpus_per_node=1 timeout_min=120")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
     t_start = time.perf_counter()
@@ -525,8 +554,10 @@ def main() -> None:
 
         floor = ClipSet(data, batch.get("state"))
         reference = ClipSet(ref_video)
-        # ---- train and sample what is missing
+        # ---- train and sample what is missing: one job per (row, seed), through --executor
+        jobs = []
         for name in ([] if args.render else rows_wanted):
+            (out / "runs" / f"{name.replace(' ', '')}.error").unlink(missing_ok=True)  # a failed row is tried again
             config = row_config(name, work, extra, resolved)
             key = run_key(config, extra, args.steps, args.clips)
             for seed in args.seeds:
@@ -534,21 +565,9 @@ def main() -> None:
                 if not args.fresh and path.is_file() and str(np.load(path)["key"]) == key:
                     print(f"{name} seed {seed}: cached", file=sys.stderr)
                     continue
-                ckpt, info = train(name, config, extra, work, args.steps, seed)
-                if ckpt is None:
-                    (out / "runs" / f"{name.replace(' ', '')}.error").write_text(info["error"])
-                    print(f"{name}: failed: {info['error']}", file=sys.stderr)
-                    break
-                from tcplug.module import TCPlugModule
-
-                model = TCPlugModule.from_checkpoint(str(ckpt))
-                video = sample(model, batch, seed)
-                tmp_path = path.with_suffix(".tmp.npz")
-                np.savez(tmp_path, key=key, video=(video * 255 + 0.5).to(torch.uint8).numpy(), commit=commit(),
-                         args=shown_args(sys.argv[1:]),
-                         wall_s=info["wall_s"], knows=json.dumps(knows(model)), state_error=state_error(model, batch))
-                tmp_path.replace(path)
-                print(f"{name} seed {seed}: trained in {info['wall_s']} s", file=sys.stderr)
+                jobs.append((row_job, (name, config, extra, work, args.steps, seed, batch, key, path,
+                                       shown_args(sys.argv[1:]))))
+        _sweep.run_jobs(jobs, args.executor, out / "sweep", slurm=dict(kv.split("=", 1) for kv in args.slurm))
         # ---- score every row that finished (all its seeds), and the controls
         rows: list[dict] = []
         groups: dict[str, list[np.ndarray]] = {}

@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import sys
+import time
 
 import torch
 
@@ -78,12 +79,15 @@ def main() -> None:
     if not args.ckpt and not args.smoke and not args.recipe:
         p.error("--ckpt or --recipe is required (or --smoke)")
     one = peak_mib(run_stream(args.ckpt, args.smoke, 1, args.steps, args.recipe))
+    start = time.perf_counter()
     many = peak_mib(run_stream(args.ckpt, args.smoke, args.mult, args.steps, args.recipe))
+    seconds = time.perf_counter() - start
     model, chunk, _ = load_model(args.ckpt, args.smoke, args.recipe)
     out = {"bench": "streaming", "machine": platform.machine(), "ckpt": bool(args.ckpt), "recipe": args.recipe,
            "mult": args.mult, "frames": length(chunk, args.mult, model.diffusion.latent.temporal_compression),
            "peak_mib_1x": one, f"peak_mib_{args.mult}x": many,
            "ratio": round(many / one, 3) if one > 0 else None,
+           "frames_per_s": round(length(chunk, args.mult, model.diffusion.latent.temporal_compression) / seconds, 2),
            **seams(args.ckpt, args.smoke, args.mult, args.steps, args.recipe)}
     print(json.dumps(out))
 

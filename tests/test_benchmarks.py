@@ -10,6 +10,8 @@ from tests.conftest import ROOT
 
 BENCH = ROOT / "benchmarks"
 SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("_"))
+#: benchmarks whose smoke run is a section of gpu_check.py's (run once, there)
+IN_GPU_CHECK = {"attention.py", "gpu.py", "streaming.py"}
 
 
 def test_every_benchmark_is_listed():
@@ -18,7 +20,7 @@ def test_every_benchmark_is_listed():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if s not in IN_GPU_CHECK])
 def test_benchmark_smoke(script, tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke"], capture_output=True, text=True,
                           cwd=tmp_path, timeout=600)
@@ -26,6 +28,46 @@ def test_benchmark_smoke(script, tmp_path):
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1
     assert json.loads(lines[0])["bench"] == script[:-3]
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_section(tmp_path):
+    """`gpu_check.py --smoke`: every section (the 1.3B LoRA step at a tiny shape through tcplug fit
+    and a plain loop, attention, MFU, streaming) runs on the CPU and lands in one JSON file."""
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--smoke", "--out", str(tmp_path / "g.json")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "g.json").read_text())
+    sections = report["sections"]
+    assert set(sections) == {"lora_1_3b", "attention", "mfu", "streaming"}
+    assert all(s["status"] == "ok" for s in sections.values()), {k: s.get("stderr", s["status"])[-500:] for k, s in sections.items()}
+    assert {s["result"]["bench"] for s in sections.values()} == {"gpu_check_lora", "attention", "gpu", "streaming"}
+    lora = sections["lora_1_3b"]["result"]
+    assert lora["tcplug"]["step_s"] > 0 and lora["plain"]["step_s"] > 0 and lora["plain_wide"]["shape"] == [5, 32, 48]
+
+
+@pytest.mark.slow
+def test_ablation_through_submitits_local_executor_gives_the_local_table(tmp_path):
+    """`ablation.py --executor submitit-local`: the (row, seed) jobs run in submitit's job processes
+    (their logs in OUT/sweep) and the gathered table is the local loop's: the same sampled clips,
+    the same figures."""
+    import numpy as np
+
+    got = {}
+    for ex in ("local", "submitit-local"):
+        proc = subprocess.run([sys.executable, str(BENCH / "ablation.py"), "--smoke", "--rows", "baseline", "cross_frame",
+                               "--executor", ex, "--out", str(tmp_path / ex)], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got[ex] = json.loads((tmp_path / ex / "ablation.json").read_text())["rows"]
+    assert list((tmp_path / "submitit-local" / "sweep").glob("*_log.out"))  # the jobs ran through submitit
+    assert not (tmp_path / "local" / "sweep").exists()
+    for name in ("baseline-s0.npz", "cross_frame-s0.npz"):
+        a, b = (np.load(tmp_path / ex / "runs" / name)["video"] for ex in got)
+        assert np.array_equal(a, b), name
+    drop = ("train_wall_s", "trained_by")
+    same = [json.dumps([{k: v for k, v in r.items() if k not in drop} for r in got[ex]], sort_keys=True) for ex in got]
+    assert same[0] == same[1]  # (as text: NaN figures compare equal)
 
 
 @pytest.mark.slow

@@ -34,6 +34,12 @@ __version__ = "0.1.0"
 
 LAYOUT = "a diffusers model folder holds transformer/, vae/, text_encoder/, tokenizer/ and scheduler/"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: weight storage a backbone's ``storage_dtype`` may ask for (computed in the model's dtype)
+STORAGE_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2, "bfloat16": torch.bfloat16,
+                  "float16": torch.float16}
+#: modules left in the model's dtype: diffusers' defaults (embeddings, norms, the output projection) and adapters
+STORAGE_SKIP = ("patch_embed", "patch_embedding", "condition_embedder", "time_embed", "caption_projection", "norm",
+                "^proj_out$", "scale_shift_table", "lora_")
 
 
 def subfolder(pretrained: str, sub: str, what: str) -> Path:
@@ -52,7 +58,9 @@ def subfolder(pretrained: str, sub: str, what: str) -> Path:
 
 def load_model(cls: type, what: str, pretrained: str | None, sub: str, config: dict | None,
                dtype: str | None = None) -> nn.Module:
-    """A diffusers model from ``pretrained/sub`` (local files only) or from ``config``."""
+    """A diffusers model from ``pretrained/sub`` (local files only) or from ``config``. Under
+    ``torch.device("meta")`` a folder's model is built from its ``config.json`` alone (no weight
+    is read or allocated: what ``tcplug plan`` measures)."""
     if (pretrained is None) == (config is None):
         raise TcplugError(f"{what}: give exactly one of pretrained (a local model folder) or config (a dict)")
     torch_dtype = None
@@ -62,6 +70,12 @@ def load_model(cls: type, what: str, pretrained: str | None, sub: str, config: d
         torch_dtype = DTYPES[dtype]
     if pretrained is not None:
         path = subfolder(pretrained, sub, what)
+        if torch.get_default_device().type == "meta":  # planning (`tcplug plan`): the folder's config, no weights read
+            try:
+                model = cls.from_config(cls.load_config(path))
+            except Exception as exc:
+                raise TcplugError(f"{what}: cannot read the config of {cls.__name__} in {path}: {_load_error(exc)}") from None
+            return model.to(torch_dtype) if torch_dtype is not None else model
         # a folder with only pickle-format weights (.bin): say so, instead of diffusers' "defaulting to unsafe
         # serialization" (the load is weights-only, never unpickling code)
         safetensors = any(path.glob("*.safetensors"))
@@ -173,9 +187,14 @@ class JointTokenBackbone(Backbone):
     family: str = "model"
 
     def _setup(self, attention: AttentionVariant | list[AttentionVariant] | None,
-               gradient_checkpointing: bool) -> None:
+               gradient_checkpointing: bool, storage_dtype: str | None = None) -> None:
         if gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
+        if storage_dtype is not None and storage_dtype not in STORAGE_DTYPES:
+            raise TcplugError(f"{self.family} backbone: storage_dtype {storage_dtype!r} is not one of "
+                              f"{', '.join(STORAGE_DTYPES)}")
+        self.storage_dtype = storage_dtype
+        self._storage_applied = False
         self.variants: nn.ModuleList | None = None
         self._processors: list[FrameAttnProcessor] = []
         if attention is None:
@@ -190,6 +209,20 @@ class JointTokenBackbone(Backbone):
             proc = self.processor_cls(variant, i)
             block.attn1.set_processor(proc)
             self._processors.append(proc)
+
+    def apply_storage_dtype(self) -> bool:
+        """Store the frozen weights in :attr:`storage_dtype`, cast to the model's dtype layer by
+        layer as each runs (diffusers' ``enable_layerwise_casting``); adapters (``lora_``), norms,
+        embeddings and the output projection stay as they are. Done once, at the first forward (after
+        the module has injected its LoRA adapters, which peft would otherwise create in fp8) or when
+        called; True when it applied."""
+        if self.storage_dtype is None or self._storage_applied:
+            return False
+        compute = next((p.dtype for n, p in self.model.named_parameters() if "lora_" not in n), torch.float32)
+        self.model.enable_layerwise_casting(storage_dtype=STORAGE_DTYPES[self.storage_dtype], compute_dtype=compute,
+                                            skip_modules_pattern=STORAGE_SKIP)
+        self._storage_applied = True
+        return True
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -242,6 +275,7 @@ class JointTokenBackbone(Backbone):
         return timesteps
 
     def forward(self, x: Tensor, timesteps: Tensor, context: dict[str, Any] | None = None) -> Tensor:
+        self.apply_storage_dtype()
         b, t, c, h, w = self.check_latents(x, f"{self.family} backbone")
         p = self.patch_size
         n = (h // p) * (w // p)

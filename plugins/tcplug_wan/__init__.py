@@ -81,9 +81,14 @@ class WanBackbone(JointTokenBackbone):
     Args:
         pretrained: a local diffusers Wan folder (its ``subfolder``, default ``transformer``;
             ``transformer_2`` is Wan 2.2's low-noise expert).
-        config: a ``WanTransformer3DModel`` config dict instead (random weights).
+        config: a ``WanTransformer3DModel`` config dict instead (random weights), or the name of a
+            published one (``wan2.1-t2v-1.3b``, ``wan2.1-t2v-14b``, ``wan2.2-t2v-a14b``:
+            :data:`tcplug_wan.configs.CONFIGS`).
         dtype: ``float32`` (default), ``bfloat16`` or ``float16`` weights.
         gradient_checkpointing: recompute each Wan block in the backward pass.
+        storage_dtype: store the frozen weights in ``float8_e4m3fn`` (or ``float8_e5m2``,
+            ``bfloat16``, ``float16``) and compute each layer in ``dtype`` (diffusers' layerwise
+            casting): fp8 halves a bf16 model's weight memory; adapters, norms and embeddings are kept.
         attention: one variant for every block (copied per block) or one per block; None keeps
             Wan's own attention.
     """
@@ -91,12 +96,16 @@ class WanBackbone(JointTokenBackbone):
     processor_cls = WanFrameAttnProcessor
     family = "wan"
 
-    def __init__(self, pretrained: str | None = None, subfolder: str = "transformer", config: dict | None = None,
-                 dtype: str | None = None, gradient_checkpointing: bool = False,
+    def __init__(self, pretrained: str | None = None, subfolder: str = "transformer", config: dict | str | None = None,
+                 dtype: str | None = None, gradient_checkpointing: bool = False, storage_dtype: str | None = None,
                  attention: AttentionVariant | list[AttentionVariant] | None = None) -> None:
         super().__init__()
         from diffusers import WanTransformer3DModel
 
+        if isinstance(config, str):
+            from tcplug_wan.configs import transformer_config
+
+            config = transformer_config(config)
         self.model = load_model(WanTransformer3DModel, "wan backbone", pretrained, subfolder, config, dtype)
         cfg = self.model.config
         if tuple(cfg.patch_size)[0] != 1 or cfg.patch_size[1] != cfg.patch_size[2]:
@@ -109,7 +118,7 @@ class WanBackbone(JointTokenBackbone):
         self.num_blocks = int(cfg.num_layers)
         self.text_dim = int(cfg.text_dim)
         self.pretrained = pretrained
-        self._setup(attention, gradient_checkpointing)
+        self._setup(attention, gradient_checkpointing, storage_dtype)
 
     @property
     def blocks(self) -> nn.ModuleList:

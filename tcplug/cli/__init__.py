@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("tcplug.cli.data", "synth | ingest | encode | inspect webdataset shards"),
     "sample": ("tcplug.cli.sample", "sample a long video from a checkpoint, chunk by chunk (streaming K/V buffer)"),
     "export": ("tcplug.cli.export", "write a checkpoint's LoRA adapters in the model family's format (--lora OUT)"),
+    "plan": ("tcplug.cli.plan", "estimate a recipe's training memory on the meta device; --gpu-memory 24GB: "
+                                "does it fit, which lever to pull"),
     "score": ("tcplug.cli.score", "metrics of video files: TVS, warping error, flicker, coverage; motion, "
                                   "sharpness, frame distance against --reference"),
 }

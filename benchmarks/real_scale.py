@@ -1,0 +1,137 @@
+"""Real Wan configurations on this machine: the Wan2.1-T2V-1.3B transformer at its published shape
+(random weights) trains LoRA steps through `tcplug fit` (recipes/wan/cpu-1.3b.yaml), each
+configuration in its own process, with its peak resident memory (the process's ``ru_maxrss``) and
+step time, and its peak during steps 2..N (the model built, the first step's one-time casts
+done); `tcplug plan` estimates the same configuration on the meta device, and the table says
+how far the estimate is from the measured peak. The 14B configuration is planned only (meta).
+
+Resumable: each measured configuration is kept in OUT/real_scale.json and not run again.
+
+  python benchmarks/real_scale.py                 # the three 1.3B configurations + the 14B plan
+  python benchmarks/real_scale.py --only ckpt-9x128
+  python benchmarks/real_scale.py --smoke         # the tiny Wan recipe at the same code path
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "wan" / "cpu-1.3b.yaml"
+#: name -> overlay of recipes/wan/cpu-1.3b.yaml
+CONFIGS = {
+    "ckpt-9x128": {},
+    "ckpt-17x256": {"data": {"frames": 17, "size": 256}},
+    "nockpt-9x128": {"model": {"backbone": {"init_args": {"gradient_checkpointing": False}}}},
+    "fp8-9x128": {"model": {"backbone": {"init_args": {"storage_dtype": "float8_e4m3fn"}}}},
+}
+SMOKE = {"model": {"backbone": {"init_args": {"config": {
+    "patch_size": [1, 2, 2], "num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 16, "out_channels": 16,
+    "text_dim": 32, "freq_dim": 64, "ffn_dim": 64, "num_layers": 2, "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 32}}}, "lora": {"rank": 4}},
+    "data": {"frames": 5, "size": 32}, "trainer": {"max_steps": 2}}
+FIT = """
+import json, resource, sys
+from tcplug.cli import main
+code = main(sys.argv[1:])
+print("MAXRSS " + json.dumps({"code": code, "kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def overlay(settings: dict, work: Path, name: str) -> Path:
+    import yaml
+
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+#: glibc's malloc keeps freed blocks below its (growing) mmap threshold mapped, so the resident set
+#: of a CPU run overstates the live tensors by gigabytes at large token counts; with a fixed
+#: threshold every large block is returned when freed (--mmap-threshold, the `+mmap` rows)
+MMAP = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def env(extra: dict | None = None) -> dict:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")]),
+                **(extra or {}))
+
+
+def measure(name: str, settings: dict, work: Path, mmap: bool = False) -> dict:
+    extra = overlay(settings, work, name)
+    steps = work / f"{name}.steps.json"
+    cmd = [sys.executable, "-c", FIT, "fit", "--config", str(RECIPE), "--config", str(extra),
+           "--trainer.enable_progress_bar=false", "--trainer.callbacks+=_timing.StepTimer",
+           f"--trainer.callbacks.init_args.out={steps}", "--trainer.callbacks+=_timing.PeakRSS",
+           f"--trainer.callbacks.init_args.out={work / (name + '.rss.json')}"]
+    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=env(MMAP if mmap else None))
+    line = [x for x in proc.stdout.splitlines() if x.startswith("MAXRSS ")]
+    if proc.returncode or not line or json.loads(line[-1][7:])["code"]:
+        raise SystemExit(f"{name}: fit failed\n{proc.stderr[-3000:]}")
+    times = json.loads(steps.read_text())
+    steady = json.loads((work / f"{name}.rss.json").read_text())["steady_kib"]
+    return {"peak_rss_gib": json.loads(line[-1][7:])["kib"] / 2**20, "steady_rss_gib": steady / 2**20,
+            "step_s": statistics.median(times[1:] if len(times) > 1 else times), "steps_s": times}
+
+
+def plan(recipes: list[Path], work: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "tcplug", "plan", *[a for r in recipes for a in ("--config", str(r))],
+                           "--json"], cwd=work, capture_output=True, text=True, env=env())
+    if proc.returncode:
+        raise SystemExit(f"plan failed\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="real_scale")
+    parser.add_argument("--only", nargs="*", choices=sorted(CONFIGS))
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--mmap-threshold", action="store_true",
+                        help="run the fits with MALLOC_MMAP_THRESHOLD_=65536 (rows named NAME+mmap)")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = out / "real_scale.json"
+    results = json.loads(store.read_text()) if store.exists() and not args.smoke else {}
+    configs = {"smoke": SMOKE} if args.smoke else {k: v for k, v in CONFIGS.items() if not args.only or k in args.only}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for base, settings in configs.items():
+            name = base + ("+mmap" if args.mmap_threshold else "")
+            if name in results:
+                continue
+            row = measure(name, settings, work, args.mmap_threshold)
+            est = plan([RECIPE, overlay(settings, work, name + "-plan")], work)
+            row.update(plan_gib=est["total"] / 2**30, plan_lines_gib={k: v / 2**30 for k, v in est["lines"].items()},
+                       tokens=est["clip"]["tokens"], params=est["components"]["backbone"]["params"],
+                       trainable=est["components"]["backbone"]["trainable"])
+            row["plan_error"] = row["plan_gib"] / row["peak_rss_gib"] - 1
+            row["plan_error_steady"] = row["plan_gib"] / row["steady_rss_gib"] - 1
+            results[name] = row
+            if not args.smoke:
+                store.write_text(json.dumps(results, indent=2))
+        if not args.smoke and "plan-14b" not in results:
+            est = plan([RECIPE, overlay({"model": {"backbone": {"init_args": {"config": "wan2.1-t2v-14b"}}}}, work, "14b")],
+                       work)
+            results["plan-14b"] = {"plan_gib": est["total"] / 2**30, "params": est["components"]["backbone"]["params"],
+                                   "trainable": est["components"]["backbone"]["trainable"],
+                                   "plan_lines_gib": {k: v / 2**30 for k, v in est["lines"].items()}}
+            store.write_text(json.dumps(results, indent=2))
+    for name, r in results.items():
+        if "peak_rss_gib" in r:
+            print(f"| {name} | {r['tokens']} | {r['step_s']:.1f} | {r['peak_rss_gib']:.2f} | {r['steady_rss_gib']:.2f} | "
+                  f"{r['plan_gib']:.2f} | {100 * r['plan_error']:+.0f} % | {100 * r['plan_error_steady']:+.0f} % |",
+                  file=sys.stderr)
+    print(json.dumps({"bench": "real_scale", "results": results}))
+
+
+if __name__ == "__main__":
+    main()
