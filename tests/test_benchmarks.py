@@ -10,8 +10,11 @@ from tests.conftest import ROOT
 
 BENCH = ROOT / "benchmarks"
 SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("_"))
-#: benchmarks whose smoke run is a section of gpu_check.py's (run once, there)
-IN_GPU_CHECK = {"attention.py", "gpu.py", "streaming.py"}
+#: benchmarks whose smoke run is a section of gpu_check.py's (run once, there), and gpu_check.py itself
+#: (its own test below)
+IN_GPU_CHECK = {"attention.py", "gpu.py", "streaming.py", "gpu_check.py"}
+#: benchmarks whose smoke run another test makes (ablation.py: the sweep test's local run)
+ELSEWHERE = IN_GPU_CHECK | {"ablation.py"}
 
 
 def test_every_benchmark_is_listed():
@@ -20,7 +23,7 @@ def test_every_benchmark_is_listed():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", [s for s in SCRIPTS if s not in IN_GPU_CHECK])
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if s not in ELSEWHERE])
 def test_benchmark_smoke(script, tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke"], capture_output=True, text=True,
                           cwd=tmp_path, timeout=600)
@@ -50,19 +53,21 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
 def test_ablation_through_submitits_local_executor_gives_the_local_table(tmp_path):
     """`ablation.py --executor submitit-local`: the (row, seed) jobs run in submitit's job processes
     (their logs in OUT/sweep) and the gathered table is the local loop's: the same sampled clips,
-    the same figures."""
+    the same figures and intervals (the baseline row: the others' intervals draw on a bootstrap
+    generator shared in row order). The local run is the ablation's smoke."""
     import numpy as np
 
     got = {}
-    for ex in ("local", "submitit-local"):
-        proc = subprocess.run([sys.executable, str(BENCH / "ablation.py"), "--smoke", "--rows", "baseline", "cross_frame",
-                               "--executor", ex, "--out", str(tmp_path / ex)], capture_output=True, text=True,
-                              cwd=tmp_path, timeout=900)
+    for ex, rows in (("local", []), ("submitit-local", ["--rows", "baseline"])):  # local: the smoke's own rows
+        proc = subprocess.run([sys.executable, str(BENCH / "ablation.py"), "--smoke", *rows, "--executor", ex,
+                               "--out", str(tmp_path / ex)], capture_output=True, text=True, cwd=tmp_path, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        got[ex] = json.loads((tmp_path / ex / "ablation.json").read_text())["rows"]
+        line = json.loads([x for x in proc.stdout.splitlines() if x.startswith("{")][-1])
+        assert line["bench"] == "ablation"
+        got[ex] = [r for r in json.loads((tmp_path / ex / "ablation.json").read_text())["rows"] if r["row"] == "baseline"]
     assert list((tmp_path / "submitit-local" / "sweep").glob("*_log.out"))  # the jobs ran through submitit
     assert not (tmp_path / "local" / "sweep").exists()
-    for name in ("baseline-s0.npz", "cross_frame-s0.npz"):
+    for name in ("baseline-s0.npz",):
         a, b = (np.load(tmp_path / ex / "runs" / name)["video"] for ex in got)
         assert np.array_equal(a, b), name
     drop = ("train_wall_s", "trained_by")

@@ -100,8 +100,9 @@ def test_a_model_folder_on_meta_reads_only_its_config(tmp_path):
 
 def test_saved_activations_are_counted_once_and_without_weights():
     """Linear(64, 256) -> GELU -> Linear(256, 64) with trainable weights on x (8, 64): autograd
-    keeps x, the first output (for GELU) and GELU's output, each once; the weights it also keeps
-    are parameters, not activations. The count is the same on meta as on real tensors."""
+    keeps x, the first output (for GELU) and GELU's output; the weights it also keeps are
+    parameters, not activations; an input two layers keep is counted once. The count is the same
+    on meta as on real tensors."""
     from tcplug.plan import counting_saved
 
     for device in ("cpu", "meta"):
@@ -109,6 +110,12 @@ def test_saved_activations_are_counted_once_and_without_weights():
         with counting_saved({id(p) for p in net.parameters()}) as total:
             net(torch.zeros(8, 64, device=device))
         assert total[0] == 4 * 8 * (64 + 256 + 256), device
+        # two layers reading the same input keep it once
+        a, b = nn.Linear(64, 32).to(device), nn.Linear(64, 32).to(device)
+        with counting_saved({id(p) for p in [*a.parameters(), *b.parameters()]}) as total:
+            x = torch.zeros(8, 64, device=device)
+            a(x) + b(x)
+        assert total[0] == 4 * 8 * 64, device
 
 
 def plan_of(*recipes, **extra):
@@ -142,12 +149,11 @@ def test_plan_counts_what_the_module_holds():
 
 @pytest.mark.slow
 def test_plan_command_says_whether_it_fits_and_which_lever(tmp_path):
-    """`tcplug plan --gpu-memory`: the 1.3B CPU recipe fits a 24 GB card; the 14B one does not,
-    and the planner names levers with their savings (FSDP among them)."""
+    """`tcplug plan --gpu-memory`: the tiny Wan recipe fits a 24 GB card; the 14B configuration of
+    the CPU recipe does not, and the planner names levers with their savings (FSDP among them)."""
     overlay = tmp_path / "14b.yaml"
     overlay.write_text("model:\n  backbone:\n    init_args:\n      config: wan2.1-t2v-14b\n")
-    small = run_tcplug("plan", "--config", RECIPES / "wan" / "cpu-1.3b.yaml", "--gpu-memory", "24GB", "--device", "gpu",
-                       cwd=tmp_path)
+    small = run_tcplug("plan", "--config", RECIPES / "wan" / "tiny.yaml", "--gpu-memory", "24GB", cwd=tmp_path)
     assert small.returncode == 0, small.stderr
     assert "fits in 24.00 GiB" in small.stdout and "does not fit" not in small.stdout
     big = run_tcplug("plan", "--config", RECIPES / "wan" / "cpu-1.3b.yaml", "--config", overlay, "--gpu-memory", "24GB",

@@ -21,7 +21,8 @@ ADDED_SINCE = [("model", "max_loss", 1.0e4), ("model", "frame_timesteps", "clip"
                ("model", "stream_mode", "same_step"), ("model", "rollout_prob", 0.0), ("model", "rollout_frames", 0),
                ("model", "rollout_steps", 4)]
 #: (class path, init argument, default) of every component argument added since then
-ARGS_ADDED_SINCE = [("tcplug_attention.CrossFrame", "sink", 0)]
+ARGS_ADDED_SINCE = [("tcplug_attention.CrossFrame", "sink", 0), ("tcplug_wan.WanBackbone", "storage_dtype", None),
+                    ("tcplug_ltx.LTXBackbone", "storage_dtype", None)]
 
 
 def drop_added_args(node):
