@@ -107,36 +107,31 @@ def plain_step(smoke: bool, height: int, width: int, frames: int, steps: int) ->
 
 
 def tcplug_step(smoke: bool, size: int, frames: int, steps: int, work: Path) -> dict:
-    """The same step through `tcplug fit` (recipes/wan/cpu-1.3b.yaml on the GPU, bf16)."""
+    """The same step through `tcplug fit` (recipes/wan/cpu-1.3b.yaml on the GPU, bf16), with
+    `tcplug plan`'s estimate of it (benchmarks/real_scale.py's helpers)."""
     import torch
-    import yaml
+    from real_scale import RECIPE, env, overlay, plan
 
     cuda = torch.cuda.is_available()
-    overlay = {"trainer": {"max_steps": steps, "accelerator": "gpu" if cuda else "cpu",
-                           "precision": "bf16-mixed" if cuda else "32-true", "enable_progress_bar": False},
-               "model": {"backbone": {"init_args": {"dtype": "bfloat16"} if cuda else {}}},
-               "data": {"frames": frames, "size": size, "epoch_batches": steps + 2}}
+    settings = {"trainer": {"max_steps": steps, "accelerator": "gpu" if cuda else "cpu",
+                            "precision": "bf16-mixed" if cuda else "32-true", "enable_progress_bar": False},
+                "model": {"backbone": {"init_args": {"dtype": "bfloat16"} if cuda else {}}},
+                "data": {"frames": frames, "size": size, "epoch_batches": steps + 2}}
     if smoke:
-        overlay["model"]["backbone"]["init_args"]["config"] = dict(TINY_WAN)
-        overlay["model"]["lora"] = {"rank": 4}
-    path = work / "gpu.yaml"
-    path.write_text(yaml.safe_dump(overlay))
-    recipes = ["--config", str(ROOT / "recipes" / "wan" / "cpu-1.3b.yaml"), "--config", str(path)]
-    out = work / "steps.json"
-    peak = work / "peak.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BENCH), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "tcplug", "fit", *recipes, "--trainer.callbacks+=_timing.StepTimer",
-                           f"--trainer.callbacks.init_args.out={out}", "--trainer.callbacks+=_timing.PeakCUDA",
-                           f"--trainer.callbacks.init_args.out={peak}"], cwd=work, capture_output=True, text=True, env=env)
+        settings["model"]["backbone"]["init_args"]["config"] = dict(TINY_WAN)
+        settings["model"]["lora"] = {"rank": 4}
+    path = overlay(settings, work, "gpu")
+    out, peak = work / "steps.json", work / "peak.json"
+    proc = subprocess.run([sys.executable, "-m", "tcplug", "fit", "--config", str(RECIPE), "--config", str(path),
+                           "--trainer.callbacks+=_timing.StepTimer", f"--trainer.callbacks.init_args.out={out}",
+                           "--trainer.callbacks+=_timing.PeakCUDA", f"--trainer.callbacks.init_args.out={peak}"],
+                          cwd=work, capture_output=True, text=True, env=env())
     if proc.returncode:
         raise SystemExit(f"tcplug fit failed\n{proc.stderr[-3000:]}")
     times = json.loads(out.read_text())
     warm = times[1:] if len(times) > 1 else times
-    plan = subprocess.run([sys.executable, "-m", "tcplug", "plan", *recipes, "--device", "gpu" if cuda else "cpu", "--json"],
-                          cwd=work, capture_output=True, text=True, env=env)
-    estimate = json.loads(plan.stdout)["total"] / 2**30 if plan.returncode == 0 else None
     return {"shape": [frames, size, size], "step_s": sorted(warm)[len(warm) // 2],
-            "peak_gib": json.loads(peak.read_text())["peak_gib"], "plan_gib": estimate}
+            "peak_gib": json.loads(peak.read_text())["peak_gib"], "plan_gib": plan([RECIPE, path], work)["total"] / 2**30}
 
 
 def lora_step(smoke: bool) -> dict:
