@@ -41,8 +41,28 @@ TINY = [
 ]
 
 
-def run_tcplug(*args, env=None, cwd=None, timeout=300):
-    """Run the real `tcplug` console command in a subprocess."""
+#: environment a test may hand an in-process run (read by the recipes when they are parsed, or the
+#: checkout's own path): anything else is read at start-up and needs a process
+IN_PROCESS_ENV = ("WAN_MODEL_DIR", "WAN_SHARDS", "LTX_MODEL_DIR", "LTX_SHARDS")
+#: arguments that need a process of their own: a callback that signals or kills its process, DDP
+#: (Lightning starts the other ranks by running the command line again)
+NEEDS_PROCESS = ("tests.helpers.Kill", "strategy=ddp", "devices=2", "num_nodes")
+
+
+def run_tcplug(*args, env=None, cwd=None, timeout=300, process=None):
+    """Run ``tcplug ARGS``: in this process (:func:`tcplug_in_process`, no interpreter start-up
+    and imports to pay for, ~12 s a call on a 2-core machine), or as the real console command in a
+    subprocess when ``process`` is true -- the default when ``env`` holds more than
+    :data:`IN_PROCESS_ENV` and the checkout's ``PYTHONPATH``, or the arguments name a kill or DDP
+    (:data:`NEEDS_PROCESS`). Tests of exit paths, warnings and imports ask for one. Returns a
+    ``CompletedProcess`` either way."""
+    if process is None:
+        process = any(k not in IN_PROCESS_ENV and not (k == "PYTHONPATH" and v == str(ROOT)) for k, v in (env or {}).items()) \
+            or any(m in str(a) for a in args for m in NEEDS_PROCESS)
+    if not process:
+        code, out, err = tcplug_in_process(*args, cwd=cwd or os.getcwd(),
+                                           env={k: v for k, v in (env or {}).items() if k != "PYTHONPATH"})
+        return subprocess.CompletedProcess(["tcplug", *map(str, args)], code, out, err)
     full_env = dict(os.environ)
     full_env.update(env or {})
     exe = Path(sys.executable).with_name("tcplug")
@@ -51,7 +71,7 @@ def run_tcplug(*args, env=None, cwd=None, timeout=300):
                           env=full_env, cwd=cwd, timeout=timeout)
 
 
-def tcplug_in_process(*args, cwd) -> tuple[int, str, str]:
+def tcplug_in_process(*args, cwd, env=None) -> tuple[int, str, str]:
     """Run ``tcplug ARGS`` in this process (no interpreter start-up or imports to pay for: for the
     many short fits whose subject is a recipe, not the command line); ``(status, stdout, stderr)``."""
     import contextlib
@@ -62,6 +82,7 @@ def tcplug_in_process(*args, cwd) -> tuple[int, str, str]:
 
     out, err, here, environ = io.StringIO(), io.StringIO(), os.getcwd(), dict(os.environ)
     os.chdir(cwd)
+    os.environ.update(env or {})
     try:
         # what a run changes for its process (warning filters, PL_GLOBAL_SEED...) is undone after it
         with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -69,6 +90,11 @@ def tcplug_in_process(*args, cwd) -> tuple[int, str, str]:
                 code = main([str(a) for a in args])
             except SystemExit as exc:
                 code = exc.code
+            except BaseException:  # what the console command would die of: its traceback, status 1
+                import traceback
+
+                traceback.print_exc()
+                code = 1
     finally:
         os.chdir(here)
         os.environ.clear()

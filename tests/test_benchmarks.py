@@ -17,6 +17,40 @@ IN_GPU_CHECK = {"attention.py", "gpu.py", "streaming.py", "gpu_check.py"}
 ELSEWHERE = IN_GPU_CHECK | {"ablation.py"}
 
 
+def run_script(script: str, *args: str, cwd) -> tuple[int, str, str]:
+    """``python benchmarks/SCRIPT ARGS`` in this process (what a subprocess would spend starting
+    and importing, ~12 s here, is not paid again); ``(status, stdout, stderr)``."""
+    import contextlib
+    import io
+    import os
+    import runpy
+    import traceback
+    import warnings
+
+    out, err, here, argv, path = io.StringIO(), io.StringIO(), os.getcwd(), sys.argv, list(sys.path)
+    environ = dict(os.environ)
+    os.chdir(cwd)
+    sys.argv, code = [str(BENCH / script), *args], 0
+    sys.path.insert(0, str(BENCH))
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(str(BENCH / script), run_name="__main__")
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+                if not isinstance(exc.code, int) and exc.code is not None:
+                    print(exc.code, file=sys.stderr)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(here)
+        sys.argv, sys.path[:] = argv, path
+        os.environ.clear()
+        os.environ.update(environ)
+    return code, out.getvalue(), err.getvalue()
+
+
 def test_every_benchmark_is_listed():
     assert set(SCRIPTS) >= {"attention.py", "flow_warp.py", "loader.py", "overhead.py", "sampling.py", "score.py",
                             "streaming.py"}
@@ -25,10 +59,9 @@ def test_every_benchmark_is_listed():
 @pytest.mark.slow
 @pytest.mark.parametrize("script", [s for s in SCRIPTS if s not in ELSEWHERE])
 def test_benchmark_smoke(script, tmp_path):
-    proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke"], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    code, out, err = run_script(script, "--smoke", cwd=tmp_path)
+    assert code == 0, err[-3000:]
+    lines = [line for line in out.splitlines() if line.startswith("{")]
     assert len(lines) == 1
     assert json.loads(lines[0])["bench"] == script[:-3]
 
@@ -77,10 +110,9 @@ def test_ablation_through_submitits_local_executor_gives_the_local_table(tmp_pat
 
 @pytest.mark.slow
 def test_overhead_benchmark_covers_the_wan_family(tmp_path):
-    proc = subprocess.run([sys.executable, str(BENCH / "overhead.py"), "--smoke", "--recipe", "wan"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = json.loads([x for x in proc.stdout.splitlines() if x.startswith("{")][0])
+    code, out, err = run_script("overhead.py", "--smoke", "--recipe", "wan", cwd=tmp_path)
+    assert code == 0, err[-3000:]
+    line = json.loads([x for x in out.splitlines() if x.startswith("{")][0])
     assert line["recipe"] == "recipes/wan/tiny.yaml" and line["plain_ms_per_step"] > 0
 
 

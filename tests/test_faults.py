@@ -316,7 +316,7 @@ def test_nan_loss_stops_naming_term_and_step_and_keeps_last_checkpoint(tmp_path,
     proc = run_tcplug("fit", "--config", BASE, *tiny, "--trainer.max_steps=10",
                       "--data.epoch_batches=10", "--trainer.val_check_interval=10",
                       "--model.losses+=tests.helpers.NanAfter", "--model.losses.init_args.step=5",
-                      "--checkpoint.every_n_train_steps=2", cwd=tmp_path, env=ENV)
+                      "--checkpoint.every_n_train_steps=2", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "loss term 'nan_after' is nan at step 5" in proc.stderr
     ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
@@ -337,8 +337,7 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resumes(tmp_path, tiny):
     assert weights(ckpt)["global_step"] == 4
     assert re.search(r"interrupted at step 5; the last checkpoint: .*last\.ckpt \(step 4\)\. Resume with --ckpt_path "
                      r"last", proc.stderr), proc.stderr[-2000:]  # says where it is and how to go on
-    proc = run_tcplug("fit", "--config", recipe, *run_args(tiny, "c", steps=8), "--ckpt_path", "last", cwd=tmp_path,
-                      env=ENV)
+    proc = run_tcplug("fit", "--config", recipe, *run_args(tiny, "c", steps=8), "--ckpt_path", "last", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert weights(ckpt)["global_step"] == 8
 
@@ -349,7 +348,7 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path, tiny):
     killed with SIGKILL mid-epoch, resumed with --ckpt_path last, ends with exactly the weights
     of an uninterrupted run; the data order is part of the checkpoint."""
     full = RECIPES / "full.yaml"
-    proc = run_tcplug("fit", "--config", full, *run_args(tiny, "straight"), cwd=tmp_path, env=ENV)
+    proc = run_tcplug("fit", "--config", full, *run_args(tiny, "straight"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     killed = run_tcplug("fit", "--config", full, *run_args(tiny, "killed"), "--trainer.callbacks+=tests.helpers.KillAt",
                         "--trainer.callbacks.init_args.step=7", cwd=tmp_path, env=ENV)
@@ -358,8 +357,7 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path, tiny):
     before = weights(run / "checkpoints" / "last.ckpt")
     assert before["global_step"] == 6 and before["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
         {"epoch": 1, "batches": 2}]  # mid-epoch: epoch 1, 2 of its 4 batches served
-    resumed = run_tcplug("fit", "--config", full, *run_args(tiny, "killed"), "--ckpt_path", "last", cwd=tmp_path,
-                         env=ENV)
+    resumed = run_tcplug("fit", "--config", full, *run_args(tiny, "killed"), "--ckpt_path", "last", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stderr
     assert sorted(p.name for p in (tmp_path / "runs" / "killed").iterdir()) == ["version_0"]  # one run folder
@@ -380,7 +378,7 @@ def test_sigterm_saves_last_checkpoint_and_resumes_exactly(tmp_path, tiny):
     """SIGTERM (a preemption notice) stops at the end of the step, writes last.ckpt, exits 143;
     the resumed run ends with the weights of an uninterrupted one."""
     recipe = RECIPES / "motion_lock.yaml"
-    proc = run_tcplug("fit", "--config", recipe, *run_args(tiny, "straight", steps=8), cwd=tmp_path, env=ENV)
+    proc = run_tcplug("fit", "--config", recipe, *run_args(tiny, "straight", steps=8), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stopped = run_tcplug("fit", "--config", recipe, *run_args(tiny, "stopped", steps=8),
                          "--trainer.callbacks+=tests.helpers.KillAt", "--trainer.callbacks.init_args.step=0",
@@ -390,7 +388,7 @@ def test_sigterm_saves_last_checkpoint_and_resumes_exactly(tmp_path, tiny):
     ckpt = tmp_path / "runs" / "stopped" / "version_0" / "checkpoints" / "last.ckpt"
     assert weights(ckpt)["global_step"] == 1  # the step in flight finished; every_n_train_steps=2 had saved none
     resumed = run_tcplug("fit", "--config", recipe, *run_args(tiny, "stopped", steps=8), "--ckpt_path", "last",
-                         cwd=tmp_path, env=ENV)
+                         cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = weights(tmp_path / "runs" / "straight" / "version_0" / "checkpoints" / "last.ckpt")["state_dict"]
     b = weights(ckpt)["state_dict"]
@@ -405,18 +403,17 @@ def test_kill_during_checkpoint_write_leaves_last_ckpt_readable(tmp_path, tiny):
                        "      init_args:\n        kill_at: 2\n")
     recipe = RECIPES / "baseline.yaml"
     proc = run_tcplug("fit", "--config", recipe, "--config", overlay, *run_args(tiny, "b", steps=6), cwd=tmp_path,
-                      env=ENV)
+                      env=ENV, process=True)
     assert proc.returncode == -9
     ckdir = tmp_path / "runs" / "b" / "version_0" / "checkpoints"
     stale = list(ckdir.glob(".last.ckpt.*.tmp"))
     assert stale  # the half-written file ...
     assert weights(ckdir / "last.ckpt")["global_step"] == 2  # ... never replaced the good one
-    proc = run_tcplug("fit", "--config", recipe, *run_args(tiny, "b", steps=6), "--ckpt_path", "last", cwd=tmp_path,
-                      env=ENV)
+    proc = run_tcplug("fit", "--config", recipe, *run_args(tiny, "b", steps=6), "--ckpt_path", "last", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert weights(ckdir / "last.ckpt")["global_step"] == 6
     assert not list(ckdir.glob("*.tmp"))  # cleaned up by the next save
-    straight = run_tcplug("fit", "--config", recipe, *run_args(tiny, "s", steps=6), cwd=tmp_path, env=ENV)
+    straight = run_tcplug("fit", "--config", recipe, *run_args(tiny, "s", steps=6), cwd=tmp_path)
     assert straight.returncode == 0
     a = weights(tmp_path / "runs" / "s" / "version_0" / "checkpoints" / "last.ckpt")["state_dict"]
     b = weights(ckdir / "last.ckpt")["state_dict"]
@@ -515,13 +512,13 @@ def test_a_component_replaced_on_the_command_line_starts_from_its_defaults(tmp_p
     window to temporal's default (and says so) instead of silently keeping 2; a value given after
     it still wins."""
     proc = run_tcplug("fit", "--config", FULL, "--model.backbone.init_args.attention=temporal", "--print_config",
-                      cwd=tmp_path, env=ENV)
+                      cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "window=2 from the recipe is reset to Temporal's default None" in proc.stderr
     block = proc.stdout[proc.stdout.index("class_path: tcplug_attention.Temporal"):][:200]
     assert "window: null" in block
     proc = run_tcplug("fit", "--config", FULL, "--model.backbone.init_args.attention=temporal",
-                      "--model.backbone.init_args.attention.init_args.window=3", "--print_config", cwd=tmp_path, env=ENV)
+                      "--model.backbone.init_args.attention.init_args.window=3", "--print_config", cwd=tmp_path)
     block = proc.stdout[proc.stdout.index("class_path: tcplug_attention.Temporal"):][:200]
     assert "window: 3" in block
 

@@ -226,7 +226,7 @@ def test_a_full_disk_keeps_the_last_good_checkpoint_and_no_temporary_file(tmp_pa
     overlay = tmp_path / "disk.yaml"
     overlay.write_text("trainer:\n  plugins:\n    - class_path: tests.helpers.FullDisk\n      init_args:\n"
                        "        fail_at: 2\n")
-    proc = run_tcplug("fit", "--config", BASE, "--config", overlay, *run_args(TINY, "d", steps=6), cwd=tmp_path, env=ENV)
+    proc = run_tcplug("fit", "--config", BASE, "--config", overlay, *run_args(TINY, "d", steps=6), cwd=tmp_path, env=ENV, process=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "cannot write the checkpoint" in proc.stderr and "No space left on device" in proc.stderr
     ckdir = tmp_path / "runs" / "d" / "version_0" / "checkpoints"
@@ -242,13 +242,13 @@ def _exact(tmp_path, name, *kill, every=2, saved=None):
     straight = tmp_path / "runs" / "straight" / "version_0" / "checkpoints" / "last.ckpt"
     if not straight.is_file():
         straight_args = [a.replace(f"name={name}", "name=straight") for a in args]
-        assert run_tcplug("fit", "--config", BASE, *straight_args, cwd=tmp_path, env=ENV).returncode == 0
+        assert run_tcplug("fit", "--config", BASE, *straight_args, cwd=tmp_path).returncode == 0
     stopped = run_tcplug("fit", "--config", BASE, *args, "--trainer.callbacks+=tests.helpers.KillAt", *kill,
                          cwd=tmp_path, env=ENV)
     assert stopped.returncode != 0
     last = tmp_path / "runs" / name / "version_0" / "checkpoints" / "last.ckpt"
     assert saved is None or weights(last)["global_step"] == saved, stopped.stderr[-2000:]
-    resumed = run_tcplug("fit", "--config", BASE, *args, "--ckpt_path", "last", cwd=tmp_path, env=ENV)
+    resumed = run_tcplug("fit", "--config", BASE, *args, "--ckpt_path", "last", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = weights(straight), weights(last)
     assert a["global_step"] == b["global_step"] == 6
