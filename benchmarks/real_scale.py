@@ -10,6 +10,12 @@ Resumable: each measured configuration is kept in OUT/real_scale.json and not ru
   python benchmarks/real_scale.py                 # the three 1.3B configurations + the 14B plan
   python benchmarks/real_scale.py --only ckpt-9x128
   python benchmarks/real_scale.py --smoke         # the tiny Wan recipe at the same code path
+  python benchmarks/real_scale.py --levers        # loading into bf16, offload: disk (a saved 1.3B folder)
+
+`--levers` saves the random 1.3B transformer as a diffusers folder (fp32, 5.7 GB, in a temporary
+folder) and measures, each in its own process: its load straight into bf16 (`dtype: bfloat16`)
+against an fp32 load cast afterwards (peak RSS), and a sampling forward with the blocks resident
+against `offload: disk` (peak RSS of the second forward, the first one's setup not counted).
 """
 
 from __future__ import annotations
@@ -43,6 +49,62 @@ from tcplug.cli import main
 code = main(sys.argv[1:])
 print("MAXRSS " + json.dumps({"code": code, "kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
+
+
+LEVER = """
+import json, resource, sys, time, torch
+from tcplug_wan import WanBackbone
+what, folder, scratch = sys.argv[1:4]
+def hwm():
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) / 2**20
+if what == "save":
+    torch.manual_seed(0)
+    WanBackbone(config="wan2.1-t2v-1.3b").model.save_pretrained(folder + "/transformer")
+    row = {}
+elif what.startswith("load"):
+    t0 = time.perf_counter()
+    net = WanBackbone(pretrained=folder, dtype="bfloat16") if what == "load-bf16" else WanBackbone(pretrained=folder)
+    if what == "load-fp32-cast":
+        net.model.to(torch.bfloat16)
+    row = {"peak_rss_gib": hwm(), "load_s": time.perf_counter() - t0,
+           "weights_gib": sum(p.numel() * p.element_size() for p in net.parameters()) / 2**30}
+else:  # sample-resident | sample-disk: a no-grad forward at 9 frames 128^2 (3 x 16 x 16 latents, 192 tokens)
+    kw = {"offload": "disk", "offload_dir": scratch} if what == "sample-disk" else {}
+    net = WanBackbone(pretrained=folder, **kw).eval()
+    x, t, ctx = torch.randn(1, 3, 16, 16, 16), torch.tensor([500.0]), {"text": torch.zeros(1, 1, 4096)}
+    with torch.no_grad():
+        first = net(x, t, ctx)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        t0 = time.perf_counter()
+        second = net(x, t, ctx)
+    row = {"peak_rss_gib": hwm(), "forward_s": time.perf_counter() - t0, "out_sum": float(second.double().sum()),
+           "same_as_first": bool(torch.equal(first, second))}
+print("ROW " + json.dumps(row))
+"""
+
+
+def lever(what: str, folder: Path, scratch: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-c", LEVER, what, str(folder), str(scratch)], capture_output=True,
+                          text=True, env=env())
+    line = [x for x in proc.stdout.splitlines() if x.startswith("ROW ")]
+    if proc.returncode or not line:
+        raise SystemExit(f"{what}: failed\n{proc.stderr[-3000:]}")
+    return json.loads(line[-1][4:])
+
+
+def levers(results: dict, store: Path) -> None:
+    names = ["load-fp32-cast", "load-bf16", "sample-resident", "sample-disk"]
+    if all(f"lever:{n}" in results for n in names):
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, scratch = Path(tmp) / "wan-1.3b", Path(tmp) / "offload"
+        lever("save", folder, scratch)
+        for name in names:
+            if f"lever:{name}" not in results:
+                results[f"lever:{name}"] = lever(name, folder, scratch)
+                store.write_text(json.dumps(results, indent=2))
 
 
 def overlay(settings: dict, work: Path, name: str) -> Path:
@@ -94,6 +156,7 @@ def main() -> None:
     parser.add_argument("--out", default="real_scale")
     parser.add_argument("--only", nargs="*", choices=sorted(CONFIGS))
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--levers", action="store_true", help="measure the loading and offloading levers")
     parser.add_argument("--mmap-threshold", action="store_true",
                         help="run the fits with MALLOC_MMAP_THRESHOLD_=65536 (rows named NAME+mmap)")
     args = parser.parse_args()
@@ -101,6 +164,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     store = out / "real_scale.json"
     results = json.loads(store.read_text()) if store.exists() and not args.smoke else {}
+    if args.levers:
+        levers(results, store)
+        print(json.dumps({"bench": "real_scale", "results": results}))
+        return
     configs = {"smoke": SMOKE} if args.smoke else {k: v for k, v in CONFIGS.items() if not args.only or k in args.only}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -250,3 +250,45 @@ def test_a_folder_loads_straight_into_bf16_with_the_weights_of_a_cast(tmp_path):
     assert kept and all(torch.equal(half[n], full[n]) for n in kept)
     cast = [n for n, p in half.items() if p.dtype == torch.bfloat16]
     assert len(cast) > len(kept) and all(torch.equal(half[n], full[n].to(torch.bfloat16)) for n in cast)
+
+
+@pytest.mark.parametrize("family", ["wan", "ltx"])
+def test_offload_to_disk_samples_the_same_and_keeps_the_blocks_on_disk(family, tmp_path):
+    """`offload: disk`: each block's weights are written to `offload_dir` and loaded one block at a
+    time (diffusers' group offloading); a sampling forward returns what the resident model returns,
+    twice (the second from the files)."""
+    from tcplug_ltx.tiny import TEXT_DIM
+    from tcplug_ltx.tiny import TRANSFORMER as LTX
+    from tcplug_wan.tiny import TRANSFORMER as WAN
+
+    from tcplug import get_component
+
+    config, c, text = (WAN, 16, 32) if family == "wan" else (LTX, 8, TEXT_DIM)
+    outs = []
+    for offload in (None, "disk"):
+        torch.manual_seed(0)
+        kw = {"offload": "disk", "offload_dir": str(tmp_path / "blocks")} if offload else {}
+        net = get_component("backbone", family)(config=dict(config), **kw).eval()
+        x = torch.randn(1, 3, c, 8, 8, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            outs.append([net(x, torch.tensor([500.0]), {"text": torch.ones(1, 4, text)}) for _ in range(2)])
+    files = sorted((tmp_path / "blocks").glob("*.safetensors"))
+    assert len(files) >= net.num_blocks
+    assert all(torch.allclose(o, outs[0][0], atol=1e-6) for o in outs[1])
+
+
+def test_offload_refuses_training_and_unknown_modes(tmp_path):
+    """Group offloading would reload each block from the copy made when it began, losing a
+    training step's updates: a forward with gradients is refused with the levers that train."""
+    from tcplug_wan import WanBackbone
+    from tcplug_wan.tiny import TRANSFORMER
+
+    from tcplug.errors import TcplugError
+
+    net = WanBackbone(config=dict(TRANSFORMER), offload="disk", offload_dir=str(tmp_path)).train()
+    with pytest.raises(TcplugError, match="for sampling, not training.*storage_dtype"):
+        net(torch.randn(1, 3, 16, 8, 8), torch.tensor([500.0]), {"text": torch.ones(1, 4, 32)})
+    with pytest.raises(TcplugError, match="offload 'gpu' is not one of cpu, disk"):
+        WanBackbone(config=dict(TRANSFORMER), offload="gpu")
+    with pytest.raises(TcplugError, match="needs offload_dir"):
+        WanBackbone(config=dict(TRANSFORMER), offload="disk")

@@ -22,7 +22,9 @@ ADDED_SINCE = [("model", "max_loss", 1.0e4), ("model", "frame_timesteps", "clip"
                ("model", "rollout_steps", 4)]
 #: (class path, init argument, default) of every component argument added since then
 ARGS_ADDED_SINCE = [("tcplug_attention.CrossFrame", "sink", 0), ("tcplug_wan.WanBackbone", "storage_dtype", None),
-                    ("tcplug_ltx.LTXBackbone", "storage_dtype", None)]
+                    ("tcplug_ltx.LTXBackbone", "storage_dtype", None), ("tcplug_wan.WanBackbone", "offload", None),
+                    ("tcplug_wan.WanBackbone", "offload_dir", None), ("tcplug_ltx.LTXBackbone", "offload", None),
+                    ("tcplug_ltx.LTXBackbone", "offload_dir", None)]
 
 
 def drop_added_args(node):

@@ -187,7 +187,14 @@ class JointTokenBackbone(Backbone):
     family: str = "model"
 
     def _setup(self, attention: AttentionVariant | list[AttentionVariant] | None,
-               gradient_checkpointing: bool, storage_dtype: str | None = None) -> None:
+               gradient_checkpointing: bool, storage_dtype: str | None = None, offload: str | None = None,
+               offload_dir: str | None = None) -> None:
+        if offload not in (None, "cpu", "disk"):
+            raise TcplugError(f"{self.family} backbone: offload {offload!r} is not one of cpu, disk")
+        if offload == "disk" and not offload_dir:
+            raise TcplugError(f"{self.family} backbone: offload: disk needs offload_dir (a folder for the blocks' weights)")
+        self.offload, self.offload_dir = offload, offload_dir
+        self._offload_applied = False
         if gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
         if storage_dtype is not None and storage_dtype not in STORAGE_DTYPES:
@@ -222,6 +229,22 @@ class JointTokenBackbone(Backbone):
         self.model.enable_layerwise_casting(storage_dtype=STORAGE_DTYPES[self.storage_dtype], compute_dtype=compute,
                                             skip_modules_pattern=STORAGE_SKIP)
         self._storage_applied = True
+        return True
+
+    def apply_offload(self, device: torch.device) -> bool:
+        """Keep each transformer block's weights off ``device`` (in host RAM, ``offload: cpu``, or in
+        safetensors files under :attr:`offload_dir`, ``offload: disk``) and load one block at a time
+        as it runs: diffusers' group offloading (``enable_group_offload``, block level). For sampling
+        only: a training step would lose its updates (the blocks are reloaded from the copy made when
+        offloading began) and its backward pass needs every block's weights. Done once, at the first
+        forward; True when it applied."""
+        if self.offload is None or self._offload_applied:
+            return False
+        self.apply_storage_dtype()
+        kwargs = {"offload_to_disk_path": self.offload_dir} if self.offload == "disk" else {}
+        self.model.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
+                                        offload_type="block_level", num_blocks_per_group=1, **kwargs)
+        self._offload_applied = True
         return True
 
     @property
@@ -276,6 +299,13 @@ class JointTokenBackbone(Backbone):
 
     def forward(self, x: Tensor, timesteps: Tensor, context: dict[str, Any] | None = None) -> Tensor:
         self.apply_storage_dtype()
+        if self.offload is not None:
+            if torch.is_grad_enabled() and self.training:
+                raise TcplugError(f"{self.family} backbone: offload: {self.offload} is for sampling, not training "
+                                  "(diffusers' group offloading reloads each block from the copy made when offloading "
+                                  "began, so a training step's updates would be lost): train with storage_dtype "
+                                  "and gradient_checkpointing instead, and set offload for tcplug sample / stream")
+            self.apply_offload(x.device)
         b, t, c, h, w = self.check_latents(x, f"{self.family} backbone")
         p = self.patch_size
         n = (h // p) * (w // p)

@@ -88,6 +88,10 @@ class LTXBackbone(JointTokenBackbone):
         storage_dtype: store the frozen weights in ``float8_e4m3fn`` (or ``float8_e5m2``,
             ``bfloat16``, ``float16``) and compute each layer in ``dtype`` (diffusers' layerwise
             casting): fp8 halves a bf16 model's weight memory; adapters, norms and embeddings are kept.
+        offload: for sampling, keep the blocks' weights in host RAM (``cpu``) or in files under
+            ``offload_dir`` (``disk``) and load one block at a time (diffusers' group offloading);
+            refused in training (see :meth:`apply_offload`).
+        offload_dir: the folder ``offload: disk`` writes the blocks' weights to.
         attention: one variant for every block (copied per block) or one per block; None keeps
             LTX's own full 3D attention.
         frame_rate: frames per second the rotary embedding assumes (``LTXPipeline`` default 25).
@@ -100,6 +104,7 @@ class LTXBackbone(JointTokenBackbone):
 
     def __init__(self, pretrained: str | None = None, subfolder: str = "transformer", config: dict | None = None,
                  dtype: str | None = None, gradient_checkpointing: bool = False, storage_dtype: str | None = None,
+                 offload: str | None = None, offload_dir: str | None = None,
                  attention: AttentionVariant | list[AttentionVariant] | None = None, frame_rate: float = 25.0,
                  vae_compression: list[int] | None = None) -> None:
         super().__init__()
@@ -124,7 +129,7 @@ class LTXBackbone(JointTokenBackbone):
         if len(comp) != 2:
             raise TcplugError(f"ltx backbone: vae_compression is [temporal, spatial], got {comp}")
         self.rope_scale = (float(comp[0]) / frame_rate, float(comp[1]), float(comp[1]))
-        self._setup(attention, gradient_checkpointing, storage_dtype)
+        self._setup(attention, gradient_checkpointing, storage_dtype, offload, offload_dir)
 
     @property
     def blocks(self) -> nn.ModuleList:

@@ -89,6 +89,10 @@ class WanBackbone(JointTokenBackbone):
         storage_dtype: store the frozen weights in ``float8_e4m3fn`` (or ``float8_e5m2``,
             ``bfloat16``, ``float16``) and compute each layer in ``dtype`` (diffusers' layerwise
             casting): fp8 halves a bf16 model's weight memory; adapters, norms and embeddings are kept.
+        offload: for sampling, keep the blocks' weights in host RAM (``cpu``) or in files under
+            ``offload_dir`` (``disk``) and load one block at a time (diffusers' group offloading);
+            refused in training (see :meth:`apply_offload`).
+        offload_dir: the folder ``offload: disk`` writes the blocks' weights to.
         attention: one variant for every block (copied per block) or one per block; None keeps
             Wan's own attention.
     """
@@ -98,6 +102,7 @@ class WanBackbone(JointTokenBackbone):
 
     def __init__(self, pretrained: str | None = None, subfolder: str = "transformer", config: dict | str | None = None,
                  dtype: str | None = None, gradient_checkpointing: bool = False, storage_dtype: str | None = None,
+                 offload: str | None = None, offload_dir: str | None = None,
                  attention: AttentionVariant | list[AttentionVariant] | None = None) -> None:
         super().__init__()
         from diffusers import WanTransformer3DModel
@@ -118,7 +123,7 @@ class WanBackbone(JointTokenBackbone):
         self.num_blocks = int(cfg.num_layers)
         self.text_dim = int(cfg.text_dim)
         self.pretrained = pretrained
-        self._setup(attention, gradient_checkpointing, storage_dtype)
+        self._setup(attention, gradient_checkpointing, storage_dtype, offload, offload_dir)
 
     @property
     def blocks(self) -> nn.ModuleList:
