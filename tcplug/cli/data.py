@@ -32,6 +32,8 @@ def main(argv: Sequence[str]) -> int:
     synth.add_argument("--gravity", type=float, default=0.0, help="pixels/frame^2 (rounded)")
     synth.add_argument("--format", choices=["npy", "mp4"], default="npy", help="frames as exact npy or mp4")
     synth.add_argument("--shard-size", type=int, default=64, help="clips per shard")
+    synth.add_argument("--shots", type=int, default=1,
+                       help="shots of one scene per clip (cuts between cameras; --frames frames each)")
     synth.add_argument("--world", choices=["simple", "textured"], default="simple",
                        help="difficulty: smooth background and flat shapes, or textured ones")
     _write_mode(synth)
@@ -63,14 +65,22 @@ def main(argv: Sequence[str]) -> int:
         from tqdm.auto import tqdm
 
         from tcplug.data.shards import check_out_folder, encode_sample, write_shards
+        from tcplug.data.shots import make_shots
         from tcplug.data.synthetic import make_clip
 
-        if args.clips < 1 or args.frames < 2 or args.size < 8 or args.shard_size < 1:
-            raise TcplugError("need --clips >= 1, --frames >= 2, --size >= 8, --shard-size >= 1")
+        if args.clips < 1 or args.frames < 2 or args.size < 8 or args.shard_size < 1 or args.shots < 1:
+            raise TcplugError("need --clips >= 1, --frames >= 2, --size >= 8, --shard-size >= 1, --shots >= 1")
         check_out_folder(args.out, args.mode)  # before any clip is made
-        samples = (encode_sample(f"clip{i:07d}", make_clip(args.seed, i, args.frames, args.size, args.shapes,
-                                                           args.gravity, world=args.world), args.format,
-                                 {"source": "synthetic", "seed": args.seed, "index": i})
+
+        def clip(i: int) -> dict:
+            if args.shots > 1:
+                return make_shots(args.seed, i, args.shots, args.frames, args.size, args.shapes, args.gravity,
+                                  world=args.world)
+            return make_clip(args.seed, i, args.frames, args.size, args.shapes, args.gravity, world=args.world)
+
+        samples = (encode_sample(f"clip{i:07d}", clip(i), args.format,
+                                 {"source": "synthetic", "seed": args.seed, "index": i,
+                                  **({"shots": args.shots} if args.shots > 1 else {})})
                    for i in tqdm(range(args.clips), desc="synth", unit="clip"))
         shards = write_shards(args.out, samples, maxcount=args.shard_size, mode=args.mode)
         print(f"wrote {args.clips} clips in {len(shards)} shard(s) to {args.out}")

@@ -64,6 +64,16 @@ def decode_static(data: bytes, t: int, h: int, w: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr)).float()[None]
 
 
+def decode_cuts(data: bytes, t: int, h: int, w: int) -> torch.Tensor:
+    """``(T-1,)``: 1 where frames ``n, n+1`` lie in different shots."""
+    return _array(data, (t - 1,))
+
+
+def decode_ids(data: bytes, t: int, h: int, w: int) -> torch.Tensor:
+    """``(T, H, W)`` object index of each pixel (-1: background)."""
+    return _array(data, (t, h, w)).long()
+
+
 def decode_json(data: bytes, t: int, h: int, w: int):
     try:
         return json.loads(data)
@@ -108,6 +118,8 @@ GROUND_TRUTH = (
     DataKey("skeleton", "skeleton.npy", decode_skeleton, "keypoint heatmaps (T, K, H, W)"),
     DataKey("static", "static.npy", decode_static, "where no object ever goes (1, H, W), 1 = static"),
     DataKey("state", "state.json", decode_json, "object state per frame (JSON)"),
+    DataKey("cuts", "cuts.npy", decode_cuts, "shot boundaries (T-1,), 1 where frames n, n+1 lie in different shots"),
+    DataKey("ids", "ids.npy", decode_ids, "object index of each pixel (T, H, W), -1 = background"),
     DataKey("txt", "txt", decode_text, "caption (text)"),
 )
 #: written by ``tcplug data encode``: VAE latents, text embeddings and, for text encoders whose

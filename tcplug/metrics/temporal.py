@@ -20,6 +20,10 @@ the forward flow and ``M`` the non-occlusion mask of :func:`~tcplug.flow.valid_m
 - flicker = mean_n (255 - MAE(u8 V_n, u8 V_{n+1})) / 255   (within the region if given; higher
   is steadier, 1 = no change)
 
+A pair across a cut (``batch["cuts"]``, or detected with ``cuts="detect"``: see
+:mod:`tcplug.metrics.shots`) is not flicker: it is left out of every metric here and counted in the
+``cut_pairs`` state.
+
 A pair whose mask keeps no pixel at all (everything occluded or inconsistent: exactly the
 incoherent pairs) has no TVS or warping error: it is left out of the mean and counted in the
 ``empty_pairs`` state, never scored 0. Its coverage (0) is counted.
@@ -101,18 +105,24 @@ class _PairMean(VideoMetric):
     Args:
         region: ``all`` pixels, or the ``static`` region (``batch["static"]``) only.
         flow_preset: DIS preset used when no flows are given.
+        cuts: which pairs cross a cut and are left out: ``given`` (``batch["cuts"]``, none when
+            absent), ``detect`` (:func:`~tcplug.metrics.shots.detect_cuts`) or ``none``.
     """
 
     higher_is_better = False
     needs_flow = True
 
-    def __init__(self, region: Literal["all", "static"] = "all", flow_preset: str = "medium", **kwargs) -> None:
+    def __init__(self, region: Literal["all", "static"] = "all", flow_preset: str = "medium",
+                 cuts: Literal["given", "detect", "none"] = "given", **kwargs) -> None:
         super().__init__(**kwargs)
-        self.region = region
+        if cuts not in ("given", "detect", "none"):
+            raise TcplugError(f"cuts must be given, detect or none, got {cuts!r}")
+        self.region, self.cuts = region, cuts
         self.estimator = DISFlow(flow_preset)
         self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("pairs", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("empty_pairs", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("cut_pairs", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def _mask(self, batch: dict | None) -> Tensor | None:
         return None if self.region == "all" else (batch or {}).get("static")
@@ -125,11 +135,16 @@ class _PairMean(VideoMetric):
         mask = self._mask(batch)
         if self.region == "static" and mask is None:
             return
+        from tcplug.metrics.shots import cut_mask
+
         values = self._values(video, flows, mask).reshape(-1)
-        ok = ~torch.isnan(values)
+        cut = cut_mask(batch, video, self.cuts, flows)
+        cut = torch.zeros_like(values, dtype=torch.bool) if cut is None else cut.reshape(-1).to(values.device)
+        ok = ~torch.isnan(values) & ~cut
         self.total += values[ok].double().sum()
         self.pairs += int(ok.sum())
-        self.empty_pairs += int((~ok).sum())
+        self.empty_pairs += int((torch.isnan(values) & ~cut).sum())
+        self.cut_pairs += int(cut.sum())
 
     def compute(self) -> Tensor:
         if int(self.pairs) == 0:
@@ -193,5 +208,6 @@ class BackgroundFlicker(Flicker):
     """:class:`Flicker` on the data's static region (``batch["static"]``): how still the
     background stays."""
 
-    def __init__(self, flow_preset: str = "medium", **kwargs) -> None:
-        super().__init__(region="static", flow_preset=flow_preset, **kwargs)
+    def __init__(self, flow_preset: str = "medium", cuts: Literal["given", "detect", "none"] = "given",
+                 **kwargs) -> None:
+        super().__init__(region="static", flow_preset=flow_preset, cuts=cuts, **kwargs)

@@ -1,0 +1,156 @@
+"""Several shots of one scene: the multi-shot world, and metrics that know cuts (a cut is not
+flicker; identity across shots; cut detection and accuracy)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REAL = Path(__file__).parent / "data" / "cuts" / "real_clips.npz"
+
+
+def clip_tensor(frames: np.ndarray) -> torch.Tensor:
+    """``(T, H, W, 3)`` uint8 -> ``(1, T, 3, H, W)`` in ``[0, 1]``."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()[None] / 255
+
+
+def test_shots_world_keeps_its_objects_and_exact_flow_within_shots():
+    """Every cut changes the camera; the physical state runs on across cuts (world time jumps by
+    0 .. jump); within a shot, warping frame n+1 back by the stored flow gives frame n exactly on
+    the pixels not marked occluded; a pair across a cut is all occluded."""
+    from tcplug.data.shots import make_shots
+
+    c = make_shots(0, 3, shots=4, shot_frames=6, size=32, jump=3)
+    shots = c["state"]["shots"]
+    assert c["frames"].shape == (24, 32, 32, 3) and c["ids"].shape == (24, 32, 32)
+    assert c["cuts"].nonzero()[0].tolist() == [5, 11, 17]
+    assert shots[0]["scale"] == 2 and all((a["scale"], a["offset"]) != (b["scale"], b["offset"])
+                                          for a, b in zip(shots, shots[1:]))
+    assert all(0 <= b["time"] - a["time"] - 6 <= 3 for a, b in zip(shots, shots[1:]))
+    frames = c["frames"].astype(int)
+    vv, uu = np.mgrid[0:32, 0:32]
+    for t in range(23):
+        if c["cuts"][t]:
+            assert c["occ"][t].all()
+            continue
+        f = c["flow"][t].astype(int)
+        keep = c["occ"][t] == 0
+        warped = frames[t + 1][np.clip(vv + f[..., 1], 0, 31), np.clip(uu + f[..., 0], 0, 31)]
+        assert keep.any() and (warped[keep] == frames[t][keep]).all(), t
+    # the same objects in every shot: each wide shot shows every object, in its colour
+    for k, shot in enumerate(shots):
+        if shot["scale"] == 2:
+            ids = c["ids"][shot["start"]]
+            for i, obj in enumerate(c["state"]["objects"]):
+                visible = ids == i
+                assert visible.any()
+                assert (np.abs(c["frames"][shot["start"]][visible] - obj["colour"]) <= 1).all()
+
+
+def test_tvs_of_two_real_clips_joined_by_a_cut_is_the_mean_of_their_own():
+    """A hard cut between two real clips (15 pairs each): TVS over the joined video, with the cut
+    given and with the cut detected, equals the mean of the two clips' own TVS; the cut pair is
+    counted in ``cut_pairs``, not scored. Scored as one shot (cuts=none) the joined video differs."""
+    from tcplug.metrics.shots import detect_cuts
+    from tcplug.metrics.temporal import TemporalVarianceScore, estimate_flows
+
+    z = np.load(REAL)
+    a, b = clip_tensor(z["cockatoo"]), clip_tensor(z["realshort"])
+    joined = torch.cat([a, b], dim=1)
+
+    def tvs(video, mode="given", batch=None):
+        m = TemporalVarianceScore(cuts=mode)
+        m.update(video, estimate_flows(video), batch)
+        return float(m.compute()), int(m.cut_pairs)
+
+    own = (tvs(a)[0] + tvs(b)[0]) / 2
+    cuts = torch.zeros(1, 31, dtype=torch.bool)
+    cuts[0, 15] = True
+    assert detect_cuts(joined).nonzero().tolist() == [[0, 15]]
+    assert not detect_cuts(a).any() and not detect_cuts(b).any()
+    given, detected, one_shot = tvs(joined, batch={"cuts": cuts}), tvs(joined, "detect"), tvs(joined, "none")
+    assert given[1] == detected[1] == 1 and one_shot[1] == 0
+    assert given[0] == pytest.approx(own, rel=1e-5) and detected[0] == pytest.approx(own, rel=1e-5)
+    assert one_shot[0] != pytest.approx(own, rel=1e-3)
+
+
+def test_cut_detection_finds_the_worlds_cuts_and_not_a_shuffled_clip():
+    """On the multi-shot world the detected cuts are the stored ones (balanced accuracy >= 0.95 over
+    12 clips); a frame-shuffled one-camera clip (the incoherence a detector must not excuse) has
+    none."""
+    from tcplug.data.shots import make_shots
+    from tcplug.data.synthetic import make_clip
+    from tcplug.metrics.shots import CutAccuracy, detect_cuts
+
+    acc = CutAccuracy()
+    for i in range(12):
+        c = make_shots(1, i, world="simple" if i % 2 else "textured")
+        acc.update(clip_tensor(c["frames"]), batch={"cuts": torch.from_numpy(c["cuts"])[None]})
+    assert float(acc.compute()) >= 0.95
+    g = torch.Generator().manual_seed(0)
+    for i in range(4):
+        v = clip_tensor(make_clip(0, i, frames=12, size=32, world="simple", num_shapes=3)["frames"])
+        assert not detect_cuts(v[:, torch.randperm(12, generator=g)]).any()
+
+
+def test_identity_drops_when_an_object_changes_colour_after_a_cut():
+    """Cross-shot identity with the world's object masks: the data itself scores 1 (its colours are
+    flat in the simple world); recolouring object 0 from shot 2 on scores lower, by the shots in
+    between too. Without masks (the scene's colour histogram, for real video) the recoloured video
+    also scores lower."""
+    from tcplug.data.shots import make_shots
+    from tcplug.metrics.shots import CrossShotIdentity
+
+    c = make_shots(0, 5, shots=4, shot_frames=6, size=32, world="simple")
+    frames = c["frames"].copy()
+    later = np.zeros_like(c["ids"], dtype=bool)
+    later[6:] = c["ids"][6:] == 0
+    frames[later] = (30, 200, 30) if c["state"]["objects"][0]["colour_name"] != "green" else (200, 30, 200)
+    batch = {"cuts": torch.from_numpy(c["cuts"])[None], "ids": torch.from_numpy(c["ids"])[None]}
+    scores = {}
+    for name, video in (("kept", c["frames"]), ("changed", frames)):
+        for masks in (True, False):
+            m = CrossShotIdentity()
+            m.update(clip_tensor(video), batch=batch if masks else {"cuts": batch["cuts"]})
+            scores[name, masks] = (float(m.compute()), m.by_distance())
+    assert scores["kept", True][0] == pytest.approx(1.0, abs=1e-6)
+    assert scores["changed", True][0] < scores["kept", True][0] - 0.1
+    assert set(scores["kept", True][1]) == {1, 2, 3}
+    assert all(scores["changed", True][1][d] < 0.95 for d in (1, 2, 3))
+    assert scores["changed", False][0] < scores["kept", False][0]
+
+
+def test_flicker_and_warping_error_leave_out_the_cut_pairs():
+    """Every pair metric of the temporal module skips the pairs the batch marks as cuts."""
+    from tcplug.data.shots import make_shots
+    from tcplug.metrics.temporal import Flicker, WarpingError
+
+    c = make_shots(0, 1, shots=2, shot_frames=5, size=32)
+    video = clip_tensor(c["frames"])
+    flows = (torch.from_numpy(c["flow"]).permute(0, 3, 1, 2)[None], torch.from_numpy(c["flow_bwd"]).permute(0, 3, 1, 2)[None])
+    for cls in (Flicker, WarpingError):
+        m = cls()
+        m.update(video, flows, {"cuts": torch.from_numpy(c["cuts"])[None]})
+        plain = cls(cuts="none")
+        plain.update(video, flows, {"cuts": torch.from_numpy(c["cuts"])[None]})
+        assert int(m.pairs) == 8 and int(m.cut_pairs) == 1 and int(plain.pairs) + int(plain.empty_pairs) == 9
+    assert float(m.compute()) == 0.0  # exact flow within shots: nothing left to warp
+
+
+def test_synth_writes_shots_that_read_back_with_their_cuts_and_ids(tmp_path):
+    """`tcplug data synth --shots 3`: clips of 3 shots x --frames frames, with `cuts` and `ids` in
+    the shards, decoded as the generator made them."""
+    from tcplug.data.shards import SampleDecoder, TarSamples
+    from tcplug.data.shots import make_shots
+    from tests.conftest import run_tcplug
+
+    out = tmp_path / "s"
+    proc = run_tcplug("data", "synth", "--out", out, "--clips", 2, "--frames", 4, "--size", 16, "--shots", 3,
+                      "--seed", 2)
+    assert proc.returncode == 0, proc.stderr
+    decoder = SampleDecoder(["cuts", "ids", "flow"], 12, 16)
+    first = next(decoder(TarSamples(decoder)([{"url": str(sorted(out.glob("*.tar"))[0])}])))
+    ref = make_shots(2, 0, 3, 4, 16, 2, world="simple")
+    assert first["video"].shape[0] == 12 and first["cuts"].tolist() == [0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0]
+    assert torch.equal(first["ids"], torch.from_numpy(ref["ids"]).long())
