@@ -13,7 +13,7 @@ Resumable: each measured configuration is kept in OUT/real_scale.json and not ru
   python benchmarks/real_scale.py --levers        # loading into bf16, offload: disk (a saved 1.3B folder)
 
 `--levers` saves the random 1.3B transformer as a diffusers folder (fp32, 5.7 GB, in a temporary
-folder) and measures, each in its own process: its load straight into bf16 (`dtype: bfloat16`)
+folder; once as one file, once in 1 GB shards) and measures, each in its own process: its load straight into bf16 (`dtype: bfloat16`)
 against an fp32 load cast afterwards (peak RSS), and a sampling forward with the blocks resident
 against `offload: disk` (peak RSS of the second forward, the first one's setup not counted).
 """
@@ -58,9 +58,10 @@ what, folder, scratch = sys.argv[1:4]
 def hwm():
     with open("/proc/self/status") as f:
         return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) / 2**20
-if what == "save":
+if what.startswith("save"):  # save | save-sharded (1 GB files, as the published 14B folders are split)
     torch.manual_seed(0)
-    WanBackbone(config="wan2.1-t2v-1.3b").model.save_pretrained(folder + "/transformer")
+    WanBackbone(config="wan2.1-t2v-1.3b").model.save_pretrained(
+        folder + "/transformer", **({"max_shard_size": "1GB"} if what == "save-sharded" else {}))
     row = {}
 elif what.startswith("load"):
     t0 = time.perf_counter()
@@ -95,16 +96,18 @@ def lever(what: str, folder: Path, scratch: Path) -> dict:
 
 
 def levers(results: dict, store: Path) -> None:
-    names = ["load-fp32-cast", "load-bf16", "sample-resident", "sample-disk"]
-    if all(f"lever:{n}" in results for n in names):
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        folder, scratch = Path(tmp) / "wan-1.3b", Path(tmp) / "offload"
-        lever("save", folder, scratch)
-        for name in names:
-            if f"lever:{name}" not in results:
-                results[f"lever:{name}"] = lever(name, folder, scratch)
-                store.write_text(json.dumps(results, indent=2))
+    for sharded in (False, True):
+        tail = "-sharded" if sharded else ""
+        names = [n + tail for n in ("load-fp32-cast", "load-bf16")] + ([] if sharded else ["sample-resident", "sample-disk"])
+        if all(f"lever:{n}" in results for n in names):
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            folder, scratch = Path(tmp) / "wan-1.3b", Path(tmp) / "offload"
+            lever("save" + tail, folder, scratch)
+            for name in names:
+                if f"lever:{name}" not in results:
+                    results[f"lever:{name}"] = lever(name.removesuffix(tail), folder, scratch)
+                    store.write_text(json.dumps(results, indent=2))
 
 
 def overlay(settings: dict, work: Path, name: str) -> Path:

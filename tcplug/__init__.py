@@ -36,15 +36,16 @@ _LAZY = {
     "VideoDataModule": "tcplug.data",
     "read_mask": "tcplug.video",
     # the built-in metric classes (a built-in plugin registers them by name)
-    **{name: "tcplug.metrics" for name in ("BackgroundFlicker", "Coverage", "DynamicsDistance", "Flicker",
-                                           "FrameDistance",
+    **{name: "tcplug.metrics" for name in ("BackgroundFlicker", "Coverage", "CrossShotIdentity", "CutAccuracy",
+                                           "DynamicsDistance", "Flicker", "FrameDistance",
                                            "MotionRatio", "SharpnessRatio", "TemporalVarianceScore",
                                            "TrajectoryError", "WarpingError")},
 }
 
 #: the public API (a test checks it matches what the package provides)
 __all__ = [
-    "AttentionVariant", "Backbone", "BackgroundFlicker", "Component", "Coverage", "DataKey",
+    "AttentionVariant", "Backbone", "BackgroundFlicker", "Component", "Coverage", "CrossShotIdentity", "CutAccuracy",
+    "DataKey",
     "Discriminator", "DynamicsDistance", "Flicker", "FrameDistance", "FrameStream", "KINDS", "LatentDesign",
     "LossContext", "LossTerm", "MotionLocker", "MotionRatio", "RegistryError", "Router",
     "SharpnessRatio", "TCPlugModule", "TcplugError", "TemporalVarianceScore", "TrajectoryError",

@@ -154,3 +154,17 @@ def test_synth_writes_shots_that_read_back_with_their_cuts_and_ids(tmp_path):
     ref = make_shots(2, 0, 3, 4, 16, 2, world="simple")
     assert first["video"].shape[0] == 12 and first["cuts"].tolist() == [0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0]
     assert torch.equal(first["ids"], torch.from_numpy(ref["ids"]).long())
+
+
+def test_ingest_marks_the_cut_of_a_real_video_made_of_two_shots(tmp_path):
+    """`tcplug data ingest` of an mp4 holding two real shots: the clip's `cuts` mark the join (and
+    nothing else), and the pair across it is all occluded."""
+    from tcplug.data.ingest import clips_from_video
+    from tcplug.video import write_video
+
+    z = np.load(REAL)
+    path = write_video(np.concatenate([z["cockatoo"], z["realshort"]]), tmp_path / "two_shots.mp4")
+    clips = list(clips_from_video(path, frames=32, size=32))
+    assert len(clips) == 1
+    assert clips[0]["cuts"].nonzero()[0].tolist() == [15]
+    assert clips[0]["occ"][15].all() and not clips[0]["occ"][14].all()

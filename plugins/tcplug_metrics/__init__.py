@@ -3,7 +3,7 @@ companions, registered by name like any third party's metric would be.
 
 Names: ``tvs``, ``warp_error``, ``coverage``, ``flicker``, ``bg_flicker`` (flicker on the
 data's static region), ``motion_ratio``, ``sharpness_ratio``, ``frame_distance``,
-``dynamics_distance``, ``trajectory_error``.
+``dynamics_distance``, ``trajectory_error``, ``cut_accuracy``, ``shot_identity``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ def tcplug_register_components(register):
     from tcplug import (
         BackgroundFlicker,
         Coverage,
+        CrossShotIdentity,
+        CutAccuracy,
         DynamicsDistance,
         Flicker,
         FrameDistance,
@@ -40,3 +42,5 @@ def tcplug_register_components(register):
     register(FrameDistance, name="frame_distance")
     register(DynamicsDistance, name="dynamics_distance")
     register(TrajectoryError, name="trajectory_error")
+    register(CutAccuracy, name="cut_accuracy")
+    register(CrossShotIdentity, name="shot_identity")

@@ -24,8 +24,11 @@ def _square(frames: np.ndarray, size: int) -> np.ndarray:
 
 def clips_from_video(path: str | Path, frames: int, size: int, stride: int = 1, flow_preset: str = "medium") -> Iterator[dict]:
     """Non-overlapping clips of ``frames`` frames (every ``stride``-th source frame) with
-    DIS forward/backward flow and the forward-backward occlusion mask (1 = occluded)."""
+    DIS forward/backward flow, the forward-backward occlusion mask (1 = occluded) and the cuts
+    (``cuts``, ``(T-1,)``, 1 where a pair crosses a hard cut: :func:`~tcplug.metrics.shots.detect_cuts`,
+    weight-free; such a pair is all occluded: its flow means nothing)."""
     from tcplug.flow import DISFlow, valid_mask
+    from tcplug.metrics.shots import detect_cuts
     from tcplug.video import read_video
 
     video = read_video(path)[::stride]
@@ -37,11 +40,15 @@ def clips_from_video(path: str | Path, frames: int, size: int, stride: int = 1, 
         clip = video[start:start + frames]
         fwd, bwd = est(clip)
         occ = 1 - valid_mask(fwd, bwd)[:, 0]
+        video_t = torch.from_numpy(np.ascontiguousarray(clip)).permute(0, 3, 1, 2)[None].float() / 255
+        cuts = detect_cuts(video_t, (fwd[None], bwd[None]))[0]
+        occ[cuts] = 1
         yield {
             "frames": clip,
             "flow": fwd.permute(0, 2, 3, 1).numpy().astype(np.float32),
             "flow_bwd": bwd.permute(0, 2, 3, 1).numpy().astype(np.float32),
             "occ": occ.to(torch.uint8).numpy(),
+            "cuts": cuts.to(torch.uint8).numpy(),
             "txt": Path(path).stem.replace("_", " "),
             "_meta": {"source": Path(path).name, "start_frame": start * stride, "stride": stride},
         }
