@@ -13,8 +13,10 @@ Resumable: each measured configuration is kept in OUT/real_scale.json and not ru
   python benchmarks/real_scale.py --levers        # loading into bf16, offload: disk (a saved 1.3B folder)
 
 `--levers` saves the random 1.3B transformer as a diffusers folder (fp32, 5.7 GB, in a temporary
-folder; once as one file, once in 1 GB shards) and measures, each in its own process: its load straight into bf16 (`dtype: bfloat16`)
-against an fp32 load cast afterwards (peak RSS), and a sampling forward with the blocks resident
+folder; once as one file, once in 1 GB shards) and measures, each in its own process, the peak RSS of
+its load in fp32, in fp32 then cast to bf16, and straight in bf16 (`dtype: bfloat16`, diffusers'
+`torch_dtype`), with the peak of its anonymous memory (RSS also counts the pages of the mapped
+weight files, which the kernel may drop), and a sampling forward with the blocks resident
 against `offload: disk` (peak RSS of the second forward, the first one's setup not counted).
 """
 
@@ -55,20 +57,29 @@ LEVER = """
 import json, resource, sys, time, torch
 from tcplug_wan import WanBackbone
 what, folder, scratch = sys.argv[1:4]
-def hwm():
+def status(key):
     with open("/proc/self/status") as f:
-        return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) / 2**20
+        return next(int(x.split()[1]) for x in f if x.startswith(key + ":")) / 2**20
+def hwm():
+    return status("VmHWM")
+import threading
+anon = [0.0]
+def watch():  # the peak of anonymous memory: RSS also counts the mapped weight files' pages, which the kernel can drop
+    while True:
+        anon[0] = max(anon[0], status("RssAnon"))
+        time.sleep(0.002)
+threading.Thread(target=watch, daemon=True).start()
 if what.startswith("save"):  # save | save-sharded (1 GB files, as the published 14B folders are split)
     torch.manual_seed(0)
     WanBackbone(config="wan2.1-t2v-1.3b").model.save_pretrained(
         folder + "/transformer", **({"max_shard_size": "1GB"} if what == "save-sharded" else {}))
     row = {}
-elif what.startswith("load"):
+elif what.startswith("load"):  # load-fp32 | load-fp32-cast (loaded, then cast) | load-bf16 (dtype: bfloat16)
     t0 = time.perf_counter()
-    net = WanBackbone(pretrained=folder, dtype="bfloat16") if what == "load-bf16" else WanBackbone(pretrained=folder)
+    net = WanBackbone(pretrained=folder, dtype="bfloat16" if what == "load-bf16" else None)
     if what == "load-fp32-cast":
         net.model.to(torch.bfloat16)
-    row = {"peak_rss_gib": hwm(), "load_s": time.perf_counter() - t0,
+    row = {"peak_rss_gib": hwm(), "peak_anon_gib": anon[0], "load_s": time.perf_counter() - t0,
            "weights_gib": sum(p.numel() * p.element_size() for p in net.parameters()) / 2**30}
 else:  # sample-resident | sample-disk: a no-grad forward at 9 frames 128^2 (3 x 16 x 16 latents, 192 tokens)
     kw = {"offload": "disk", "offload_dir": scratch} if what == "sample-disk" else {}
@@ -98,7 +109,7 @@ def lever(what: str, folder: Path, scratch: Path) -> dict:
 def levers(results: dict, store: Path) -> None:
     for sharded in (False, True):
         tail = "-sharded" if sharded else ""
-        names = [n + tail for n in ("load-fp32-cast", "load-bf16")] + ([] if sharded else ["sample-resident", "sample-disk"])
+        names = [n + tail for n in ("load-fp32", "load-fp32-cast", "load-bf16")] + ([] if sharded else ["sample-resident", "sample-disk"])
         if all(f"lever:{n}" in results for n in names):
             continue
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,5 @@
-"""Optical flow helpers: classical estimation (OpenCV DIS), backward warping, occlusion.
+"""Optical flow helpers: classical estimation (OpenCV DIS), backward warping, occlusion, and
+hard-cut detection (a frame pair that flow cannot explain).
 
 Conventions: frames ``(T, C, H, W)`` float in ``[0, 1]``; flow ``(T-1, 2, H, W)`` in pixels,
 channel 0 = x (columns), 1 = y (rows). Forward flow ``f`` maps frame ``n`` to ``n+1``
@@ -96,3 +97,33 @@ class DISFlow:
                 progress()
         to_t = lambda fl: torch.from_numpy(np.stack(fl)).permute(0, 3, 1, 2).float()  # noqa: E731
         return to_t(fwd), to_t(bwd)
+
+
+def estimate_flows(video: Tensor, estimator: DISFlow | None = None) -> tuple[Tensor, Tensor]:
+    """Forward and backward DIS flow of clips ``(B, T, C, H, W)`` in ``[0, 1]``: each
+    ``(B, T-1, 2, H, W)``."""
+    estimator = estimator or DISFlow()
+    fw, bw = [], []
+    for clip in video:
+        frames = (clip.permute(0, 2, 3, 1).clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+        f, b = estimator(frames)
+        fw.append(f)
+        bw.append(b)
+    return torch.stack(fw).to(video.device), torch.stack(bw).to(video.device)
+
+
+def detect_cuts(video: Tensor, flows: tuple[Tensor, Tensor] | None = None, changed: float = 0.6,
+                coverage: float = 0.6, level: float = 3 / 255) -> Tensor:
+    """Hard cuts of clips ``(B, T, C, H, W)`` in ``[0, 1]``: ``(B, T-1)`` bool. A pair is a cut
+    when most of its pixels change (over ``changed`` of them by more than ``level`` in some
+    channel) and optical flow explains few of them (forward-backward consistent, :func:`valid_mask`,
+    on under ``coverage`` of the pixels); weight-free (see :mod:`tcplug.metrics.shots`).
+    ``flows``: the clips' ``(fwd, bwd)`` DIS flows, estimated when None."""
+    if video.dim() != 5 or video.shape[1] < 2:
+        raise ValueError(f"cut detection needs clips (B, T>=2, C, H, W), got {tuple(video.shape)}")
+    video = video.float()
+    b, t, c, h, w = video.shape
+    fwd, bwd = flows if flows is not None else estimate_flows(video)
+    kept = valid_mask(fwd.float().reshape(-1, 2, h, w), bwd.float().reshape(-1, 2, h, w)).mean(dim=(1, 2, 3))
+    moved = ((video[:, 1:] - video[:, :-1]).abs().amax(2) > level).float().mean(dim=(2, 3))
+    return (moved > changed) & (kept.view(b, t - 1).to(moved.device) < coverage)

@@ -39,7 +39,7 @@ def test_shots_world_keeps_its_objects_and_exact_flow_within_shots():
         warped = frames[t + 1][np.clip(vv + f[..., 1], 0, 31), np.clip(uu + f[..., 0], 0, 31)]
         assert keep.any() and (warped[keep] == frames[t][keep]).all(), t
     # the same objects in every shot: each wide shot shows every object, in its colour
-    for k, shot in enumerate(shots):
+    for shot in shots:
         if shot["scale"] == 2:
             ids = c["ids"][shot["start"]]
             for i, obj in enumerate(c["state"]["objects"]):

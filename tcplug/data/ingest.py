@@ -25,10 +25,9 @@ def _square(frames: np.ndarray, size: int) -> np.ndarray:
 def clips_from_video(path: str | Path, frames: int, size: int, stride: int = 1, flow_preset: str = "medium") -> Iterator[dict]:
     """Non-overlapping clips of ``frames`` frames (every ``stride``-th source frame) with
     DIS forward/backward flow, the forward-backward occlusion mask (1 = occluded) and the cuts
-    (``cuts``, ``(T-1,)``, 1 where a pair crosses a hard cut: :func:`~tcplug.metrics.shots.detect_cuts`,
+    (``cuts``, ``(T-1,)``, 1 where a pair crosses a hard cut: :func:`~tcplug.flow.detect_cuts`,
     weight-free; such a pair is all occluded: its flow means nothing)."""
-    from tcplug.flow import DISFlow, valid_mask
-    from tcplug.metrics.shots import detect_cuts
+    from tcplug.flow import DISFlow, detect_cuts, valid_mask
     from tcplug.video import read_video
 
     video = read_video(path)[::stride]

@@ -34,28 +34,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tcplug.flow import detect_cuts
 from tcplug.metrics.base import VideoMetric
 
 MAX_SHOTS = 32
-
-
-def detect_cuts(video: Tensor, flows: tuple[Tensor, Tensor] | None = None, changed: float = 0.6,
-                coverage: float = 0.6, level: float = 3 / 255) -> Tensor:
-    """Hard cuts of clips ``(B, T, C, H, W)`` in ``[0, 1]``: ``(B, T-1)`` bool (see the module
-    docstring for the rule). ``flows``: the clips' ``(fwd, bwd)`` DIS flows, estimated when None."""
-    from tcplug.flow import valid_mask
-    from tcplug.metrics.temporal import estimate_flows
-
-    if video.dim() != 5 or video.shape[1] < 2:
-        from tcplug.errors import TcplugError
-
-        raise TcplugError(f"cut detection needs clips (B, T>=2, C, H, W), got {tuple(video.shape)}")
-    video = video.float()
-    b, t, c, h, w = video.shape
-    fwd, bwd = flows if flows is not None else estimate_flows(video)
-    kept = valid_mask(fwd.float().reshape(-1, 2, h, w), bwd.float().reshape(-1, 2, h, w)).mean(dim=(1, 2, 3))
-    moved = ((video[:, 1:] - video[:, :-1]).abs().amax(2) > level).float().mean(dim=(2, 3))
-    return (moved > changed) & (kept.view(b, t - 1).to(moved.device) < coverage)
 
 
 def cut_mask(batch: dict | None, video: Tensor, mode: str = "given",

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from tcplug.errors import TcplugError
-from tcplug.flow import DISFlow, valid_mask, warp
+from tcplug.flow import DISFlow, estimate_flows, valid_mask, warp
 from tcplug.metrics.base import VideoMetric
 
 
@@ -51,19 +51,6 @@ def _check(video: Tensor) -> None:
         raise TcplugError(f"video must be (B, T, C, H, W), got {tuple(video.shape)}")
     if video.shape[1] < 2:
         raise TcplugError("temporal metrics need at least 2 frames")
-
-
-def estimate_flows(video: Tensor, estimator: DISFlow | None = None) -> tuple[Tensor, Tensor]:
-    """Forward and backward DIS flow of clips ``(B, T, C, H, W)`` in ``[0, 1]``: each
-    ``(B, T-1, 2, H, W)``."""
-    estimator = estimator or DISFlow()
-    fw, bw = [], []
-    for clip in video:
-        frames = (clip.permute(0, 2, 3, 1).clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
-        f, b = estimator(frames)
-        fw.append(f)
-        bw.append(b)
-    return torch.stack(fw).to(video.device), torch.stack(bw).to(video.device)
 
 
 def pair_errors(video: Tensor, fwd: Tensor | None = None, bwd: Tensor | None = None, mask: Tensor | None = None,
@@ -106,7 +93,7 @@ class _PairMean(VideoMetric):
         region: ``all`` pixels, or the ``static`` region (``batch["static"]``) only.
         flow_preset: DIS preset used when no flows are given.
         cuts: which pairs cross a cut and are left out: ``given`` (``batch["cuts"]``, none when
-            absent), ``detect`` (:func:`~tcplug.metrics.shots.detect_cuts`) or ``none``.
+            absent), ``detect`` (:func:`~tcplug.flow.detect_cuts`) or ``none``.
     """
 
     higher_is_better = False
