@@ -30,7 +30,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from tcplug.data.synthetic import CLASSES, COLOURS, WORLDS, _background, _gauss, _shape_mask
+from tcplug.data.synthetic import (
+    CLASSES,
+    COLOURS,
+    WORLDS,
+    _background,
+    _caption,
+    _gauss,
+    _objects_state,
+    _paint,
+    _pair_flow,
+    _simulate,
+)
 
 
 def _cameras(rng: np.random.Generator, shots: int, size: int, centres) -> list[tuple[int, int, int]]:
@@ -87,20 +98,8 @@ def make_shots(seed: int, index: int, shots: int = 4, shot_frames: int = 8, size
     total = int(times[-1]) + shot_frames
     g = 2 * int(round(gravity))
 
-    positions = np.zeros((total, num_shapes, 2), np.int64)
-    velocities = np.zeros((total, num_shapes, 2), np.int64)
-    for t in range(total):  # the world runs on, seen or not (bounces on the canvas walls)
-        for i, o in enumerate(objs):
-            positions[t, i], velocities[t, i] = o["pos"], o["vel"]
-            o["vel"] = o["vel"] + np.array([0, g])
-            nxt = o["pos"] + o["vel"]
-            lo, hi = 2 * o["size"], canvas - 2 - 2 * o["size"]
-            for d in range(2):
-                if nxt[d] < lo:
-                    nxt[d], o["vel"][d] = 2 * lo - nxt[d], -o["vel"][d]
-                elif nxt[d] > hi:
-                    nxt[d], o["vel"][d] = 2 * hi - nxt[d], -o["vel"][d]
-            o["pos"] = nxt
+    # the world runs on, seen or not (bounces on the canvas walls)
+    positions, velocities = _simulate(objs, total, g, lambda o: (2 * o["size"], canvas - 2 - 2 * o["size"]))
     cams = _cameras(rng, shots, size, lambda k: positions[times[k]])
 
     order = sorted(range(num_shapes), key=lambda i: -objs[i]["depth"])
@@ -117,12 +116,7 @@ def make_shots(seed: int, index: int, shots: int = 4, shot_frames: int = 8, size
             for i in order:
                 o = objs[i]
                 cx, cy = positions[t, i]
-                dx, dy = xx - cx, yy - cy
-                m = _shape_mask(o["class"], dx, dy, 2 * o["size"])
-                colour = np.array(COLOURS[o["colour_name"]], np.float32)
-                shade = 0.8 + 0.2 * np.sin((dx + dy) * o["stripe"]) if world == "textured" else np.ones_like(dx, np.float32)
-                img[m] = colour * shade[m][:, None]
-                ids[m], depth[m] = i, o["depth"]
+                _paint(img, ids, depth, o, i, xx - cx, yy - cy, 2 * o["size"], world)
                 vx, vy, vr = (cx - ox) / s, (cy - oy) / s, 2 * o["size"] / s
                 centres.append((vx, vy))
                 corners += [(vx - vr, vy - vr), (vx + vr, vy - vr), (vx - vr, vy + vr), (vx + vr, vy + vr)]
@@ -143,30 +137,16 @@ def make_shots(seed: int, index: int, shots: int = 4, shot_frames: int = 8, size
         if cam_of[t] != cam_of[t + 1]:
             cuts[t] = 1
             continue
-        s = cams[cam_of[t]][0]
-        disp = (positions[world_t[t + 1]] - positions[world_t[t]]) // s
-        for i in range(num_shapes):
-            flow[t][ids[t] == i] = disp[i]
-            flow_bwd[t][ids[t + 1] == i] = -disp[i]
-        tx = uu + flow[t, ..., 0].astype(np.int64)
-        ty = vv + flow[t, ..., 1].astype(np.int64)
-        inside = (tx >= 0) & (tx < size) & (ty >= 0) & (ty < size)
-        same = np.zeros_like(inside)
-        same[inside] = ids[t + 1][ty[inside], tx[inside]] == ids[t][inside]
-        occ[t] = (~same).astype(np.uint8)
+        disp = (positions[world_t[t + 1]] - positions[world_t[t]]) // cams[cam_of[t]][0]
+        occ[t] = _pair_flow(ids[t], ids[t + 1], disp, flow[t], flow_bwd[t])
 
     state = {
-        "size": size, "frames": n, "gravity": g // 2, "canvas": canvas,
-        "objects": [{"class": o["class"], "colour": list(COLOURS[o["colour_name"]]), "colour_name": o["colour_name"],
-                     "size": o["size"], "depth": round(o["depth"], 4)} for o in objs],
+        "size": size, "frames": n, "gravity": g // 2, "canvas": canvas, "objects": _objects_state(objs),
         "position": positions[world_t].tolist(), "velocity": velocities[world_t].tolist(),
         "shots": [{"start": k * shot_frames, "frames": shot_frames, "scale": s, "offset": [ox, oy],
                    "time": int(times[k])} for k, (s, ox, oy) in enumerate(cams)],
     }
-    desc = [f"a {o['colour_name']} {o['class']}" for o in objs]
-    motion = "bounce and fall" if g else "move"
-    caption = (", ".join(desc[:-1]) + " and " + desc[-1] if len(desc) > 1 else desc[0]) + \
-        f" {motion} over a {'textured' if world == 'textured' else 'striped'} background, in {shots} shots"
+    caption = _caption(objs, g, world) + f", in {shots} shots"
     return {
         "frames": np.stack(frames), "flow": flow, "flow_bwd": flow_bwd, "occ": occ,
         "depth": np.stack(depths).astype(np.float16), "skeleton": np.stack(skeletons).astype(np.float16),

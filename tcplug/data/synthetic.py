@@ -82,6 +82,70 @@ def _gauss(size: int, points: list[tuple[float, float]], sigma: float = 1.0) -> 
     return out
 
 
+def _paint(img: np.ndarray, ids: np.ndarray, depth: np.ndarray, o: dict, i: int, dx: np.ndarray, dy: np.ndarray,
+           r: float, world: str) -> None:
+    """Draw object ``o`` (index ``i``) of radius ``r`` over ``img`` ``(S, S, 3)``, ``ids`` and
+    ``depth``, at pixel offsets ``dx, dy`` from its centre; an object-local stripe texture in the
+    textured world, a flat colour in the simple one."""
+    m = _shape_mask(o["class"], dx, dy, r)
+    colour = np.array(COLOURS[o["colour_name"]], np.float32)
+    shade = 0.8 + 0.2 * np.sin((dx + dy) * o["stripe"]) if world == "textured" else np.ones_like(dx, np.float32)
+    img[m] = colour * shade[m][:, None]
+    ids[m], depth[m] = i, o["depth"]
+
+
+def _simulate(objs: list[dict], frames: int, gravity: int, walls) -> tuple[np.ndarray, np.ndarray]:
+    """Move the objects (their ``pos``, ``vel`` advance in place) for ``frames`` frames at constant
+    velocity plus ``gravity`` (pixels/frame^2, downwards), bouncing off ``walls(o) -> (lo, hi)`` (the
+    range of the object's centre on both axes); positions and velocities ``(frames, K, 2)``."""
+    positions = np.zeros((frames, len(objs), 2), np.int64)
+    velocities = np.zeros((frames, len(objs), 2), np.int64)
+    for t in range(frames):
+        for i, o in enumerate(objs):
+            positions[t, i], velocities[t, i] = o["pos"], o["vel"]
+            o["vel"] = o["vel"] + np.array([0, gravity])
+            nxt = o["pos"] + o["vel"]
+            lo, hi = walls(o)
+            for d in range(2):
+                if nxt[d] < lo:
+                    nxt[d], o["vel"][d] = 2 * lo - nxt[d], -o["vel"][d]
+                elif nxt[d] > hi:
+                    nxt[d], o["vel"][d] = 2 * hi - nxt[d], -o["vel"][d]
+            o["pos"] = nxt
+    return positions, velocities
+
+
+def _pair_flow(ids: np.ndarray, ids_next: np.ndarray, disp: np.ndarray, flow: np.ndarray,
+               flow_bwd: np.ndarray) -> np.ndarray:
+    """Fill one pair's forward and backward flow ``(S, S, 2)`` in place from each object's whole-pixel
+    displacement ``disp`` ``(K, 2)`` and the pixels' object ids ``(S, S)`` of both frames; returns
+    the pair's occlusion mask ``(S, S)`` uint8 (1 where pixel ``n`` is not visible in ``n+1``)."""
+    size = ids.shape[0]
+    for i in range(len(disp)):
+        flow[ids == i] = disp[i]
+        flow_bwd[ids_next == i] = -disp[i]
+    yy, xx = np.mgrid[0:size, 0:size]
+    tx = xx + flow[..., 0].astype(np.int64)
+    ty = yy + flow[..., 1].astype(np.int64)
+    inside = (tx >= 0) & (tx < size) & (ty >= 0) & (ty < size)
+    same = np.zeros_like(inside)
+    same[inside] = ids_next[ty[inside], tx[inside]] == ids[inside]
+    return (~same).astype(np.uint8)
+
+
+def _objects_state(objs: list[dict]) -> list[dict]:
+    """What ``state["objects"]`` says of each object (class, colour, size, depth)."""
+    return [{"class": o["class"], "colour": list(COLOURS[o["colour_name"]]), "colour_name": o["colour_name"],
+             "size": o["size"], "depth": round(o["depth"], 4)} for o in objs]
+
+
+def _caption(objs: list[dict], gravity: int, world: str) -> str:
+    desc = [f"a {o['colour_name']} {o['class']}" for o in objs]
+    motion = "bounce and fall" if gravity else "move"
+    return (", ".join(desc[:-1]) + " and " + desc[-1] if len(desc) > 1 else desc[0]) + \
+        f" {motion} over a {'textured' if world == 'textured' else 'striped'} background"
+
+
 def make_clip(seed: int, index: int, frames: int = 8, size: int = 32, num_shapes: int = 2,
               gravity: float = 0.0, max_speed: int | None = None, world: str = "textured") -> dict:
     """Generate clip ``index`` of the world seeded by ``seed`` (see the module docstring).
@@ -115,20 +179,7 @@ def make_clip(seed: int, index: int, frames: int = 8, size: int = 32, num_shapes
     yy, xx = np.mgrid[0:size, 0:size]
 
     # positions per frame (integer), with bounces and gravity
-    positions = np.zeros((frames, num_shapes, 2), np.int64)
-    velocities = np.zeros((frames, num_shapes, 2), np.int64)
-    for t in range(frames):
-        for i, o in enumerate(objs):
-            positions[t, i], velocities[t, i] = o["pos"], o["vel"]
-            o["vel"] = o["vel"] + np.array([0, g])
-            nxt = o["pos"] + o["vel"]
-            lo, hi = o["size"], size - 1 - o["size"]
-            for d in range(2):
-                if nxt[d] < lo:
-                    nxt[d], o["vel"][d] = 2 * lo - nxt[d], -o["vel"][d]
-                elif nxt[d] > hi:
-                    nxt[d], o["vel"][d] = 2 * hi - nxt[d], -o["vel"][d]
-            o["pos"] = nxt
+    positions, velocities = _simulate(objs, frames, g, lambda o: (o["size"], size - 1 - o["size"]))
 
     out = {k: [] for k in ("frames", "ids", "depth", "skeleton")}
     for t in range(frames):
@@ -139,13 +190,7 @@ def make_clip(seed: int, index: int, frames: int = 8, size: int = 32, num_shapes
         for i in order:
             o = objs[i]
             cx, cy = positions[t, i]
-            dx, dy = xx - cx, yy - cy
-            m = _shape_mask(o["class"], dx, dy, o["size"])
-            colour = np.array(COLOURS[o["colour_name"]], np.float32)
-            # object-local texture (flat colour in the simple world)
-            shade = 0.8 + 0.2 * np.sin((dx + dy) * o["stripe"]) if world == "textured" else np.ones_like(dx, np.float32)
-            img[m] = colour * shade[m][:, None]
-            ids[m], depth[m] = i, o["depth"]
+            _paint(img, ids, depth, o, i, xx - cx, yy - cy, o["size"], world)
             r = o["size"]
             centres.append((cx, cy))
             corners += [(cx - r, cy - r), (cx + r, cy - r), (cx - r, cy + r), (cx + r, cy + r)]
@@ -160,26 +205,11 @@ def make_clip(seed: int, index: int, frames: int = 8, size: int = 32, num_shapes
     flow_bwd = np.zeros_like(flow)
     occ = np.zeros((frames - 1, size, size), np.uint8)
     for t in range(frames - 1):
-        for i in range(num_shapes):
-            flow[t][ids[t] == i] = disp[t, i]
-            flow_bwd[t][ids[t + 1] == i] = -disp[t, i]
-        tx = xx + flow[t, ..., 0].astype(np.int64)
-        ty = yy + flow[t, ..., 1].astype(np.int64)
-        inside = (tx >= 0) & (tx < size) & (ty >= 0) & (ty < size)
-        same = np.zeros_like(inside)
-        same[inside] = ids[t + 1][ty[inside], tx[inside]] == ids[t][inside]
-        occ[t] = (~same).astype(np.uint8)
+        occ[t] = _pair_flow(ids[t], ids[t + 1], disp[t], flow[t], flow_bwd[t])
 
-    state = {
-        "size": size, "frames": frames, "gravity": g,
-        "objects": [{"class": o["class"], "colour": list(COLOURS[o["colour_name"]]), "colour_name": o["colour_name"],
-                     "size": o["size"], "depth": round(o["depth"], 4)} for o in objs],
-        "position": positions.tolist(), "velocity": velocities.tolist(),
-    }
-    desc = [f"a {o['colour_name']} {o['class']}" for o in objs]
-    motion = "bounce and fall" if g else "move"
-    caption = (", ".join(desc[:-1]) + " and " + desc[-1] if len(desc) > 1 else desc[0]) + \
-        f" {motion} over a {'textured' if world == 'textured' else 'striped'} background"
+    state = {"size": size, "frames": frames, "gravity": g, "objects": _objects_state(objs),
+             "position": positions.tolist(), "velocity": velocities.tolist()}
+    caption = _caption(objs, g, world)
     return {
         "frames": np.stack(out["frames"]), "flow": flow, "flow_bwd": flow_bwd, "occ": occ,
         "depth": np.stack(out["depth"]).astype(np.float16), "skeleton": np.stack(out["skeleton"]).astype(np.float16),
