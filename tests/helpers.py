@@ -45,9 +45,10 @@ class NanAfter(LossTerm):
 def synthetic_batch(n: int = 2, frames: int = 4, size: int = 16, seed: int = 0, shapes: int = 2, gravity: float = 0):
     """A collated batch of synthetic-world clips with every ground-truth key, as training sees it."""
     from tcplug.data import make_clip
+    from tcplug.data.schema import SHOTS
     from tcplug.data.shards import ALL_KEYS, PRECOMPUTED_KEYS, collate, decode_clip, encode_sample
 
-    keys = [k for k in ALL_KEYS if k not in PRECOMPUTED_KEYS]
+    keys = [k for k in ALL_KEYS if k not in PRECOMPUTED_KEYS and k not in {s.name for s in SHOTS}]
     samples = [decode_clip(encode_sample(f"c{i}", make_clip(seed, i, frames, size, shapes, gravity)), keys)
                for i in range(n)]
     for s in samples:

@@ -168,3 +168,36 @@ def test_ingest_marks_the_cut_of_a_real_video_made_of_two_shots(tmp_path):
     assert len(clips) == 1
     assert clips[0]["cuts"].nonzero()[0].tolist() == [15]
     assert clips[0]["occ"][15].all() and not clips[0]["occ"][14].all()
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "flow"])
+def test_keyframes_first_keeps_its_keyframes_and_fills_between_them(sampler):
+    """Keyframes first (stride 4 over 11 frames: keyframes 0, 4, 8, 10), then in-betweens with the
+    clean keyframes on both sides: the asked frames come back, the keyframes exactly as the first
+    pass made them; the in-betweens see both ends (another last keyframe changes the frames before
+    it) and are not what the same noise gives without them."""
+    from tcplug.diffusion.keyframes import KnownFrames, keyframes_first
+    from tcplug.diffusion.sampling import sample_loop
+    from tcplug.module import TCPlugModule
+    from tests.test_world import comp, dit, wake
+
+    torch.manual_seed(0)
+    kw = {"prediction_type": "v_prediction", "sampler": "ddpm"} if sampler == "ddpm" else \
+        {"noise": "flow_matching", "prediction_type": "flow"}
+    m = wake(TCPlugModule(dit(patch_size=2, attention=comp("attention", "temporal")), sample_steps=3, **kw)).eval()
+    d = m.diffusion
+    video, keys_z, keys = keyframes_first(d, 1, 11, 16, 16, stride=4, steps=3, seed=2)
+    assert video.shape == (1, 11, 3, 16, 16) and keys == [0, 4, 8, 10]
+    assert torch.equal(video[:, keys], d.latent.decode(keys_z).clamp(-1, 1))
+
+    def fill(last):
+        values = torch.zeros(1, 5, 3, 16, 16)
+        values[:, 0], values[:, -1] = keys_z[:, 1], last
+        ends = torch.tensor([True, False, False, False, True])
+        noise = torch.randn(1, 5, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            return sample_loop(lambda x, t: d.denoise(x, t, None), noise, d.schedule, 3,
+                               generator=torch.Generator().manual_seed(6), lock=KnownFrames(ends, values))
+    a, b = fill(keys_z[:, 2]), fill(-keys_z[:, 2])
+    assert torch.equal(a[:, 0], keys_z[:, 1]) and torch.equal(a[:, 4], keys_z[:, 2])
+    assert (a[:, 1:4] - b[:, 1:4]).abs().max() > 1e-3

@@ -118,9 +118,12 @@ GROUND_TRUTH = (
     DataKey("skeleton", "skeleton.npy", decode_skeleton, "keypoint heatmaps (T, K, H, W)"),
     DataKey("static", "static.npy", decode_static, "where no object ever goes (1, H, W), 1 = static"),
     DataKey("state", "state.json", decode_json, "object state per frame (JSON)"),
+    DataKey("txt", "txt", decode_text, "caption (text)"),
+)
+#: the multi-shot world's (``tcplug data synth --shots``) and, ``cuts``, ingested video's
+SHOTS = (
     DataKey("cuts", "cuts.npy", decode_cuts, "shot boundaries (T-1,), 1 where frames n, n+1 lie in different shots"),
     DataKey("ids", "ids.npy", decode_ids, "object index of each pixel (T, H, W), -1 = background"),
-    DataKey("txt", "txt", decode_text, "caption (text)"),
 )
 #: written by ``tcplug data encode``: VAE latents, text embeddings and, for text encoders whose
 #: model reads a mask over the tokens (LTX-Video), that mask; float
@@ -129,7 +132,7 @@ PRECOMPUTED = (
     DataKey("text_emb", "text_emb.npy", decode_text_emb, "text embeddings (L, D)"),
     DataKey("text_mask", "text_mask.npy", decode_text_mask, "text token mask (L,), 1 = a real token"),
 )
-BUILTIN: dict[str, DataKey] = {k.name: k for k in GROUND_TRUTH + PRECOMPUTED}
+BUILTIN: dict[str, DataKey] = {k.name: k for k in GROUND_TRUTH + SHOTS + PRECOMPUTED}
 RESERVED = {"frames", "video", "json"}  # the frames themselves and the sample's metadata
 
 
@@ -148,4 +151,4 @@ def known_keys() -> dict[str, DataKey]:
     return keys
 
 
-__all__ = ["BUILTIN", "GROUND_TRUTH", "PRECOMPUTED", "known_keys", "load_npy"]
+__all__ = ["BUILTIN", "GROUND_TRUTH", "PRECOMPUTED", "SHOTS", "known_keys", "load_npy"]
