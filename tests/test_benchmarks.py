@@ -13,8 +13,9 @@ SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("_"
 #: benchmarks whose smoke run is a section of gpu_check.py's (run once, there), and gpu_check.py itself
 #: (its own test below)
 IN_GPU_CHECK = {"attention.py", "gpu.py", "streaming.py", "gpu_check.py"}
-#: benchmarks whose smoke run another test makes (ablation.py: the sweep test's local run)
-ELSEWHERE = IN_GPU_CHECK | {"ablation.py"}
+#: benchmarks whose smoke run another test makes (ablation.py: the sweep test's local run; overhead.py:
+#: its Wan family test)
+ELSEWHERE = IN_GPU_CHECK | {"ablation.py", "overhead.py"}
 
 
 def run_script(script: str, *args: str, cwd) -> tuple[int, str, str]:
@@ -92,10 +93,10 @@ def test_ablation_through_submitits_local_executor_gives_the_local_table(tmp_pat
 
     got = {}
     for ex, rows in (("local", []), ("submitit-local", ["--rows", "baseline"])):  # local: the smoke's own rows
-        proc = subprocess.run([sys.executable, str(BENCH / "ablation.py"), "--smoke", *rows, "--executor", ex,
-                               "--out", str(tmp_path / ex)], capture_output=True, text=True, cwd=tmp_path, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        line = json.loads([x for x in proc.stdout.splitlines() if x.startswith("{")][-1])
+        code, out, err = run_script("ablation.py", "--smoke", *rows, "--executor", ex, "--out", str(tmp_path / ex),
+                                    cwd=tmp_path)
+        assert code == 0, err[-3000:]
+        line = json.loads([x for x in out.splitlines() if x.startswith("{")][-1])
         assert line["bench"] == "ablation"
         got[ex] = [r for r in json.loads((tmp_path / ex / "ablation.json").read_text())["rows"] if r["row"] == "baseline"]
     assert list((tmp_path / "submitit-local" / "sweep").glob("*_log.out"))  # the jobs ran through submitit

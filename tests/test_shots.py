@@ -122,8 +122,10 @@ def test_identity_drops_when_an_object_changes_colour_after_a_cut():
 
 
 def test_flicker_and_warping_error_leave_out_the_cut_pairs():
-    """Every pair metric of the temporal module skips the pairs the batch marks as cuts."""
+    """Every pair metric of the temporal module, and the motion ratio, skip the pairs the batch
+    marks as cuts."""
     from tcplug.data.shots import make_shots
+    from tcplug.metrics.fidelity import MotionRatio
     from tcplug.metrics.temporal import Flicker, WarpingError
 
     c = make_shots(0, 1, shots=2, shot_frames=5, size=32)
@@ -136,6 +138,9 @@ def test_flicker_and_warping_error_leave_out_the_cut_pairs():
         plain.update(video, flows, {"cuts": torch.from_numpy(c["cuts"])[None]})
         assert int(m.pairs) == 8 and int(m.cut_pairs) == 1 and int(plain.pairs) + int(plain.empty_pairs) == 9
     assert float(m.compute()) == 0.0  # exact flow within shots: nothing left to warp
+    motion = MotionRatio()
+    motion.update(video, flows, {"cuts": torch.from_numpy(c["cuts"])[None]})
+    assert int(motion.value_n) == 8  # the flow-based companions too
 
 
 def test_synth_writes_shots_that_read_back_with_their_cuts_and_ids(tmp_path):

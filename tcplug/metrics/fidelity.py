@@ -56,13 +56,26 @@ class _Ratio(VideoMetric):
         """One value per measured unit (pair or frame), any shape."""
         raise NotImplementedError
 
+    #: values are per frame pair ``(B, T-1)``: the pairs across a cut (``batch["cuts"]``) are left out
+    per_pair: bool = False
+
+    def _kept(self, video, flows, batch) -> Tensor:
+        v = self._values(video, flows)
+        if self.per_pair:
+            from tcplug.metrics.shots import cut_mask
+
+            cut = cut_mask(batch, video, "given", flows)
+            if cut is not None:
+                return v[~cut.to(v.device)].double()
+        return v.reshape(-1).double()
+
     def update(self, video, flows=None, batch=None) -> None:
-        v = self._values(video, flows).reshape(-1).double()
+        v = self._kept(video, flows, batch)
         self.value_sum += v.sum()
         self.value_n += v.numel()
 
     def update_reference(self, video, flows=None, batch=None) -> None:
-        v = self._values(video, flows).reshape(-1).double()
+        v = self._kept(video, flows, batch)
         self.ref_sum += v.sum()
         self.ref_n += v.numel()
 
@@ -71,9 +84,11 @@ class _Ratio(VideoMetric):
 
 
 class MotionRatio(_Ratio):
-    """Mean optical-flow magnitude (pixels per frame) of the clips over the reference's."""
+    """Mean optical-flow magnitude (pixels per frame) of the clips over the reference's (pairs
+    across a cut left out)."""
 
     needs_flow = True
+    per_pair = True
     needs_reference = True
 
     def _values(self, video, flows):
