@@ -76,7 +76,11 @@ def keyframes_first(model, num: int, frames: int, height: int, width: int, strid
     """Sample ``num`` clips keyframes first (see the module docstring) with
     :class:`~tcplug.diffusion.VideoDiffusion` ``model``. Returns ``(video, key_latents, keys)``:
     video ``(num, frames, 3, height, width)`` in ``[-1, 1]``, the first pass's keyframe latents
-    ``(num, K, C, h, w)`` and their latent frame indices."""
+    ``(num, K, C, h, w)`` and their latent frame indices.
+
+    The conditioners' context is built once for the whole video and not yet cut to the frames each
+    pass samples: a per-frame context (a world model's maps, depth, skeleton) does not match a
+    pass's frames; whole-clip context (captions) and none work."""
     shape = model.latent_shape(num, frames, height, width)
     t_lat = shape[1]
     keys = keyframe_indices(t_lat, stride)
