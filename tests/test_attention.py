@@ -14,7 +14,8 @@ B, T, H, N, D = 2, 6, 2, 5, 8
 CAUSAL = [("per_frame", {}), ("first_frame", {}), ("sparse_causal", {}), ("cross_frame", {"window": 2}),
           ("cross_frame", {"window": 1, "anchor": True}), ("temporal", {"causal": True}),
           ("temporal", {"causal": True, "window": 2})]
-ALL = CAUSAL + [("temporal", {}), ("full3d", {}), ("cross_frame", {"window": 0})]
+ALL = CAUSAL + [("temporal", {}), ("full3d", {}), ("cross_frame", {"window": 0}), ("shot", {"shot_frames": 2}),
+                ("shot", {"shot_frames": [1, 3], "causal": True, "later": True})]
 
 
 def variant(name, **kw):

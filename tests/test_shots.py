@@ -206,3 +206,68 @@ def test_keyframes_first_keeps_its_keyframes_and_fills_between_them(sampler):
     a, b = fill(keys_z[:, 2]), fill(-keys_z[:, 2])
     assert torch.equal(a[:, 0], keys_z[:, 1]) and torch.equal(a[:, 4], keys_z[:, 2])
     assert (a[:, 1:4] - b[:, 1:4]).abs().max() > 1e-3
+
+
+def shot_variant(**kw):
+    import tcplug
+
+    return tcplug.get_component("attention", "shot")(**kw)
+
+
+def test_shot_attention_sees_its_shot_and_earlier_shots_keyframes():
+    """The rule: dense within a shot, other shots only through their keyframes (first frames, or
+    at a stride), earlier shots only unless ``later``; shot lengths may differ."""
+    i = torch.arange(8)
+    rule = shot_variant(shot_frames=3).allowed(i[:, None], i[None, :])
+    assert rule[4, 3:6].all() and not rule[4, 6:].any()  # its shot (frames 3-5), no later shot
+    assert rule[4, 0] and not rule[4, 1:3].any()  # shot 0 only through its first frame
+    assert rule[7].tolist() == [1, 0, 0, 1, 0, 0, 1, 1]
+    both = shot_variant(shot_frames=[2, 4], keyframe_stride=2, later=True).allowed(i[:, None], i[None, :])
+    assert both[0].tolist() == [1, 1, 1, 0, 1, 0, 1, 0]  # shots [0,1] [2..5] [6,7]: keyframes 2, 4 and 6
+    causal = shot_variant(shot_frames=4, causal=True)
+    assert causal.causal and not shot_variant(shot_frames=4, causal=True, later=True).causal
+    assert causal.allowed(i[:, None], i[None, :])[5].tolist() == [1, 0, 0, 0, 1, 1, 0, 0]
+    for bad in (dict(shot_frames=0), dict(shot_frames=[]), dict(keyframe_stride=0)):
+        with pytest.raises(Exception, match="shot attention"):
+            shot_variant(**bad)
+
+
+def test_shot_positions_leave_a_shot_alone_and_tell_shots_apart():
+    """The shot rotary phase cancels within a shot (one shot: the same output as without it),
+    changes attention across shots, and is relative (shifting every frame by whole shots changes
+    nothing)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 6, 2, 5, 8, generator=g) for _ in range(3))
+    one = dict(shot_frames=6)
+    assert torch.allclose(shot_variant(**one)(q, k, v), shot_variant(**one, positions=False)(q, k, v), atol=1e-5)
+    two = dict(shot_frames=3)
+    with_pos, without = shot_variant(**two)(q, k, v), shot_variant(**two, positions=False)(q, k, v)
+    assert torch.allclose(with_pos[:, :3], without[:, :3], atol=1e-5)  # shot 0 sees only itself
+    assert not torch.allclose(with_pos[:, 3:], without[:, 3:], atol=1e-3)  # shot 1 sees shot 0's first frame
+    a = shot_variant(**two)
+    shifted = a.general(q, k, v, torch.arange(6) + 6)  # shots 2 and 3 instead of 0 and 1
+    assert torch.allclose(shifted, with_pos, atol=1e-5)
+
+
+def test_shot_attention_rule_holds_inside_dit():
+    """In a ``dit`` block (adaLN gates made non-zero), perturbing frame j changes frame i's output
+    exactly when the shot rule lets i see j: attention is the only path between frames."""
+    import tcplug
+
+    torch.manual_seed(0)
+    net = tcplug.get_component("backbone", "dit")(in_channels=3, patch_size=2, dim=32, depth=1, heads=2,
+                                                  attention=shot_variant(shot_frames=2, keyframe_stride=None)).eval()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(1, 6, 3, 4, 4)
+    ts = torch.tensor([300.0])
+    idx = torch.arange(6)
+    rule = net.blocks[0].attn.allowed(idx[:, None], idx[None, :])
+    assert not rule.all() and rule.sum() > 6  # the rule hides frames and shows some of other shots
+    with torch.no_grad():
+        base = net(x, ts)
+        for j in range(6):
+            y = x.clone()
+            y[:, j] += 1.0
+            changed = (net(y, ts) - base).abs().flatten(2).amax(2)[0] > 1e-6
+            assert changed.tolist() == [bool(rule[i, j]) or i == j for i in range(6)], j

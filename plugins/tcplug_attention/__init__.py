@@ -10,6 +10,8 @@ name               keys/values seen by the queries of frame ``n``             ca
 ``temporal``       the same token position in every frame (per-location;     option
                    rotary frame-position encoding), optionally causal/window
 ``full3d``         every token of every frame                                 no
+``shot``           every frame of its shot, other shots' keyframes; shot      option
+                   positions (:mod:`tcplug_attention.shots`)
 =================  =========================================================  ==========
 
 Shapes: ``q, k, v`` are ``(B, T, H, N, D)`` (see :class:`tcplug.AttentionVariant`). All
@@ -332,9 +334,12 @@ class Full3D(FrameRule):
 
 @hookimpl
 def tcplug_register_components(register):
+    from .shots import ShotAttention
+
     register(PerFrame, name="per_frame")
     register(FirstFrame, name="first_frame")
     register(SparseCausal, name="sparse_causal")
     register(CrossFrame, name="cross_frame")
     register(Temporal, name="temporal")
     register(Full3D, name="full3d")
+    register(ShotAttention, name="shot")
