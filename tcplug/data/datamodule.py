@@ -30,13 +30,28 @@ def default_cache_dir() -> Path:
 
 
 def synth_params(frames: int, size: int, clips: int, val_clips: int, num_shapes: int, gravity: float,
-                 seed: int, video_format: str, shard_size: int, world: str = "textured") -> dict:
+                 seed: int, video_format: str, shard_size: int, world: str = "textured", shots: int = 1) -> dict:
     params = {"version": SYNTH_VERSION, "frames": frames, "size": size, "clips": clips, "val_clips": val_clips,
               "num_shapes": num_shapes, "gravity": gravity, "seed": seed, "video_format": video_format,
               "shard_size": shard_size}
     if world != "textured":  # the textured world keeps the cache folders it always had
         params["world"] = world
+    if shots > 1:  # the multi-shot world (one-shot worlds keep their cache folders)
+        params["shots"] = shots
     return params
+
+
+def synthetic_clip(p: dict, seed: int, index: int) -> dict:
+    """Clip ``index`` of the synthetic world with parameters ``p`` (:func:`synth_params`): the
+    one-camera world, or with ``shots`` the multi-shot one (``frames / shots`` frames a shot)."""
+    from tcplug.data.shots import make_shots
+    from tcplug.data.synthetic import make_clip
+
+    world = p.get("world", "textured")
+    if p.get("shots", 1) > 1:
+        return make_shots(seed, index, p["shots"], p["frames"] // p["shots"], p["size"], p["num_shapes"],
+                          p["gravity"], world=world)
+    return make_clip(seed, index, p["frames"], p["size"], p["num_shapes"], p["gravity"], world=world)
 
 
 def synth_cache_path(cache_dir: Path, params: dict) -> Path:
@@ -49,14 +64,12 @@ def generate_synthetic(out: Path, params: dict, progress: bool = True) -> Path:
     from tqdm.auto import tqdm
 
     from tcplug.data.shards import encode_sample, write_shards
-    from tcplug.data.synthetic import make_clip
 
     if (out / "params.json").is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     p = params
-    one = encode_sample("probe", make_clip(p["seed"], 0, p["frames"], p["size"], p["num_shapes"], p["gravity"],
-                                           world=p.get("world", "textured")), p["video_format"], {})
+    one = encode_sample("probe", synthetic_clip(p, p["seed"], 0), p["video_format"], {})
     per_clip = sum(len(v) for k, v in one.items() if k != "__key__")
     total_mb = per_clip * (p["clips"] + p["val_clips"]) / 1e6
     if progress:
@@ -68,9 +81,7 @@ def generate_synthetic(out: Path, params: dict, progress: bool = True) -> Path:
     try:
         for split, n, seed in (("train", p["clips"], p["seed"]), ("val", p["val_clips"], p["seed"] + 1_000_003)):
             bar = tqdm(range(n), desc=f"synthetic world ({split})", disable=not progress, leave=False)
-            samples = (encode_sample(f"{split}{i:07d}", make_clip(seed, i, p["frames"], p["size"], p["num_shapes"],
-                                                                  p["gravity"], world=p.get("world", "textured")),
-                                     p["video_format"],
+            samples = (encode_sample(f"{split}{i:07d}", synthetic_clip(p, seed, i), p["video_format"],
                                      {"source": "synthetic", "seed": seed, "index": i}) for i in bar)
             write_shards(tmp / split, samples, prefix=split, maxcount=p["shard_size"])
         (tmp / "params.json").write_text(json.dumps(p, indent=2))
@@ -190,6 +201,9 @@ class VideoDataModule(pl.LightningDataModule):
         world: synthetic world: ``simple`` (smooth striped background, flat shapes: a small
             model learns it in minutes) or ``textured`` (high-frequency background and
             striped shapes: harder).
+        shots: synthetic world: shots of one scene per clip (the multi-shot world,
+            :mod:`tcplug.data.shots`: cuts between cameras, ``frames / shots`` frames a shot, with
+            ``cuts`` and ``ids``); 1 = one continuous camera.
         video_format: synthetic world: frames stored as ``npy`` (exact) or ``mp4``.
         shard_size: synthetic world: clips per shard.
         cache_dir: where the synthetic world is cached (default ``$TCPLUG_CACHE`` or
@@ -216,6 +230,7 @@ class VideoDataModule(pl.LightningDataModule):
         video_format: str = "npy",
         shard_size: int = 64,
         cache_dir: str | None = None,
+        shots: int = 1,
     ) -> None:
         super().__init__()
         if frames < 2:
@@ -224,6 +239,9 @@ class VideoDataModule(pl.LightningDataModule):
             raise TcplugError(f"data.size must be an even number >= 8, got {size}")
         if min(batch_size, epoch_batches, val_clips, train_clips, shard_size) < 1:
             raise TcplugError("data.batch_size, epoch_batches, val_clips, train_clips and shard_size must be >= 1")
+        if shots < 1 or frames % shots or frames // shots < 2:
+            raise TcplugError(f"data.shots must divide data.frames into shots of >= 2 frames, got {shots} shots "
+                              f"of {frames} frames")
         if keys is not None:
             known = known_keys()
             unknown = sorted(set(keys) - set(known))
@@ -237,7 +255,7 @@ class VideoDataModule(pl.LightningDataModule):
         self.batch_size, self.epoch_batches, self.val_clips = batch_size, epoch_batches, val_clips
         self.keys, self.num_workers, self.shuffle_buffer, self.seed = keys, num_workers, shuffle_buffer, seed
         self.synth = synth_params(frames, size, train_clips, val_clips, num_shapes, gravity, seed, video_format,
-                                  shard_size, world)
+                                  shard_size, world, shots)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._val: ClipList | None = None
 
