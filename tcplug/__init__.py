@@ -32,6 +32,7 @@ _LAZY = {
     **{name: "tcplug.plugins" for name in ("load_plugins", "plugin_infos", "register_plugin", "unregister_plugin")},
     **{name: "tcplug.registry" for name in ("get_component", "get_registry", "list_components")},
     "FrameStream": "tcplug.diffusion.sampling",
+    "frame_index": "tcplug.diffusion.keyframes",
     "TCPlugModule": "tcplug.module",
     "VideoDataModule": "tcplug.data",
     "read_mask": "tcplug.video",
@@ -50,7 +51,7 @@ __all__ = [
     "LossContext", "LossTerm", "MotionLocker", "MotionRatio", "RegistryError", "Router",
     "SharpnessRatio", "TCPlugModule", "TcplugError", "TemporalVarianceScore", "TrajectoryError",
     "UnknownComponentError", "VideoDataModule", "VideoMetric", "WarpingError", "WorldConditioner",
-    "__version__", "get_component", "get_registry", "hookimpl", "list_components", "load_plugins",
+    "__version__", "frame_index", "get_component", "get_registry", "hookimpl", "list_components", "load_plugins",
     "plugin_infos", "read_mask", "register_plugin", "unregister_plugin",
 ]
 

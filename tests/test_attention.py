@@ -290,3 +290,24 @@ def test_block_mask_skips_hidden_frames():
     block = frame_block_mask(mask, 128, "cpu")
     computed = int(block.kv_num_blocks.sum()) + int(block.full_kv_num_blocks.sum())  # partial + full blocks
     assert computed == 15  # 1 + 2 * 7 of 64 blocks
+
+
+def test_frame_index_in_dit():
+    """``context["frame_index"]`` reaches every dit block's variant as ``kv_index``: frames 0, 4, 8
+    under ``cross_frame`` window 1 see only themselves (= ``per_frame``), and ``temporal``'s rotary
+    frame positions follow the indices (a shift of all of them changes nothing)."""
+    from tests.test_world import wake
+
+    def net(name, **kw):
+        torch.manual_seed(0)
+        return wake(tcplug.get_component("backbone", "dit")(in_channels=3, patch_size=2, dim=32, depth=2, heads=2,
+                                                             attention=variant(name, **kw))).eval()
+
+    x, ts = torch.randn(1, 3, 3, 8, 8), torch.tensor([500.0])
+    gapped = {"frame_index": [0, 4, 8]}
+    with torch.no_grad():
+        assert torch.allclose(net("cross_frame", window=1)(x, ts, gapped), net("per_frame")(x, ts), atol=1e-5)
+        assert not torch.allclose(net("cross_frame", window=1)(x, ts), net("per_frame")(x, ts), atol=1e-4)
+        temporal = net("temporal")
+        assert torch.allclose(temporal(x, ts, {"frame_index": [3, 4, 5]}), temporal(x, ts), atol=1e-5)
+        assert not torch.allclose(temporal(x, ts, gapped), temporal(x, ts), atol=1e-4)

@@ -330,3 +330,23 @@ def test_temporal_losses_through_a_time_compressing_vae(term, family):
     assert torch.isfinite(terms[name]) and terms[name] > 0
     total.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.backbone.parameters())
+
+
+@family_param
+def test_frame_index_gives_a_subset_of_frames_its_absolute_positions(family):
+    """``context["frame_index"]``: latents holding frames 0, 4, 8 of a video are attended as those
+    frames. The variant's rule reads them (``cross_frame`` window 1 then sees no other frame: the
+    same output as ``per_frame``) and so does the model's rotary embedding (``full3d``: a shift
+    of every frame changes nothing, since rotary positions are relative; other gaps do)."""
+    x = latents(t=3, family=family)
+    ts = torch.tensor([500.0])
+    gapped = {"frame_index": [0, 4, 8]}
+    window = backbone(family, ("cross_frame", {"window": 1}), layers=2)
+    alone = backbone(family, ("per_frame", {}), layers=2)
+    full = backbone(family, ("full3d", {}), layers=2)
+    with torch.no_grad():
+        assert torch.allclose(window(x, ts, gapped), alone(x, ts), atol=1e-5)
+        assert not torch.allclose(window(x, ts), alone(x, ts), atol=1e-4)
+        plain = full(x, ts)
+        assert torch.allclose(full(x, ts, {"frame_index": [5, 6, 7]}), plain, atol=1e-4)
+        assert not torch.allclose(full(x, ts, gapped), plain, atol=1e-4)

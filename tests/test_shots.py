@@ -271,3 +271,47 @@ def test_shot_attention_rule_holds_inside_dit():
             y[:, j] += 1.0
             changed = (net(y, ts) - base).abs().flatten(2).amax(2)[0] > 1e-6
             assert changed.tolist() == [bool(rule[i, j]) or i == j for i in range(6)], j
+
+
+def test_built_in_data_with_shots_carries_the_cuts_and_ids(tmp_path):
+    """`data.shots: 4` makes the built-in world the multi-shot one: 16-frame clips of 4 shots, the
+    cuts every 4 frames and the objects' ids in every batch; shots that do not divide the frames
+    are refused before anything is generated."""
+    from tcplug.data import VideoDataModule
+    from tcplug.errors import TcplugError
+
+    dm = VideoDataModule(frames=16, size=16, shots=4, batch_size=2, epoch_batches=1, train_clips=4, val_clips=2,
+                         cache_dir=str(tmp_path), shard_size=2)
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["video"].shape == (2, 16, 3, 16, 16)
+    assert batch["cuts"].shape == (2, 15) and batch["cuts"][:, 3::4].all() and int(batch["cuts"].sum()) == 6
+    assert batch["ids"].shape == (2, 16, 16, 16)
+    with pytest.raises(TcplugError, match="data.shots"):
+        VideoDataModule(frames=16, size=16, shots=3, cache_dir=str(tmp_path))
+
+
+def test_keyframes_first_tells_the_attention_each_passs_absolute_frames():
+    """Each pass of keyframes first hands the attention variant the latent frames it samples
+    (``context["frame_index"]`` -> ``kv_index``): the keyframes 0, 4, 8, 10, then each span; so a
+    rule or a position that depends on the frame (``shot``, ``temporal``) sees the real frames."""
+    import tcplug
+    from tcplug.diffusion.keyframes import keyframes_first
+    from tcplug.module import TCPlugModule
+    from tests.test_world import dit, wake
+
+    full3d = tcplug.get_component("attention", "full3d")
+
+    class Spy(full3d):
+        seen: list = []
+
+        def forward(self, q, k, v, kv_index=None):
+            Spy.seen.append(None if kv_index is None else kv_index.tolist())
+            return super().forward(q, k, v, kv_index)
+
+    torch.manual_seed(0)
+    m = wake(TCPlugModule(dit(patch_size=2, depth=1, attention=Spy()), sample_steps=2)).eval()
+    keyframes_first(m.diffusion, 1, 11, 16, 16, stride=4, steps=2, seed=0)
+    passes = [s for i, s in enumerate(Spy.seen) if i == 0 or s != Spy.seen[i - 1]]
+    assert passes == [[0, 4, 8, 10], [0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [8, 9, 10]], passes

@@ -12,7 +12,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from tcplug import AttentionVariant, Backbone, TcplugError, get_component, hookimpl
+from tcplug import AttentionVariant, Backbone, TcplugError, frame_index, get_component, hookimpl
 
 __version__ = "0.1.0"
 
@@ -104,7 +104,7 @@ class DiTBlock(nn.Module):
         # heads-first contiguous layout (3, B, H, T, N, Dh): variants can take frame windows as views
         qkv = self.qkv(h).view(b, t, n, 3, self.heads, d // self.heads).permute(3, 0, 4, 1, 2, 5).contiguous()
         q, k, v = (y.transpose(1, 2) for y in qkv)  # (B, T, H, N, Dh) views
-        out = stream.attend(self.attn, index, q, k, v) if stream is not None else self.attn(q, k, v)
+        out = stream.attend(self.attn, index, q, k, v) if stream is not None else self.attn(q, k, v, extra.get("kv_index"))
         out = out.permute(0, 1, 3, 2, 4).reshape(b, t, n, d)
         x = x + gate1 * self.proj(out)
         if self.cross is not None and extra.get("text") is not None:
@@ -146,6 +146,9 @@ class DiT(Backbone):
     :meth:`add_ffn_experts` (a router with ``experts: ffn`` does it).
     ``context["stream"]``, if present, is a :class:`tcplug.FrameStream`: the K/V frame buffer
     that carries earlier chunks' keys/values while sampling long videos chunk by chunk.
+    ``context["frame_index"]``, if present, is the absolute latent-frame index of each of the
+    ``T`` frames (a list of ints; the keyframes-first sampler's passes): every variant gets it as
+    ``kv_index``, so its rule and its frame positions see the real frames.
     """
 
     @property
@@ -288,6 +291,7 @@ class DiT(Backbone):
         cond = self.embed_timesteps(timesteps, b, t, hh * ww)
         residuals, stream = context.get("residuals"), context.get("stream")
         extra = {k: context.get(k) for k in ("text", "text_mask", "expert_weights")}
+        extra["kv_index"] = frame_index(context, t, x.device)
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training:
                 tokens = checkpoint(block, tokens, cond, None, i, extra, use_reentrant=False)

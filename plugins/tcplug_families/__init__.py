@@ -28,7 +28,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tcplug import AttentionVariant, Backbone, LatentDesign, TcplugError, WorldConditioner
+from tcplug import (
+    AttentionVariant,
+    Backbone,
+    LatentDesign,
+    TcplugError,
+    WorldConditioner,
+    frame_index,
+)
 
 __version__ = "0.1.0"
 
@@ -96,6 +103,14 @@ def load_model(cls: type, what: str, pretrained: str | None, sub: str, config: d
     return model.to(torch_dtype) if torch_dtype is not None else model
 
 
+def frame_positions(start: int | Tensor, t: int, dtype: torch.dtype) -> Tensor:
+    """Absolute latent-frame positions ``(t,)``: ``start .. start + t`` or, for a tensor, its values
+    (the frames of a keyframes-first pass, ``context["frame_index"]``)."""
+    if torch.is_tensor(start):
+        return start.detach().to(device="cpu", dtype=dtype)
+    return torch.arange(start, start + t, dtype=dtype)
+
+
 def _load_error(exc: BaseException) -> str:
     """A model folder's load error in one line; a pickled payload named as such (torch's own text
     would advise ``weights_only=False``, which tcplug never uses)."""
@@ -128,6 +143,7 @@ class FrameAttnProcessor:
         self.grid: tuple[int, int] | None = None
         self.stream = None
         self.rotary: Any = None
+        self.kv_index: Tensor | None = None
 
     def qkv(self, attn: nn.Module, hidden_states: Tensor, rotary: Any) -> tuple[Tensor, Tensor, Tensor]:
         """``(B, L, D)`` -> query, key, value ``(B, L, heads, head_dim)`` as the model computes them."""
@@ -149,7 +165,8 @@ class FrameAttnProcessor:
             return y.view(b, t, n, attn.heads, -1).permute(0, 1, 3, 2, 4)
 
         q, k, v = frames(query), frames(key), frames(value)
-        out = self.stream.attend(self.variant, self.index, q, k, v) if self.stream is not None else self.variant(q, k, v)
+        out = self.stream.attend(self.variant, self.index, q, k, v) if self.stream is not None else \
+            self.variant(q, k, v, self.kv_index)
         out = out.permute(0, 1, 3, 2, 4).reshape(b, t * n, -1).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
@@ -273,9 +290,10 @@ class JointTokenBackbone(Backbone):
         """Write adapters (peft state dict of :attr:`lora_target`) as the family's pipeline loads them."""
         raise NotImplementedError
 
-    def rotary_at(self, start: int, t: int, h: int, w: int, device: torch.device) -> Any:
+    def rotary_at(self, start: int | Tensor, t: int, h: int, w: int, device: torch.device) -> Any:
         """The model's rotary embedding for latent frames ``start .. start + t`` (absolute
-        positions) of ``h x w`` latents, in the form :meth:`FrameAttnProcessor.qkv` takes."""
+        positions; or, with ``start`` a tensor ``(t,)``, those frames) of ``h x w`` latents, in the
+        form :meth:`FrameAttnProcessor.qkv` takes."""
         raise NotImplementedError
 
     def run(self, x: Tensor, timesteps: Tensor, context: dict[str, Any]) -> Tensor:
@@ -314,9 +332,11 @@ class JointTokenBackbone(Backbone):
         stream = context.get("stream")
         if stream is not None and not self.supports_streaming:
             raise TcplugError(f"this {self.family} backbone cannot stream: give it a causal attention variant")
-        rotary = self.rotary_at(stream.frame_start, t, h, w, x.device) if stream is not None else None
+        index = frame_index(context, t, x.device)
+        rotary = self.rotary_at(stream.frame_start if index is None else index, t, h, w, x.device) \
+            if stream is not None or index is not None else None
         for proc in self._processors:
-            proc.grid, proc.stream, proc.rotary = (t, n), stream, rotary
+            proc.grid, proc.stream, proc.rotary, proc.kv_index = (t, n), stream, rotary, index
         hooks = []
         residuals = context.get("residuals")
         if residuals is not None:
@@ -330,7 +350,7 @@ class JointTokenBackbone(Backbone):
             for hook in hooks:
                 hook.remove()
             for proc in self._processors:
-                proc.stream = proc.rotary = None
+                proc.stream = proc.rotary = proc.kv_index = None
 
 
 # ----- VAE ---------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from tcplug_families import (
     FrozenTextEncoder,
     FrozenVideoVAE,
     JointTokenBackbone,
+    frame_positions,
     load_model,
 )
 from torch import Tensor, nn
@@ -141,7 +142,7 @@ class LTXBackbone(JointTokenBackbone):
         grid), so a long video does not rebuild the whole prefix at every chunk."""
         rope = self.model.rope
         s = self.rope_scale
-        f, y, x = torch.meshgrid(torch.arange(start, start + t, dtype=torch.float32, device=device),
+        f, y, x = torch.meshgrid(frame_positions(start, t, torch.float32).to(device),
                                  torch.arange(h, dtype=torch.float32, device=device),
                                  torch.arange(w, dtype=torch.float32, device=device), indexing="ij")
         coords = torch.stack([f * s[0] * rope.patch_size_t, y * s[1] * rope.patch_size, x * s[2] * rope.patch_size])

@@ -20,6 +20,7 @@ from tcplug_families import (
     FrozenTextEncoder,
     FrozenVideoVAE,
     JointTokenBackbone,
+    frame_positions,
     load_model,
 )
 from torch import Tensor, nn
@@ -142,7 +143,7 @@ class WanBackbone(JointTokenBackbone):
         split = [rope.t_dim, rope.h_dim, rope.w_dim]
         out = []
         for table, frame in zip((rope.freqs_cos, rope.freqs_sin),
-                                get_1d_rotary_pos_embed(rope.t_dim, torch.arange(start, start + t, dtype=torch.float64),
+                                get_1d_rotary_pos_embed(rope.t_dim, frame_positions(start, t, torch.float64),
                                                         10000.0, use_real=True, repeat_interleave_real=True,
                                                         freqs_dtype=torch.float64)):  # WanRotaryPosEmbed's theta
             _, fh, fw = table.split(split, dim=1)

@@ -9,6 +9,13 @@
    frames between are denoised (:class:`KnownFrames`, per-frame timesteps), so every in-between
    sees the keyframes on both sides.
 
+Each pass tells the backbone which latent frames it holds (``context["frame_index"]``, see
+:func:`frame_index`): the attention variant gets them as ``kv_index`` and a family's rotary
+embedding their positions, so the keyframes are attended ``stride`` frames apart, as they are, and a
+rule that depends on the frame (``shot``: which shot a frame lies in) sees the real frames. A
+variant that only reaches near frames (``cross_frame`` with a small window) then sees no other
+keyframe: keyframes need one that reaches them (``full3d``, ``temporal``, ``shot``).
+
 The keyframes of the result are exactly their first-pass values. A model trained for it sees
 clips at the keyframe stride (the first pass) and mixed per-frame noise levels with clean frames
 among noisy ones (the second: ``model.frame_timesteps: independent``, diffusion forcing); any
@@ -61,6 +68,25 @@ class KnownFrames:
         return torch.where(self.known, self.values, x)
 
 
+def frame_index(context: dict[str, Any] | None, frames: int, device: torch.device | str = "cpu") -> Tensor | None:
+    """The absolute latent-frame index of each of a backbone's ``frames`` latent frames,
+    ``(frames,)`` long, from ``context["frame_index"]`` (a list of ints, increasing), or None
+    when the context has none (the frames are ``0 .. frames - 1``). A backbone hands it to its
+    attention variants as ``kv_index`` (and to its rotary embedding), so a pass over some frames of a
+    video (keyframes first) attends them as the frames they are. Not with a ``stream`` (a streamed
+    chunk's positions come from the stream)."""
+    idx = (context or {}).get("frame_index")
+    if idx is None:
+        return None
+    out = torch.as_tensor(idx, dtype=torch.long, device=device).reshape(-1)
+    if out.numel() != frames or (out.numel() > 1 and bool((out[1:] <= out[:-1]).any())) or bool((out < 0).any()):
+        raise TcplugError(f"context['frame_index'] must give {frames} increasing frame indices >= 0, got {idx}")
+    if (context or {}).get("stream") is not None:
+        raise TcplugError("context['frame_index'] and a stream cannot be combined: a streamed chunk's frames are the "
+                          "stream's")
+    return out
+
+
 def keyframe_indices(frames: int, stride: int) -> list[int]:
     """The keyframes of ``frames`` latent frames at ``stride``: ``0, stride, ...`` and the last."""
     if stride < 1 or frames < 1:
@@ -90,13 +116,16 @@ def keyframes_first(model, num: int, frames: int, height: int, width: int, strid
     null = model.null_context(context)
     scale = model.guidance_scale if guidance_scale is None else guidance_scale
 
-    def model_fn(x: Tensor, t: Tensor) -> Tensor:
-        return model.guided(x, t, context, null, scale)
-
     every = frame_generators(seed, num, range(t_lat))  # each frame's step noise, clip-major
 
     def run(frames_idx: list[int], known: KnownFrames | None) -> Tensor:
         gens = [every[c * t_lat + f] for c in range(num) for f in frames_idx]
+        at = {"frame_index": list(frames_idx)}  # the pass's frames, for the attention's rule and positions
+        ctx, nul = {**(context or {}), **at}, (None if null is None else {**null, **at})
+
+        def model_fn(x: Tensor, t: Tensor) -> Tensor:
+            return model.guided(x, t, ctx, nul, scale)
+
         return sample_loop(model_fn, noise[:, frames_idx], model.schedule, steps, lock=known,
                            configure=model.timestep_schedule((num, len(frames_idx), *shape[2:])), frame_generators=gens)
 
@@ -115,4 +144,4 @@ def keyframes_first(model, num: int, frames: int, height: int, width: int, strid
     return model.latent.decode(z).clamp(-1, 1), key_latents, keys
 
 
-__all__ = ["KnownFrames", "keyframe_indices", "keyframes_first"]
+__all__ = ["KnownFrames", "frame_index", "keyframe_indices", "keyframes_first"]
