@@ -315,3 +315,28 @@ def test_keyframes_first_tells_the_attention_each_passs_absolute_frames():
     keyframes_first(m.diffusion, 1, 11, 16, 16, stride=4, steps=2, seed=0)
     passes = [s for i, s in enumerate(Spy.seen) if i == 0 or s != Spy.seen[i - 1]]
     assert passes == [[0, 4, 8, 10], [0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [8, 9, 10]], passes
+
+
+def test_drift_figures_leave_out_cuts_and_start_each_shot_afresh():
+    """Two one-camera clips of the world joined by a cut, chunks of 8: with the cut given, every
+    chunk's figures are those of its own clip's chunk (TVS, motion, and background and object
+    colour measured against the first chunk *of its shot*); without it, the second clip's chunks
+    are measured against the first clip's (a scene change read as drift). A chunk that holds the
+    cut leaves its pair out."""
+    from tcplug.data.synthetic import make_clip
+    from tcplug.metrics.drift import chunk_figures
+
+    a, b = (make_clip(7, i, 16, 32)["frames"] for i in (0, 1))
+    joined = np.concatenate([a, b])
+    cut = np.zeros(31, dtype=bool)
+    cut[15] = True
+    own = [chunk_figures([x], 8)["figures"] for x in (a, b)]
+    given = chunk_figures([joined], 8, cuts=[cut])["figures"]
+    blind = chunk_figures([joined], 8)["figures"]
+    for name in ("tvs", "motion", "background_colour", "object_colour", "object_size"):
+        expect = np.concatenate([own[0][name][0], own[1][name][0]])
+        assert np.allclose(given[name][0], expect, equal_nan=True), (name, given[name][0], expect)
+    assert given["background_colour"][0, 2] == 0 and blind["background_colour"][0, 2] > 5
+    odd = chunk_figures([joined[4:28]], 8, cuts=[cut[4:27]])["figures"]  # chunk 8..16 holds the cut (11 | 12)
+    blind_odd = chunk_figures([joined[4:28]], 8)["figures"]
+    assert odd["tvs"][0, 1] < blind_odd["tvs"][0, 1]

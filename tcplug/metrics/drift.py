@@ -8,7 +8,8 @@ fades, its objects shrink or stop moving. :func:`chunk_figures` cuts each video 
 ===========================  =========================================================================
 figure                       per chunk
 ===========================  =========================================================================
-``tvs``                      TVS (%) over the chunk's frame pairs (no pair across a chunk boundary)
+``tvs``                      TVS (%) over the chunk's frame pairs (no pair across a chunk boundary,
+                             nor across a cut when ``cuts`` are given)
 ``motion``                   mean flow magnitude, pixels per frame
 ``sharpness``                spatial gradient energy
 ``motion_ratio``             ``motion`` over the reference clips' (with a reference)
@@ -63,9 +64,10 @@ def _flows(frames: np.ndarray, flow_preset: str) -> tuple[torch.Tensor, torch.Te
 
 
 def _per_chunk(frames: np.ndarray, fwd: torch.Tensor, bwd: torch.Tensor, chunk: int,
-               state: dict | None) -> tuple[list[dict], list[torch.Tensor]]:
+               state: dict | None, cuts: torch.Tensor | None = None) -> tuple[list[dict], list[torch.Tensor]]:
     """The figures of each chunk of one video ``(T, H, W, 3)`` uint8 (flows over all its pairs),
-    and each chunk's motion statistics ``(12,)``."""
+    and each chunk's motion statistics ``(12,)``; ``cuts`` ``(T-1,)`` bool: pairs left out, and
+    the first chunk of each shot is the one later chunks of that shot are measured against."""
     from tcplug.metrics.fidelity import colour_centroids, gradient_energy
     from tcplug.metrics.gate import clip_dynamics
     from tcplug.metrics.temporal import TemporalVarianceScore
@@ -74,22 +76,33 @@ def _per_chunk(frames: np.ndarray, fwd: torch.Tensor, bwd: torch.Tensor, chunk: 
     rows, dyn = [], []
     first: dict = {}
     colours = [o["colour"] for o in state["objects"]] if state else []
+    cuts = torch.zeros(len(frames) - 1, dtype=torch.bool) if cuts is None else torch.as_tensor(cuts).bool().reshape(-1)
+    if len(cuts) != len(frames) - 1:
+        raise TcplugError(f"cuts for a video of {len(frames)} frames must have {len(frames) - 1} pairs, got {len(cuts)}")
+    shot_of = torch.cat([torch.zeros(1, dtype=torch.long), cuts.long().cumsum(0)])  # (T,)
     for start in range(0, len(frames) - 1, chunk):
         stop = min(start + chunk, len(frames))
         if stop - start < 2:
             break
+        keep = ~cuts[start:stop - 1]  # the chunk's pairs within a shot
+        if not keep.any():  # every pair crosses a cut: nothing to measure
+            rows.append({"start": start, "frames": stop - start})
+            dyn.append(None)
+            continue
+        if first and int(shot_of[start]) != first["shot"]:  # a new shot: its own first chunk
+            first = {}
         v, f, b = video[start:stop], fwd[start:stop - 1], bwd[start:stop - 1]
         tvs = TemporalVarianceScore()
-        tvs.update(v[None], (f[None], b[None]))
-        mag = f.norm(dim=1)  # (P, H, W)
+        tvs.update(v[None], (f[None], b[None]), {"cuts": cuts[start:stop - 1][None]})
+        mag = f[keep].norm(dim=1)  # (P, H, W): pairs within a shot
         static = (mag < STATIC_PX).all(0)
         moving = mag > MOVING_PX
         median = v.median(0).values  # (3, H, W)
         row = {"start": start, "frames": stop - start, "tvs": float(tvs.compute()), "motion": float(mag.mean()),
                "sharpness": float(gradient_energy(v[None]).mean())}
-        moving_px = v[1:].permute(1, 0, 2, 3)[:, moving]  # (3, n) colours of moving pixels
+        moving_px = v[1:][keep].permute(1, 0, 2, 3)[:, moving]  # (3, n) colours of moving pixels
         if not first:
-            first = {"static": static, "median": median,
+            first = {"shot": int(shot_of[start]), "static": static, "median": median,
                      "object_colour": moving_px.mean(1) if moving_px.numel() else None,
                      "object_size": float(moving.float().mean())}
         both = static & first["static"]
@@ -123,7 +136,8 @@ def _per_chunk(frames: np.ndarray, fwd: torch.Tensor, bwd: torch.Tensor, chunk: 
             rel = rel[np.isfinite(rel)]
             row["object_size_true"] = float(rel.mean()) if rel.size else math.nan
         rows.append(row)
-        dyn.append(clip_dynamics(v[None], f[None])[0])
+        seg = int(keep.long().cumprod(0).sum()) + 1  # the chunk's frames up to its first cut
+        dyn.append(clip_dynamics(v[None, :seg], f[None, :seg - 1])[0] if seg >= 2 else None)
     return rows, dyn
 
 
@@ -138,11 +152,14 @@ def _grad(frame: torch.Tensor) -> torch.Tensor:
 
 def chunk_figures(videos: list[np.ndarray], chunk: int, reference: list[np.ndarray] | None = None,
                   states: list[dict | None] | None = None, flow_preset: str = "medium",
-                  progress: bool = False) -> dict:
+                  progress: bool = False, cuts: list | None = None) -> dict:
     """Per-chunk figures of ``videos`` ``[(T, H, W, 3) uint8]`` (one frame size), chunks of
     ``chunk`` frames; ``reference`` clips of that size add the ratios and the dynamics distance;
     ``states`` (each video's object state over its whole length, or None) add the figures against
-    the truth.
+    the truth. ``cuts`` (per video ``(T-1,)``, 1 where frames ``n, n+1`` lie in different shots, or
+    None) leaves the pairs across a cut out of every flow-based figure, and measures the figures
+    against the first chunk against the first chunk *of the same shot* (a cut is not drift; align
+    ``chunk`` with the shots for chunks of one shot).
 
     Returns ``{"chunk", "starts" (chunk start frames), "figures": {name: (videos, chunks) array}}``
     (chunks a video does not reach are NaN)."""
@@ -154,17 +171,18 @@ def chunk_figures(videos: list[np.ndarray], chunk: int, reference: list[np.ndarr
     if not videos:
         raise TcplugError("no videos to measure")
     states = states or [None] * len(videos)
+    cuts = cuts or [None] * len(videos)
     per_video, dyn = [], []
-    it = zip(videos, states)
+    it = zip(videos, states, cuts)
     if progress:
         from tqdm.auto import tqdm
 
         it = tqdm(it, total=len(videos), desc="drift", unit="video", leave=False)
-    for frames, state in it:
+    for frames, state, cut in it:
         if len(frames) < 2:
             raise TcplugError(f"a video of {len(frames)} frame(s): need at least 2")
         fwd, bwd = _flows(frames, flow_preset)
-        rows, d = _per_chunk(frames, fwd, bwd, chunk, state)
+        rows, d = _per_chunk(frames, fwd, bwd, chunk, state, cut)
         per_video.append(rows)
         dyn.append(d)
     n_chunks = max(len(r) for r in per_video)
@@ -192,7 +210,7 @@ def chunk_figures(videos: list[np.ndarray], chunk: int, reference: list[np.ndarr
         ref = torch.stack(ref_dyn)
         dist = np.full((1, n_chunks), np.nan)
         for c in range(n_chunks):
-            at = [d[c] for d in dyn if c < len(d)]
+            at = [d[c] for d in dyn if c < len(d) and d[c] is not None]
             if at:
                 dist[0, c] = standardized_mmd(torch.stack(at), ref, ref)
         figures["dynamics_distance"] = np.repeat(dist, len(videos), 0)
