@@ -340,3 +340,49 @@ def test_drift_figures_leave_out_cuts_and_start_each_shot_afresh():
     odd = chunk_figures([joined[4:28]], 8, cuts=[cut[4:27]])["figures"]  # chunk 8..16 holds the cut (11 | 12)
     blind_odd = chunk_figures([joined[4:28]], 8)["figures"]
     assert odd["tvs"][0, 1] < blind_odd["tvs"][0, 1]
+
+
+def _no_bounce_clip(shots=4, shot_frames=4, size=64):
+    """The first clip of the multi-shot world whose objects keep their velocity (no bounce) and
+    whose cuts jump forward in time: free flight is then its exact dynamics."""
+    from tcplug.data.shots import make_shots
+
+    for i in range(200):
+        c = make_shots(3, i, shots, shot_frames, size, max_speed=1, jump=4)
+        vel = np.array(c["state"]["velocity"])
+        times = [s["time"] for s in c["state"]["shots"]]
+        cams = {s["scale"] for s in c["state"]["shots"]}
+        if (vel == vel[:1]).all() and times[-1] > (shots - 1) * shot_frames and cams == {1, 2}:
+            return c
+    raise AssertionError("no clip without a bounce")
+
+
+def _iou(maps, ids):
+    occ = maps[0, :, 0] > 0  # occupancy channel in [-1, 1]
+    truth = torch.from_numpy(ids >= 0)
+    return [float((occ[t] & truth[t]).sum() / (occ[t] | truth[t]).sum().clamp(min=1)) for t in range(len(ids))]
+
+
+def test_world_model_state_carries_across_cuts_into_each_shots_camera():
+    """physics_state on the multi-shot world: the state rolls on in world time (a cut may jump
+    forward) and renders through each shot's camera (wide: the canvas at half scale; close-up: a
+    quarter of it), so its maps cover the clip's objects in every shot (free flight from the first
+    frame, no learned correction, on a clip without bounces); streaming chunk by chunk gives the
+    same maps; the dynamics loss leaves out the pairs across a cut (not one world step apart)."""
+    import tcplug
+
+    clip = _no_bounce_clip()
+    world = tcplug.get_component("conditioner", "physics_state")(shapes=True)
+    batch = {"state": [clip["state"]], "frame_size": (64, 64), "num_frames": 16}
+    maps = world.maps(batch, (1, 16, 3, 64, 64))
+    ious = _iou(maps, clip["ids"])
+    assert min(ious) > 0.7, [round(x, 2) for x in ious]
+    scales = {s["scale"] for s in clip["state"]["shots"]}
+    assert scales == {1, 2}  # both cameras are in the clip
+    state, parts = {}, []
+    for start in range(0, 16, 3):
+        parts.append(world.stream_maps(batch, range(start, min(start + 3, 16)), (1, 16, 3, 64, 64), state))
+    assert torch.allclose(torch.cat(parts, 1), maps, atol=1e-5)
+    # the dynamics loss of free flight is zero here: no pair across a (jumping) cut is counted
+    loss = world.auxiliary_loss({"state": [clip["state"]]})
+    assert float(loss) < 1e-6, float(loss)

@@ -281,14 +281,15 @@ class PhysicsState(MapConditioner):
         out = {"pos": torch.zeros(b, t, k, 2), "vel": torch.zeros(b, t, k, 2), "size": torch.zeros(b, k),
                "depth": torch.ones(b, k), "colour": torch.zeros(b, k, 3), "present": torch.zeros(b, k),
                "shape": torch.zeros(b, k, dtype=torch.long),
-               "gravity": torch.zeros(b), "world": torch.zeros(b)}
+               "gravity": torch.zeros(b), "world": torch.zeros(b), "frame": torch.zeros(b)}
         for i, s in enumerate(states):
             n = len(s["objects"])
             out["pos"][i, :, :n] = torch.tensor(s["position"], dtype=torch.float32)[:t]
             vel = s.get("velocity") or [[[0, 0]] * n] * t
             out["vel"][i, :, :n] = torch.tensor(vel, dtype=torch.float32)[:t]
+            units = float(s.get("canvas", s.get("size", 32))) / float(s.get("size", 32))  # world units a frame pixel
             for j, o in enumerate(s["objects"]):
-                out["size"][i, j] = float(o["size"])
+                out["size"][i, j] = float(o["size"]) * units
                 out["depth"][i, j] = float(o.get("depth", 0.5))
                 out["colour"][i, j] = torch.tensor(o.get("colour", [255, 255, 255]), dtype=torch.float32) / 255
                 kind = o.get("class", "circle")
@@ -297,7 +298,32 @@ class PhysicsState(MapConditioner):
                 out["shape"][i, j] = SHAPES.index(kind)
                 out["present"][i, j] = 1
             out["gravity"][i] = float(s.get("gravity", 0))
-            out["world"][i] = float(s.get("size", 32))
+            out["world"][i] = float(s.get("canvas", s.get("size", 32)))
+            out["frame"][i] = float(s.get("size", 32))
+        return {key: v.to(device) for key, v in out.items()}
+
+    @staticmethod
+    def cameras(states: list[dict[str, Any]], frames: int, device=None) -> dict[str, Tensor]:
+        """Each video frame's world time and camera, ``(B, frames)``: ``time`` (long), ``scale``
+        (world units per frame pixel) and ``offset`` ``(B, frames, 2)`` (the view's corner in world
+        units). A one-camera state: ``time = frame``, scale 1, offset 0; a multi-shot state
+        (``shots``: each shot's ``start``, ``frames``, camera ``scale`` and ``offset`` and world
+        ``time`` of its first frame, :mod:`tcplug.data.shots`) its shots, the last one running on
+        past its frames."""
+        if isinstance(states, dict):
+            states = [states]
+        b = len(states)
+        out = {"time": torch.arange(frames).repeat(b, 1), "scale": torch.ones(b, frames),
+               "offset": torch.zeros(b, frames, 2)}
+        for i, s in enumerate(states):
+            for k, shot in enumerate(s.get("shots") or []):
+                start = int(shot["start"])
+                stop = frames if k == len(s["shots"]) - 1 else min(frames, start + int(shot["frames"]))
+                if start >= frames:
+                    break
+                out["time"][i, start:stop] = int(shot["time"]) + torch.arange(stop - start)
+                out["scale"][i, start:stop] = float(shot["scale"])
+                out["offset"][i, start:stop] = torch.tensor([float(v) for v in shot["offset"]])
         return {key: v.to(device) for key, v in out.items()}
 
     def _vector(self, pos: Tensor, vel: Tensor, st: dict[str, Tensor]) -> Tensor:
@@ -332,15 +358,24 @@ class PhysicsState(MapConditioner):
             vs.append(vel)
         return torch.stack(ps, 1), torch.stack(vs, 1)
 
-    def render(self, pos: Tensor, st: dict[str, Tensor], height: int, width: int) -> Tensor:
-        """Soft discs (or silhouettes) ``(B, T, 5, H, W)``: occupancy, depth, RGB; near objects over far ones."""
+    def render(self, pos: Tensor, st: dict[str, Tensor], height: int, width: int,
+               cams: dict[str, Tensor] | None = None) -> Tensor:
+        """Soft discs (or silhouettes) ``(B, T, 5, H, W)``: occupancy, depth, RGB; near objects over
+        far ones; world positions ``pos`` ``(B, T, K, 2)`` seen through each frame's camera
+        (:meth:`cameras`; None: the whole world, one camera)."""
         b, t, k, _ = pos.shape
-        scale_x, scale_y = width / st["world"], height / st["world"]
+        frame = st.get("frame", st["world"])  # the frame size (a state without one: the world's)
+        if cams is None:
+            cams = {"scale": st["world"].view(b, 1).expand(b, t) / frame.view(b, 1),
+                    "offset": torch.zeros(b, t, 2, device=pos.device)}
+        view = cams["scale"].to(pos).view(b, t, 1)  # world units per frame pixel
+        scale_x, scale_y = width / frame.view(b, 1, 1) / view, height / frame.view(b, 1, 1) / view
         ys = torch.arange(height, device=pos.device, dtype=torch.float32).view(1, 1, 1, height, 1)
         xs = torch.arange(width, device=pos.device, dtype=torch.float32).view(1, 1, 1, 1, width)
-        cx = (pos[..., 0] * scale_x.view(-1, 1, 1))[..., None, None]
-        cy = (pos[..., 1] * scale_y.view(-1, 1, 1))[..., None, None]
-        r = (st["size"] * scale_x[:, None]).view(b, 1, k, 1, 1)
+        off = cams["offset"].to(pos).view(b, t, 1, 2)
+        cx = ((pos[..., 0] - off[..., 0]) * scale_x)[..., None, None]
+        cy = ((pos[..., 1] - off[..., 1]) * scale_y)[..., None, None]
+        r = (st["size"].view(b, 1, k) * scale_x)[..., None, None]  # (B, T, K, 1, 1)
         dx, dy = xs - cx, ys - cy
         margin = r - (dx**2 + dy**2).sqrt()  # > 0 inside, in pixels
         if self.shapes:  # each class as the synthetic world draws it (edge pixels inclusive)
@@ -371,7 +406,7 @@ class PhysicsState(MapConditioner):
         if batch.get("video") is not None:
             height, width = batch["video"].shape[-2:]
         else:  # at sampling the module passes the requested frame size
-            height, width = batch.get("frame_size") or (int(st["world"][0]), int(st["world"][0]))
+            height, width = batch.get("frame_size") or (int(st["frame"][0]), int(st["frame"][0]))
         return st, int(height), int(width)
 
     def maps(self, batch: dict[str, Any], latent_shape: tuple[int, ...]) -> Tensor:
@@ -379,8 +414,17 @@ class PhysicsState(MapConditioner):
         t = batch["video"].shape[1] if batch.get("video") is not None else batch.get("num_frames") or latent_shape[1]
         with torch.no_grad():
             st, height, width = self.initial_state(batch, latent_shape)
-            pos, _ = self.rollout(st, t)
-        return self.render(pos, st, height, width)
+            cams = self.cameras(batch.get("state") or [{}], t, device=st["pos"].device)
+            if cams["time"].shape[0] == 1 and st["pos"].shape[0] > 1:
+                cams = {k: v.expand(st["pos"].shape[0], *v.shape[1:]) for k, v in cams.items()}
+            pos = self.seen(self.rollout(st, int(cams["time"].max()) + 1)[0], cams["time"])
+        return self.render(pos, st, height, width, cams)
+
+    @staticmethod
+    def seen(world: Tensor, time: Tensor) -> Tensor:
+        """The rollout ``(B, T_world, K, 2)`` at each video frame's world time ``(B, T)``: the world
+        runs on between shots (a cut may jump forward), its state carried across cuts."""
+        return torch.gather(world, 1, time.long().view(*time.shape, 1, 1).expand(-1, -1, *world.shape[2:]))
 
     @torch.no_grad()
     def stream_maps(self, batch: dict[str, Any], frames: range, latent_shape: tuple[int, ...],
@@ -390,17 +434,26 @@ class PhysicsState(MapConditioner):
         equal :meth:`maps` of the whole video cut to them."""
         if not state:
             st, height, width = self.initial_state(batch, latent_shape)
-            state.update(st=st, size=(height, width), pos=st["pos"][:, 0], vel=st["vel"][:, 0], frame=0)
+            state.update(st=st, size=(height, width), pos=st["pos"][:, 0], vel=st["vel"][:, 0], frame=0,
+                         traj={0: st["pos"][:, 0]}, world=0)
         st, pos, vel = state["st"], state["pos"], state["vel"]
         if frames.start != state["frame"]:
             raise TcplugError(f"{type(self).__name__}: streamed chunks must follow each other (frame "
                               f"{state['frame']} next, asked for {frames.start})")
-        out = []
-        for _ in frames:
-            out.append(pos)
+        b = st["pos"].shape[0]
+        cams = self.cameras(batch.get("state") or [{}], frames.stop, device=st["pos"].device)
+        cams = {k: v[:, frames.start:] for k, v in cams.items()}
+        cams = {k: v.expand(b, *v.shape[1:]) for k, v in cams.items()}
+        time, traj = cams["time"], state["traj"]  # traj: world time -> positions (B, K, 2), from the first needed
+        while state["world"] < int(time.max()):  # the world runs on between the frames seen (and across cuts)
             pos, vel = self.step(pos, vel, st)
+            state["world"] += 1
+            traj[state["world"]] = pos
+        out = torch.stack([torch.stack([traj[int(w)][i] for w in time[i]]) for i in range(b)])  # (B, T, K, 2)
+        for w in [w for w in traj if w < int(time[:, -1].min())]:  # later chunks need no earlier time
+            del traj[w]
         state.update(pos=pos, vel=vel, frame=frames.stop)
-        return self.render(torch.stack(out, 1), st, *state["size"])
+        return self.render(out, st, *state["size"], cams)
 
     def param_groups(self) -> list[dict[str, Any]]:
         """The dynamics train at ``lr * lr_scale`` in a parameter group of their own."""
@@ -412,17 +465,21 @@ class PhysicsState(MapConditioner):
         """Prediction error of the dynamics on the true trajectory (normalized units): of one
         step from every true frame, plus (``rollout_loss``) of the whole rollout from the first
         frame, which is what the maps are rendered from."""
-        st = self.parse(_need(batch, "state", "physics_state"), device=self.dynamics[0].weight.device)
+        states = _need(batch, "state", "physics_state")
+        st = self.parse(states, device=self.dynamics[0].weight.device)
         if st["pos"].shape[1] < 2:
             return self.dynamics[0].weight.sum() * 0
-        pos, vel = st["pos"][:, :-1].flatten(0, 1), st["vel"][:, :-1].flatten(0, 1)
         t = st["pos"].shape[1] - 1
+        time = self.cameras(states, t + 1, device=st["pos"].device)["time"]  # (B, T): a cut may jump on
+        one = (time[:, 1:] == time[:, :-1] + 1).flatten()  # pairs one world step apart (within a shot)
         rep = {k: v.repeat_interleave(t, 0) for k, v in st.items() if k != "pos" and k != "vel"}
         true_pos, true_vel = st["pos"][:, 1:].flatten(0, 1), st["vel"][:, 1:].flatten(0, 1)
-        p1, v1 = self.step(pos, vel, rep)
-        loss = self._error(p1, v1, true_pos, true_vel, rep)
+        p1, v1 = self.step(st["pos"][:, :-1].flatten(0, 1)[one], st["vel"][:, :-1].flatten(0, 1)[one],
+                           {k: v[one] for k, v in rep.items()})
+        loss = self._error(p1, v1, true_pos[one], true_vel[one], {k: v[one] for k, v in rep.items()})
         if self.rollout_loss:
-            p, v = self.rollout(st, t + 1)
+            p, v = self.rollout(st, int(time.max()) + 1)
+            p, v = self.seen(p, time), self.seen(v, time)
             loss = loss + self._error(p[:, 1:].flatten(0, 1), v[:, 1:].flatten(0, 1), true_pos, true_vel, rep)
         return loss
 
