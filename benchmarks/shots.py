@@ -3,8 +3,10 @@ the fidelity gate per shot, and a strip of each recipe's shots.
 
 Recipes (``recipes/shots/``): ``plain`` (base.yaml on 32-frame clips of the multi-shot world:
 4 shots of 8 frames, a wide shot then close-ups, with cross-frame attention to 2 previous frames and
-the first frame) and ``shot_attention`` (the same with the ``shot`` attention variant: dense within
-a shot, the other shots' keyframes across cuts, shot-index positions). Each recipe trains for each
+the first frame), ``shot_attention`` (the same with the ``shot`` attention variant: dense within
+a shot, the other shots' keyframes across cuts, shot-index positions) and ``world_model``
+(shot_attention with the world model's state carried across the cuts; it reads the exact initial
+state of the held-out clip each sample is drawn for: privileged, labelled). Each recipe trains for each
 seed (``tcplug fit``, the same budget), and its EMA weights sample ``--clips`` clips of 32 frames
 with the same noise seeds in every recipe. Nothing conditions them: a cut is where the recipe's
 clips learned one (frames 8, 16, 24).
@@ -56,16 +58,21 @@ import ablation  # noqa: E402
 
 ROOT = ablation.ROOT
 RECIPES = {"plain": ROOT / "recipes" / "shots" / "plain.yaml",
-           "shot_attention": ROOT / "recipes" / "shots" / "shot_attention.yaml"}
+           "shot_attention": ROOT / "recipes" / "shots" / "shot_attention.yaml",
+           "world_model": ROOT / "recipes" / "shots" / "world_model.yaml"}
+#: what a recipe's samples know besides their noise (every sample is drawn for a held-out clip)
+KNOWS = {"world_model": "exact simulator state of the held-out clip (privileged)"}
 SHOTS, SHOT_FRAMES = 4, 8
 
 
-def world(seed: int, n: int, size: int, shot_frames: int = SHOT_FRAMES) -> torch.Tensor:
-    """``n`` clips of the multi-shot world ``(n, SHOTS * shot_frames, 3, size, size)`` in [0, 1]."""
+def world(seed: int, n: int, size: int, shot_frames: int = SHOT_FRAMES, states: bool = False):
+    """``n`` clips of the multi-shot world ``(n, SHOTS * shot_frames, 3, size, size)`` in [0, 1]
+    (and, with ``states``, their object states)."""
     from tcplug.data.shots import make_shots
 
-    cs = [make_shots(seed, i, SHOTS, shot_frames, size)["frames"] for i in range(n)]
-    return torch.from_numpy(np.stack(cs)).permute(0, 1, 4, 2, 3).float() / 255
+    cs = [make_shots(seed, i, SHOTS, shot_frames, size) for i in range(n)]
+    video = torch.from_numpy(np.stack([c["frames"] for c in cs])).permute(0, 1, 4, 2, 3).float() / 255
+    return (video, [c["state"] for c in cs]) if states else video
 
 
 def asked_cuts(n: int, t: int, shot_frames: int) -> torch.Tensor:
@@ -132,8 +139,9 @@ def to_u8(video: torch.Tensor) -> np.ndarray:
 
 
 def run_recipe(name: str, config: Path, work: Path, steps: int | None, seed: int, clips: int, size: int,
-               frames: int, extra: list[Path]) -> np.ndarray:
-    """Train one (recipe, seed) and sample ``clips`` clips (cached under ``work/runs``)."""
+               frames: int, extra: list[Path], states: list) -> np.ndarray:
+    """Train one (recipe, seed) and sample ``clips`` clips (cached under ``work/runs``), clip ``i``
+    for held-out clip ``i`` (``states``: what a world model reads; the other recipes ignore it)."""
     key = ablation.run_key(config, extra, steps, clips)
     path = work / "runs" / f"{name}-s{seed}.npz"
     if path.is_file():
@@ -146,7 +154,8 @@ def run_recipe(name: str, config: Path, work: Path, steps: int | None, seed: int
     from tcplug.module import TCPlugModule
 
     model = TCPlugModule.from_checkpoint(str(ckpt))
-    parts = [model.generate(min(8, clips - i), frames, size, size, seed=seed * 1000 + i) for i in range(0, clips, 8)]
+    parts = [model.generate(min(8, clips - i), frames, size, size, seed=seed * 1000 + i,
+                            batch={"state": states[i: i + 8]}) for i in range(0, clips, 8)]
     video = to_u8((torch.cat(parts).float() + 1) / 2)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
@@ -166,8 +175,8 @@ def markdown(result: dict) -> str:
     lines = [f"Multi-shot world: {SHOTS} shots of {result['shot_frames']} frames at {result['size']}x{result['size']}; "
              f"{len(result['seeds'])} seeds x {result['clips']} clips, {result['steps']} steps; "
              f"{result['machine']}, {result['date']}; `{result['command']}`.", "",
-             "| row | identity (later shots vs shot 1) | identity, 1 / 2 / 3 shots on | cut accuracy | TVS within shots "
-             "| motion px/frame | gate per shot |", "|---|---|---|---|---|---|---|"]
+             "| row | knows | identity (later shots vs shot 1) | identity, 1 / 2 / 3 shots on | cut accuracy "
+             "| TVS within shots | motion px/frame | gate per shot |", "|---|---|---|---|---|---|---|---|"]
 
     def cell(v):
         return f"{v[0]:.3f} [{v[1][0]:.3f}, {v[1][1]:.3f}]"
@@ -177,10 +186,11 @@ def markdown(result: dict) -> str:
         gate = r.get("gate")
         gate = "—" if gate is None else " ".join("pass" if g["pass"] else "fail (" + "; ".join(g["reasons"]) + ")"
                                                   for g in gate)
-        lines.append(f"| {name} | {cell(r['identity'])} | {by} | {cell(r['cut_accuracy'])} | {cell(r['tvs'])} | "
+        knows = KNOWS.get(name, "nothing" if name in RECIPES else "—")
+        lines.append(f"| {name} | {knows} | {cell(r['identity'])} | {by} | {cell(r['cut_accuracy'])} | {cell(r['tvs'])} | "
                      f"{cell(r['motion'])} | {gate} |")
-    lines += ["", "Paired Δ (shot_attention − plain): " + ", ".join(f"{k} {cell(v)}" for k, v in result["paired"].items())
-              if result["paired"] else ""]
+    for name, deltas in result["paired"].items():
+        lines += ["", f"Paired Δ ({name} − plain): " + ", ".join(f"{k} {cell(v)}" for k, v in deltas.items())]
     lines += ["", "Goals:"] + [f"- {g}" for g in result["goals"]]
     return "\n".join(lines) + "\n"
 
@@ -223,7 +233,7 @@ def main() -> None:
         extra[-1].write_text(f"data: {{frames: {SHOTS * shot_frames}, size: {size}, train_clips: 8}}\n"
                              f"model: {{backbone: {{init_args: {{patch_size: 4}}}}}}\n")
     frames = SHOTS * shot_frames
-    held = world(4242, args.clips, size, shot_frames)
+    held, held_states = world(4242, args.clips, size, shot_frames, states=True)
     reference = world(4343, max(args.clips, 8), size, shot_frames)
     rng = np.random.default_rng(0)
     rows, figs = {}, {}
@@ -239,7 +249,7 @@ def main() -> None:
         if args.render and not all((work / "runs" / f"{name}-s{s}.npz").is_file() for s in args.seeds):
             continue
         videos = [torch.from_numpy(run_recipe(name, RECIPES[name], work, args.steps, s, args.clips, size, frames,
-                                              extra)).float() / 255 for s in args.seeds]
+                                              extra, held_states)).float() / 255 for s in args.seeds]
         figs[name] = [per_clip(v, shot_frames) for v in videos]
         rows[name] = {k: _ci([f[k] for f in figs[name]], rng, args.boot) for k in figs[name][0]}
         rows[name]["gate"] = gate_per_shot(torch.cat(videos), reference, held, shot_frames)
@@ -247,10 +257,10 @@ def main() -> None:
             ablation.strip(videos[0], img / f"shots-{name}.png")
     if not args.smoke:
         ablation.strip(held, img / "shots-data.png")
-    paired = {}
-    if "plain" in figs and "shot_attention" in figs:
-        for k in ("identity", "cut_accuracy", "tvs", "motion"):
-            paired[k] = _ci([a[k] - b[k] for a, b in zip(figs["shot_attention"], figs["plain"])], rng, args.boot)
+    paired = {}  # each recipe against plain: same seeds, held-out clips and noise
+    for name in (n for n in RECIPES if n != "plain" and n in rows and "plain" in rows):
+        paired[name] = {k: _ci([a[k] - b[k] for a, b in zip(figs[name], figs["plain"])], rng, args.boot)
+                        for k in ("identity", "cut_accuracy", "tvs", "motion")}
     result = {"bench": "shots", "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores",
               "date": datetime.date.today().isoformat(), "seeds": args.seeds, "clips": args.clips, "size": size,
               "shot_frames": shot_frames, "steps": args.steps or "the recipe's", "rows": rows, "paired": paired,
