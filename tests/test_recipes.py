@@ -153,3 +153,21 @@ def test_a_recipe_error_is_one_line_on_the_command_line(tmp_path):
     proc = run_tcplug("fit", "--config", bad)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "missing.yaml does not exist" in proc.stderr
+
+
+def test_shot_recipes_are_base_on_the_multi_shot_world_and_differ_in_their_technique():
+    """recipes/shots: base.yaml on 32-frame clips of 4 shots; shot_attention changes plain's
+    attention only, world_model adds the world model to shot_attention only."""
+    from benchmarks._recipes import flatten
+
+    got = {n: flatten(print_config(ROOT / "recipes" / "shots" / f"{n}.yaml"))
+           for n in ("plain", "shot_attention", "world_model")}
+    assert got["plain"]["data.shots"] == 4 and got["plain"]["data.frames"] == 32
+    assert got["shot_attention"]["model.backbone.init_args.attention"]["class_path"].endswith("ShotAttention")
+
+    def differs(a, b):
+        keys = set(got[a]) | set(got[b])
+        return {k for k in keys if got[a].get(k) != got[b].get(k)} - {"trainer.logger.init_args.name"}
+
+    assert differs("plain", "shot_attention") == {"model.backbone.init_args.attention"}
+    assert {k.split("[")[0] for k in differs("shot_attention", "world_model")} == {"model.conditioner"}
