@@ -386,3 +386,40 @@ def test_world_model_state_carries_across_cuts_into_each_shots_camera():
     # the dynamics loss of free flight is zero here: no pair across a (jumping) cut is counted
     loss = world.auxiliary_loss({"state": [clip["state"]]})
     assert float(loss) < 1e-6, float(loss)
+
+
+def test_per_shot_captions_reach_their_shots_frames_only():
+    """caption with per_shot: the video's caption reaches every frame; each shot's own caption
+    (the multi-shot world's state) only the frames of that shot (dit's cross-attention, per-frame
+    text mask); the empty caption of guidance has no shot captions; streaming refuses."""
+    import copy
+
+    import tcplug
+    from tcplug.data.shots import make_shots
+    from tests.test_world import dit
+
+    clip = make_shots(1, 0, shots=3, shot_frames=2, size=16)
+    torch.manual_seed(0)
+    net = dit(in_channels=3, patch_size=4, depth=1)
+    cap = tcplug.get_component("conditioner", "caption")(width=32, layers=1, heads=2, per_shot=True).eval()
+    cap.setup(net)
+    for p in net.blocks[0].cross.out.parameters():  # the zero-initialized cross-attention, woken
+        torch.nn.init.normal_(p, std=0.2)
+    x, ts, shape = torch.randn(1, 6, 3, 16, 16), torch.tensor([300.0]), (1, 6, 3, 16, 16)
+
+    def out(state, txt=clip["txt"]):
+        ctx = cap({"txt": [txt], "state": [state], "num_frames": 6}, shape)
+        assert ctx["text_mask"].shape[:2] == (1, 6)
+        with torch.no_grad():
+            return net(x, ts, ctx)
+
+    base = out(clip["state"])
+    other = copy.deepcopy(clip["state"])
+    other["shots"][1]["caption"] = "a close-up of the green circle and more words"
+    changed = (out(other) - base).abs().flatten(2).amax(2)[0] > 1e-6
+    assert changed.tolist() == [False, False, True, True, False, False]
+    assert ((out(clip["state"], "something else entirely") - base).abs().flatten(2).amax(2)[0] > 1e-6).all()
+    null = cap.null_context(cap({"txt": [clip["txt"]], "state": [clip["state"]], "num_frames": 6}, shape))
+    assert null["text_mask"].dim() == 2
+    with pytest.raises(tcplug.TcplugError, match="per-shot"):
+        cap.stream_context({"txt": [clip["txt"]], "state": [clip["state"]]}, shape, 0, {})

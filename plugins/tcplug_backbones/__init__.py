@@ -34,8 +34,9 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 class CrossAttention(nn.Module):
-    """Tokens ``(B, T, N, D)`` attend to text ``(B, L, D)`` (padding masked); zero-initialized
-    output, so adding it leaves the block unchanged until it trains."""
+    """Tokens ``(B, T, N, D)`` attend to text ``(B, L, D)`` (padding masked: ``mask`` ``(B, L)``, or
+    per frame ``(B, T, L)``, per-shot captions); zero-initialized output, so adding it leaves the
+    block unchanged until it trains."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -51,7 +52,11 @@ class CrossAttention(nn.Module):
         b, t, n, d = x.shape
         q = self.q(self.norm(x)).view(b, t * n, self.heads, d // self.heads).transpose(1, 2)
         k, v = self.kv(text.to(x.dtype)).view(b, text.shape[1], 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attn_mask = mask.view(b, 1, 1, -1) if mask is not None else None
+        attn_mask = None
+        if mask is not None and mask.dim() == 3:  # per frame: each frame's tokens their own text tokens
+            attn_mask = mask[:, None, :, None, :].expand(b, 1, t, n, mask.shape[-1]).reshape(b, 1, t * n, -1)
+        elif mask is not None:
+            attn_mask = mask.view(b, 1, 1, -1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.out(out.transpose(1, 2).reshape(b, t, n, d))
 

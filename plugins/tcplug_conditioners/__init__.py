@@ -519,7 +519,15 @@ class Caption(WorldConditioner):
     training, which is what makes classifier-free guidance possible at sampling
     (``model.guidance_scale``).
 
-    Context keys: ``text`` ``(B, L, token_dim)``, ``text_mask`` ``(B, L)``.
+    Context keys: ``text`` ``(B, L, token_dim)``, ``text_mask`` ``(B, L)``; with ``per_shot``
+    ``text_mask`` is ``(B, T', L)``: which caption tokens each latent frame sees.
+
+    **Per-shot captions** (``per_shot: true``, HoloCine's per-shot prompts): a video of several
+    shots has a caption for the whole video (``txt``) and one per shot (the state's
+    ``shots[k]["caption"]``, :mod:`tcplug.data.shots`). They are encoded separately and
+    concatenated into one text sequence, and each frame's tokens attend to the video's caption and
+    to its own shot's only (the mask); a clip without shots sees its caption alone. The backbone
+    must take a per-frame ``text_mask`` (``dit`` does).
 
     Args:
         width: width of the small encoder.
@@ -530,15 +538,19 @@ class Caption(WorldConditioner):
         dropout: caption dropout probability in training.
         pretrained: local directory of a transformers text encoder and its tokenizer
             (``save_pretrained`` output); never downloaded.
+        per_shot: also each shot's own caption, seen by that shot's frames only (above).
     """
 
     needs = ("txt",)
 
     def __init__(self, width: int = 128, layers: int = 2, heads: int = 4, vocab: int = 4096, max_length: int = 32,
-                 dropout: float = 0.1, pretrained: str | None = None) -> None:
+                 dropout: float = 0.1, pretrained: str | None = None, per_shot: bool = False) -> None:
         super().__init__()
         if not 0 <= dropout < 1:
             raise TcplugError(f"caption dropout must be in [0, 1), got {dropout}")
+        self.per_shot = per_shot
+        if per_shot:
+            self.needs = ("txt", "state")
         self.vocab, self.max_length, self.dropout, self.pretrained = vocab, max_length, dropout, pretrained
         self.tokenizer = None
         if pretrained is None:
@@ -621,15 +633,51 @@ class Caption(WorldConditioner):
             texts = texts * b
         if len(texts) != b:
             raise TcplugError(f"caption conditioner got {len(texts)} captions for {b} clips")
+        drop = [False] * b
         if self.training and self.dropout > 0:
-            drop = torch.rand(b) < self.dropout
-            texts = ["" if d else s for s, d in zip(texts, drop.tolist())]
+            drop = (torch.rand(b) < self.dropout).tolist()
+            texts = ["" if d else s for s, d in zip(texts, drop)]
+        if self.per_shot:
+            return self.shot_context(texts, batch, latent_shape, drop)
         text, mask = self.encode(texts)
         return {"text": text, "text_mask": mask}
+
+    def shot_context(self, texts: list[str], batch: dict[str, Any], latent_shape: tuple[int, ...],
+                     drop: list[bool]) -> dict[str, Any]:
+        """The video's caption and each shot's, as one sequence ``(B, (1 + S) L, D)`` with the
+        per-frame mask ``(B, T', (1 + S) L)`` (frame of shot ``k``: segments 0 and ``1 + k``)."""
+        b, t_lat = latent_shape[0], latent_shape[1]
+        states = _need(batch, "state", "caption (per_shot)")
+        states = [states] * b if isinstance(states, dict) else list(states)
+        if len(states) == 1 and b > 1:
+            states = states * b
+        shots = [s.get("shots") or [] for s in states]
+        n = max(1, max(len(s) for s in shots))
+        frames = batch["video"].shape[1] if batch.get("video") is not None else batch.get("num_frames") or t_lat
+        per = [[("" if d else str(s.get("caption", ""))) for s in sh] + [""] * (n - len(sh))
+               for sh, d in zip(shots, drop)]
+        text, mask = self.encode(list(texts) + [c for row in per for c in row])  # (B + B n, L, D)
+        length = text.shape[1]
+        text = torch.cat([text[:b, None], text[b:].view(b, n, length, -1)], 1).flatten(1, 2)  # (B, (1+n) L, D)
+        tokens = torch.cat([mask[:b, None], mask[b:].view(b, n, length)], 1)  # (B, 1+n, L)
+        # each latent frame's pixel frame, then its shot
+        pix = torch.linspace(0, frames - 1, t_lat).round().long() if t_lat > 1 else torch.zeros(1, dtype=torch.long)
+        see = torch.zeros(b, t_lat, 1 + n, dtype=torch.bool, device=text.device)
+        see[:, :, 0] = True
+        for i, sh in enumerate(shots):
+            for k, shot in enumerate(sh):
+                start = int(shot["start"])
+                stop = frames if k == len(sh) - 1 else start + int(shot["frames"])
+                inside = ((pix >= start) & (pix < stop)).to(text.device)
+                see[i, inside, 1 + k] = True
+        frame_mask = (see[..., None] & tokens[:, None]).flatten(2)  # (B, T', (1+n) L)
+        return {"text": text, "text_mask": frame_mask}
 
     def stream_context(self, batch: dict[str, Any], latent_shape: tuple[int, ...], start: int,
                        state: dict[str, Any]) -> dict[str, Any]:
         """The caption, encoded once for the whole streamed video."""
+        if self.per_shot:
+            raise TcplugError("caption: per-shot captions are sampled all at once, not streamed")
         if "context" not in state:
             state["context"] = self(batch, latent_shape)
         return state["context"]

@@ -21,8 +21,10 @@ key            shape / type            meaning
 ids            (T, S, S) int8          the object each pixel shows (-1: background)
 cuts           (T-1,) uint8            1 where frames ``n, n+1`` lie in different shots
 state.shots    list of dicts           each shot's ``start`` frame, ``frames``, camera
-                                       (``scale`` 2 = wide, 1 = close-up; canvas ``offset``)
-                                       and world ``time`` of its first frame
+                                       (``scale`` 2 = wide, 1 = close-up; canvas ``offset``),
+                                       world ``time`` of its first frame and its own
+                                       ``caption`` (``a wide shot``, ``a close-up of the
+                                       red square``: the object it frames)
 =============  ======================  =====================================================
 """
 
@@ -44,16 +46,19 @@ from tcplug.data.synthetic import (
 )
 
 
-def _cameras(rng: np.random.Generator, shots: int, size: int, centres) -> list[tuple[int, int, int]]:
+def _cameras(rng: np.random.Generator, shots: int, size: int, centres) -> tuple[list[tuple[int, int, int]], list]:
     """``(scale, ox, oy)`` per shot: wide first, then each cut to another camera; ``centres(k)``:
-    the objects' canvas positions at shot ``k``'s start (a close-up frames one of them)."""
-    cams = [(2, 0, 0)]
+    the objects' canvas positions at shot ``k``'s start (a close-up frames one of them). Also the
+    object each shot frames (None for a wide shot)."""
+    cams, framed = [(2, 0, 0)], [None]
     for k in range(1, shots):
         while True:
+            on = None
             if rng.random() < 0.5 and cams[-1][0] == 1:
                 cam = (2, 0, 0)
             else:
-                pos = centres(k)[int(rng.integers(len(centres(k))))]
+                on = int(rng.integers(len(centres(k))))
+                pos = centres(k)[on]
                 ox, oy = (int(np.clip(c - size // 2, 0, size)) // 2 * 2 for c in pos)
                 cam = (1, ox, oy)
             # a cut must change the camera: a close-up elsewhere moves by a quarter frame at least
@@ -61,10 +66,18 @@ def _cameras(rng: np.random.Generator, shots: int, size: int, centres) -> list[t
             if cam[0] != prev[0] or abs(cam[1] - prev[1]) + abs(cam[2] - prev[2]) >= size // 4:
                 break
             if prev[0] == 1 and rng.random() < 0.5:  # a close-up whose objects sit together: cut wide
-                cam = (2, 0, 0)
+                cam, on = (2, 0, 0), None
                 break
         cams.append(cam)
-    return cams
+        framed.append(on if cam[0] == 1 else None)
+    return cams, framed
+
+
+def _shot_caption(objs: list[dict], on: int | None) -> str:
+    """A shot's own caption: ``a wide shot`` or ``a close-up of the <colour> <class>``."""
+    if on is None:
+        return "a wide shot"
+    return f"a close-up of the {objs[on]['colour_name']} {objs[on]['class']}"
 
 
 def make_shots(seed: int, index: int, shots: int = 4, shot_frames: int = 8, size: int = 32, num_shapes: int = 2,
@@ -100,7 +113,7 @@ def make_shots(seed: int, index: int, shots: int = 4, shot_frames: int = 8, size
 
     # the world runs on, seen or not (bounces on the canvas walls)
     positions, velocities = _simulate(objs, total, g, lambda o: (2 * o["size"], canvas - 2 - 2 * o["size"]))
-    cams = _cameras(rng, shots, size, lambda k: positions[times[k]])
+    cams, framed = _cameras(rng, shots, size, lambda k: positions[times[k]])
 
     order = sorted(range(num_shapes), key=lambda i: -objs[i]["depth"])
     vv, uu = np.mgrid[0:size, 0:size]
@@ -144,7 +157,8 @@ def make_shots(seed: int, index: int, shots: int = 4, shot_frames: int = 8, size
         "size": size, "frames": n, "gravity": g // 2, "canvas": canvas, "objects": _objects_state(objs),
         "position": positions[world_t].tolist(), "velocity": velocities[world_t].tolist(),
         "shots": [{"start": k * shot_frames, "frames": shot_frames, "scale": s, "offset": [ox, oy],
-                   "time": int(times[k])} for k, (s, ox, oy) in enumerate(cams)],
+                   "time": int(times[k]), "caption": _shot_caption(objs, framed[k])}
+                  for k, (s, ox, oy) in enumerate(cams)],
     }
     caption = _caption(objs, g, world) + f", in {shots} shots"
     return {
