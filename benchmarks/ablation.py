@@ -144,16 +144,20 @@ def run_key(config: Path, extra: list[Path], steps: int | None, clips: int, code
     return h.hexdigest()[:16]
 
 
-def train(name: str, config: Path, extra: list[Path], work: Path, steps: int | None, seed: int):
-    """``tcplug fit`` of one row and seed; the last checkpoint, or None and the error."""
+def train(name: str, config: Path, extra: list[Path], work: Path, steps: int | None, seed: int,
+          in_process: bool = False):
+    """``tcplug fit`` of one row and seed (``in_process``: in this process, for smoke runs); the
+    last checkpoint, or None and the error."""
+    import _inproc
+
     run = f"{name.replace(' ', '')}-s{seed}"
-    cmd = [sys.executable, "-m", "tcplug", "fit", "--config", str(config), *[a for e in extra for a in ("--config", str(e))],
+    cmd = ["fit", "--config", str(config), *[a for e in extra for a in ("--config", str(e))],
            f"--seed_everything={seed}", "--trainer.enable_progress_bar=false", "--model.num_val_samples=2",
            f"--trainer.logger.init_args.save_dir={work / 'runs'}", f"--trainer.logger.init_args.name={run}"]
     if steps:
         cmd += [f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}"]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
+    proc = _inproc.tcplug(cmd, work, in_process)
     wall = time.perf_counter() - t0
     if proc.returncode:
         return None, {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][-300:], "wall_s": round(wall, 1)}

@@ -109,6 +109,7 @@ def plain_step(smoke: bool, height: int, width: int, frames: int, steps: int) ->
 def tcplug_step(smoke: bool, size: int, frames: int, steps: int, work: Path) -> dict:
     """The same step through `tcplug fit` (recipes/wan/cpu-1.3b.yaml on the GPU, bf16), with
     `tcplug plan`'s estimate of it (benchmarks/real_scale.py's helpers)."""
+    import _inproc
     import torch
     from real_scale import RECIPE, env, overlay, plan
 
@@ -122,16 +123,16 @@ def tcplug_step(smoke: bool, size: int, frames: int, steps: int, work: Path) -> 
         settings["model"]["lora"] = {"rank": 4}
     path = overlay(settings, work, "gpu")
     out, peak = work / "steps.json", work / "peak.json"
-    proc = subprocess.run([sys.executable, "-m", "tcplug", "fit", "--config", str(RECIPE), "--config", str(path),
+    proc = _inproc.tcplug(["fit", "--config", str(RECIPE), "--config", str(path),
                            "--trainer.callbacks+=_timing.StepTimer", f"--trainer.callbacks.init_args.out={out}",
                            "--trainer.callbacks+=_timing.PeakCUDA", f"--trainer.callbacks.init_args.out={peak}"],
-                          cwd=work, capture_output=True, text=True, env=env())
+                          work, in_process=smoke, env=env())  # the smoke's tiny fit: no second interpreter
     if proc.returncode:
         raise SystemExit(f"tcplug fit failed\n{proc.stderr[-3000:]}")
     times = json.loads(out.read_text())
     warm = times[1:] if len(times) > 1 else times
     return {"shape": [frames, size, size], "step_s": sorted(warm)[len(warm) // 2],
-            "peak_gib": json.loads(peak.read_text())["peak_gib"], "plan_gib": plan([RECIPE, path], work)["total"] / 2**30}
+            "peak_gib": json.loads(peak.read_text())["peak_gib"], "plan_gib": plan([RECIPE, path], work, in_process=smoke)["total"] / 2**30}
 
 
 def lora_step(smoke: bool) -> dict:

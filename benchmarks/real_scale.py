@@ -157,9 +157,11 @@ def measure(name: str, settings: dict, work: Path, mmap: bool = False) -> dict:
             "step_s": statistics.median(times[1:] if len(times) > 1 else times), "steps_s": times}
 
 
-def plan(recipes: list[Path], work: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "tcplug", "plan", *[a for r in recipes for a in ("--config", str(r))],
-                           "--json"], cwd=work, capture_output=True, text=True, env=env())
+def plan(recipes: list[Path], work: Path, in_process: bool = False) -> dict:
+    import _inproc
+
+    proc = _inproc.tcplug(["plan", *[a for r in recipes for a in ("--config", str(r))], "--json"], work, in_process,
+                          env=env())
     if proc.returncode:
         raise SystemExit(f"plan failed\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout)

@@ -139,7 +139,7 @@ def to_u8(video: torch.Tensor) -> np.ndarray:
 
 
 def run_recipe(name: str, config: Path, work: Path, steps: int | None, seed: int, clips: int, size: int,
-               frames: int, extra: list[Path], states: list) -> np.ndarray:
+               frames: int, extra: list[Path], states: list, in_process: bool = False) -> np.ndarray:
     """Train one (recipe, seed) and sample ``clips`` clips (cached under ``work/runs``), clip ``i``
     for held-out clip ``i`` (``states``: what a world model reads; the other recipes ignore it)."""
     key = ablation.run_key(config, extra, steps, clips)
@@ -148,7 +148,7 @@ def run_recipe(name: str, config: Path, work: Path, steps: int | None, seed: int
         z = np.load(path)
         if str(z["key"]) == key:
             return z["video"]
-    ckpt, info = ablation.train(name, config, extra, work, steps, seed)
+    ckpt, info = ablation.train(name, config, extra, work, steps, seed, in_process=in_process)
     if ckpt is None:
         raise SystemExit(f"{name} seed {seed}: training failed: {info['error']}")
     from tcplug.module import TCPlugModule
@@ -249,7 +249,7 @@ def main() -> None:
         if args.render and not all((work / "runs" / f"{name}-s{s}.npz").is_file() for s in args.seeds):
             continue
         videos = [torch.from_numpy(run_recipe(name, RECIPES[name], work, args.steps, s, args.clips, size, frames,
-                                              extra, held_states)).float() / 255 for s in args.seeds]
+                                              extra, held_states, args.smoke)).float() / 255 for s in args.seeds]
         figs[name] = [per_clip(v, shot_frames) for v in videos]
         rows[name] = {k: _ci([f[k] for f in figs[name]], rng, args.boot) for k in figs[name][0]}
         rows[name]["gate"] = gate_per_shot(torch.cat(videos), reference, held, shot_frames)
