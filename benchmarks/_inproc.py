@@ -15,8 +15,10 @@ from pathlib import Path
 
 
 def tcplug(args: list[str], cwd: str | Path, in_process: bool, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run ``tcplug ARGS`` in ``cwd``: in this process when ``in_process`` (stdout and stderr
-    captured, the working directory and environment restored after), else as ``python -m tcplug``."""
+    """Run ``tcplug ARGS`` in ``cwd`` with ``env``: in this process when ``in_process`` (stdout and
+    stderr captured; ``env`` added to the environment; the working directory and environment
+    restored after), else as ``python -m tcplug`` with ``env`` as its whole environment (None:
+    this one's). The test suite's in-process runs are this function too."""
     if not in_process:
         return subprocess.run([sys.executable, "-m", "tcplug", *map(str, args)], cwd=cwd, capture_output=True, text=True,
                               env=env)
@@ -24,12 +26,16 @@ def tcplug(args: list[str], cwd: str | Path, in_process: bool, env: dict | None 
 
     out, err, here, environ = io.StringIO(), io.StringIO(), os.getcwd(), dict(os.environ)
     os.chdir(cwd)
+    os.environ.update(env or {})
     try:
+        # what a run changes for its process (warning filters, PL_GLOBAL_SEED...) is undone after it
         with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 code = main([str(a) for a in args])
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+                if not isinstance(exc.code, int) and exc.code is not None:
+                    print(exc.code, file=sys.stderr)
             except BaseException:  # what the command would die of: its traceback, status 1
                 traceback.print_exc()
                 code = 1

@@ -73,33 +73,12 @@ def run_tcplug(*args, env=None, cwd=None, timeout=300, process=None):
 
 def tcplug_in_process(*args, cwd, env=None) -> tuple[int, str, str]:
     """Run ``tcplug ARGS`` in this process (no interpreter start-up or imports to pay for: for the
-    many short fits whose subject is a recipe, not the command line); ``(status, stdout, stderr)``."""
-    import contextlib
-    import io
-    import warnings
+    many short fits whose subject is a recipe, not the command line); ``(status, stdout, stderr)``.
+    The same runner the benchmarks' smoke runs use (``benchmarks/_inproc.py``)."""
+    from benchmarks._inproc import tcplug
 
-    from tcplug.cli import main
-
-    out, err, here, environ = io.StringIO(), io.StringIO(), os.getcwd(), dict(os.environ)
-    os.chdir(cwd)
-    os.environ.update(env or {})
-    try:
-        # what a run changes for its process (warning filters, PL_GLOBAL_SEED...) is undone after it
-        with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main([str(a) for a in args])
-            except SystemExit as exc:
-                code = exc.code
-            except BaseException:  # what the console command would die of: its traceback, status 1
-                import traceback
-
-                traceback.print_exc()
-                code = 1
-    finally:
-        os.chdir(here)
-        os.environ.clear()
-        os.environ.update(environ)
-    return int(code or 0), out.getvalue(), err.getvalue()
+    proc = tcplug(list(args), cwd, True, env)
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 @pytest.fixture

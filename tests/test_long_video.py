@@ -50,7 +50,8 @@ def test_the_world_model_rolls_its_state_forward_chunk_by_chunk():
     state: dict = {}
     chunks = [world.stream_maps(batch, range(s, min(s + 6, 40)), (1, 6, 3, 16, 16), state) for s in range(0, 40, 6)]
     assert torch.equal(torch.cat(chunks, 1), whole)
-    assert set(state) == {"st", "size", "pos", "vel", "frame"} and state["pos"].shape == (1, 2, 2)  # no history
+    assert set(state) == {"st", "size", "pos", "vel", "frame", "traj", "world"} and state["pos"].shape == (1, 2, 2)
+    assert list(state["traj"]) == [39]  # no history: only the world time the next chunk starts from
     with pytest.raises(TcplugError, match="follow each other"):
         world.stream_maps(batch, range(3, 9), (1, 6, 3, 16, 16), state)
 
