@@ -67,6 +67,20 @@ class ControlAdapter(nn.Module):
         return out
 
 
+def shot_spans(state: dict[str, Any], frames: int) -> list[tuple[int, dict[str, Any], int, int]]:
+    """``(k, shot, start, stop)`` of each shot of a multi-shot state (``state["shots"]``,
+    :mod:`tcplug.data.shots`) within a video of ``frames`` frames, the last shot running on to the
+    end; empty for a one-camera state."""
+    out, shots = [], state.get("shots") or []
+    for k, shot in enumerate(shots):
+        start = int(shot["start"])
+        if start >= frames:
+            break
+        stop = frames if k == len(shots) - 1 else min(frames, start + int(shot["frames"]))
+        out.append((k, shot, start, stop))
+    return out
+
+
 def pool_frames(maps: Tensor, t: int, who: str = "conditioner", first: bool = True) -> Tensor:
     """Pixel-frame maps ``(B, T, K, H, W)`` -> one per latent frame ``(B, t, K, H, W)``.
 
@@ -303,24 +317,22 @@ class PhysicsState(MapConditioner):
         return {key: v.to(device) for key, v in out.items()}
 
     @staticmethod
-    def cameras(states: list[dict[str, Any]], frames: int, device=None) -> dict[str, Tensor]:
+    def cameras(states: list[dict[str, Any]], frames: int, device=None, clips: int | None = None) -> dict[str, Tensor]:
         """Each video frame's world time and camera, ``(B, frames)``: ``time`` (long), ``scale``
         (world units per frame pixel) and ``offset`` ``(B, frames, 2)`` (the view's corner in world
         units). A one-camera state: ``time = frame``, scale 1, offset 0; a multi-shot state
         (``shots``: each shot's ``start``, ``frames``, camera ``scale`` and ``offset`` and world
         ``time`` of its first frame, :mod:`tcplug.data.shots`) its shots, the last one running on
-        past its frames."""
+        past its frames. One state for ``clips`` clips is repeated for each."""
         if isinstance(states, dict):
             states = [states]
+        if clips is not None and len(states) == 1:
+            states = list(states) * clips
         b = len(states)
         out = {"time": torch.arange(frames).repeat(b, 1), "scale": torch.ones(b, frames),
                "offset": torch.zeros(b, frames, 2)}
         for i, s in enumerate(states):
-            for k, shot in enumerate(s.get("shots") or []):
-                start = int(shot["start"])
-                stop = frames if k == len(s["shots"]) - 1 else min(frames, start + int(shot["frames"]))
-                if start >= frames:
-                    break
+            for _, shot, start, stop in shot_spans(s, frames):
                 out["time"][i, start:stop] = int(shot["time"]) + torch.arange(stop - start)
                 out["scale"][i, start:stop] = float(shot["scale"])
                 out["offset"][i, start:stop] = torch.tensor([float(v) for v in shot["offset"]])
@@ -414,9 +426,7 @@ class PhysicsState(MapConditioner):
         t = batch["video"].shape[1] if batch.get("video") is not None else batch.get("num_frames") or latent_shape[1]
         with torch.no_grad():
             st, height, width = self.initial_state(batch, latent_shape)
-            cams = self.cameras(batch.get("state") or [{}], t, device=st["pos"].device)
-            if cams["time"].shape[0] == 1 and st["pos"].shape[0] > 1:
-                cams = {k: v.expand(st["pos"].shape[0], *v.shape[1:]) for k, v in cams.items()}
+            cams = self.cameras(batch.get("state") or [{}], t, st["pos"].device, clips=st["pos"].shape[0])
             pos = self.seen(self.rollout(st, int(cams["time"].max()) + 1)[0], cams["time"])
         return self.render(pos, st, height, width, cams)
 
@@ -441,9 +451,8 @@ class PhysicsState(MapConditioner):
             raise TcplugError(f"{type(self).__name__}: streamed chunks must follow each other (frame "
                               f"{state['frame']} next, asked for {frames.start})")
         b = st["pos"].shape[0]
-        cams = self.cameras(batch.get("state") or [{}], frames.stop, device=st["pos"].device)
-        cams = {k: v[:, frames.start:] for k, v in cams.items()}
-        cams = {k: v.expand(b, *v.shape[1:]) for k, v in cams.items()}
+        cams = {k: v[:, frames.start:] for k, v in
+                self.cameras(batch.get("state") or [{}], frames.stop, st["pos"].device, clips=b).items()}
         time, traj = cams["time"], state["traj"]  # traj: world time -> positions (B, K, 2), from the first needed
         while state["world"] < int(time.max()):  # the world runs on between the frames seen (and across cuts)
             pos, vel = self.step(pos, vel, st)
@@ -664,12 +673,9 @@ class Caption(WorldConditioner):
         pix = torch.linspace(0, frames - 1, t_lat).round().long() if t_lat > 1 else torch.zeros(1, dtype=torch.long)
         see = torch.zeros(b, t_lat, 1 + n, dtype=torch.bool, device=text.device)
         see[:, :, 0] = True
-        for i, sh in enumerate(shots):
-            for k, shot in enumerate(sh):
-                start = int(shot["start"])
-                stop = frames if k == len(sh) - 1 else start + int(shot["frames"])
-                inside = ((pix >= start) & (pix < stop)).to(text.device)
-                see[i, inside, 1 + k] = True
+        for i, state in enumerate(states):
+            for k, _, start, stop in shot_spans(state, frames):
+                see[i, ((pix >= start) & (pix < stop)).to(text.device), 1 + k] = True
         frame_mask = (see[..., None] & tokens[:, None]).flatten(2)  # (B, T', (1+n) L)
         return {"text": text, "text_mask": frame_mask}
 

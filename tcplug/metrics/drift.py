@@ -70,6 +70,7 @@ def _per_chunk(frames: np.ndarray, fwd: torch.Tensor, bwd: torch.Tensor, chunk: 
     the first chunk of each shot is the one later chunks of that shot are measured against."""
     from tcplug.metrics.fidelity import colour_centroids, gradient_energy
     from tcplug.metrics.gate import clip_dynamics
+    from tcplug.metrics.shots import shot_index
     from tcplug.metrics.temporal import TemporalVarianceScore
 
     video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255  # (T, 3, H, W)
@@ -79,7 +80,7 @@ def _per_chunk(frames: np.ndarray, fwd: torch.Tensor, bwd: torch.Tensor, chunk: 
     cuts = torch.zeros(len(frames) - 1, dtype=torch.bool) if cuts is None else torch.as_tensor(cuts).bool().reshape(-1)
     if len(cuts) != len(frames) - 1:
         raise TcplugError(f"cuts for a video of {len(frames)} frames must have {len(frames) - 1} pairs, got {len(cuts)}")
-    shot_of = torch.cat([torch.zeros(1, dtype=torch.long), cuts.long().cumsum(0)])  # (T,)
+    shot_of = shot_index(cuts[None])[0]  # (T,)
     for start in range(0, len(frames) - 1, chunk):
         stop = min(start + chunk, len(frames))
         if stop - start < 2:
