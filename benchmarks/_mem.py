@@ -1,19 +1,27 @@
 """Peak-memory helper shared by the benchmarks.
 
 On CUDA: ``torch.cuda.max_memory_allocated`` growth around the call. On CPU: the peak of
-torch's own allocations during the call, replayed from the profiler's memory events
-(allocations are charged to the op that made them, frees appear as ``[memory]`` events),
-i.e. the CPU analogue of ``max_memory_allocated``. Resident-set figures are useless here:
-the allocator keeps freed memory mapped.
+torch's own allocations during the call, i.e. the CPU analogue of ``max_memory_allocated``.
+It is read from the profiler's ``[memory]`` events in its exported trace: each carries the
+CPU allocator's running total (``Total Allocated``) at that allocation or free, so the peak
+is exact, whatever op made or freed the memory. (Summing the per-op ``self_cpu_memory_usage``
+in start order undercounts: an op that frees a temporary its child allocated — the column
+buffer of a 3-D convolution — carries a negative self figure that lands before the child's
+allocation.) Resident-set figures are useless here: the allocator keeps freed memory mapped.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import tempfile
 
 import torch
 
 
 def peak_mib(fn, *args) -> float:
-    """Peak memory (MiB) that torch allocates while ``fn(*args)`` runs."""
+    """Peak memory (MiB) that torch allocates while ``fn(*args)`` runs, above what was
+    allocated when it started."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -25,9 +33,20 @@ def peak_mib(fn, *args) -> float:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn(*args)
-    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
-    current = peak = 0
-    for _, delta in events:
-        current += delta
-        peak = max(peak, current)
-    return round(peak / 2**20, 1)
+    return round(trace_peak(prof) / 2**20, 1)
+
+
+def trace_peak(prof) -> int:
+    """Peak bytes allocated on the CPU during a finished profile, above its starting level."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    memory = sorted((e["ts"], e["args"]) for e in events
+                    if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0)
+    if not memory:
+        return 0
+    first = memory[0][1]
+    start = first["Total Allocated"] - first["Bytes"]
+    return max(0, max(a["Total Allocated"] for _, a in memory) - start)

@@ -4,6 +4,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import ROOT
 
@@ -175,3 +176,30 @@ def test_ablation_labels_say_what_a_row_reads():
     assert knows(nn.ModuleList([physics, caption])) == ["privileged", "caption"]
     assert knows(nn.ModuleList([depth])) == ["oracle"]
     assert knows(nn.ModuleList([nn.Linear(1, 1)])) == ["nothing"]
+
+
+def test_cpu_peak_memory_counts_temporaries_an_op_frees_inside_itself():
+    """A 3-D convolution on CPU allocates a column buffer in a child op and frees it in
+    itself; the peak must include it (per-op self figures in start order miss it)."""
+    from benchmarks._mem import peak_mib
+
+    conv = torch.nn.Conv3d(8, 8, 3, padding=1)
+    x = torch.randn(1, 8, 5, 64, 64)
+    column = 8 * 27 * 5 * 64 * 64 * 4 / 2**20  # in-channels × kernel volume × output positions, fp32
+    with torch.no_grad():
+        peak = peak_mib(conv, x)
+    assert peak >= column, (peak, column)
+
+
+def test_cpu_peak_memory_is_the_high_water_mark_above_the_starting_level():
+    from benchmarks._mem import peak_mib
+
+    held = torch.empty(8 * 2**20, dtype=torch.uint8)  # allocated before: not counted
+
+    def work():
+        a = torch.empty(6 * 2**20, dtype=torch.uint8)
+        del a
+        return torch.empty(2 * 2**20, dtype=torch.uint8)
+
+    assert peak_mib(work) == 6.0
+    del held

@@ -255,3 +255,50 @@ def test_training_on_its_own_rollout():
     loss, _ = m.training_losses(batch)
     loss.backward()
     assert m.training and all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def family_vae(name):
+    """The tiny recipe's VAE of a model family (random weights)."""
+    import yaml
+
+    from tests.conftest import RECIPES
+
+    cfg = yaml.safe_load((RECIPES / name / "tiny.yaml").read_text())["model"]["latent"]
+    torch.manual_seed(0)
+    return get_component("latent", cfg["class_path"])(**cfg["init_args"])
+
+
+def decode_in_chunks(vae, z, chunk=3):
+    state = {}
+    with torch.no_grad():
+        return [vae.decode_stream(z[:, s:s + chunk], state) for s in range(0, z.shape[1], chunk)]
+
+
+def test_a_streamed_wan_decode_equals_the_whole_videos():
+    """Wan's causal decoder carries its convolution cache across chunks: the frames are exact."""
+    vae = family_vae("wan").eval()
+    z = torch.randn(1, 9, vae.latent_channels, 4, 4)  # 3 chunks of 3 latent frames
+    chunks = decode_in_chunks(vae, z)
+    c = vae.temporal_compression
+    assert [x.shape[1] for x in chunks] == [1 + 2 * c, 3 * c, 3 * c]
+    with torch.no_grad():
+        whole = vae.decode(z)
+    assert torch.allclose(torch.cat(chunks, 1), whole, atol=1e-5), (torch.cat(chunks, 1) - whole).abs().max()
+
+
+def test_a_streamed_ltx_decode_never_sees_more_latent_frames_than_the_first_chunk(monkeypatch):
+    """Later chunks are decoded in groups, each with the previous frames as context, so the
+    decoder's memory at any length is the first chunk's."""
+    vae = family_vae("ltx").eval()
+    z = torch.randn(1, 9, vae.latent_channels, 4, 4)
+    calls = []
+    decode = vae.vae_decode
+    monkeypatch.setattr(vae, "vae_decode", lambda x: calls.append(x.shape[2]) or decode(x))
+    chunks = decode_in_chunks(vae, z)
+    c = vae.temporal_compression
+    assert [x.shape[1] for x in chunks] == [1 + 2 * c, 3 * c, 3 * c]
+    assert max(calls) == 3, calls  # the first chunk's latent frames, never the context + a whole chunk
+    # each group continues from the frames before it: the last group's context is the video's
+    with torch.no_grad():
+        tail = vae.decode(z[:, 6:9])[:, 1 + c:]
+    assert torch.allclose(chunks[2][:, -c:], tail, atol=1e-5)

@@ -442,15 +442,30 @@ class FrozenVideoVAE(LatentDesign):
         last ``stream_context`` latent frames again (their pixels are dropped), so the chunk
         continues the video: ``1 + c(k - 1)`` pixel frames for the first chunk of ``k`` latent
         frames, ``c k`` for every later one (``c`` the temporal compression), as the whole
-        video would have. Exact for a causal decoder (Wan's); for a non-causal one the chunk's
-        first frames see ``stream_context`` frames of the past only."""
+        video would have. Not exact: a frame sees ``stream_context`` latent frames of the past
+        (a decoder's receptive field is longer) and none of the next group's; a family whose
+        decoder can carry its own cache across calls overrides this (Wan's).
+
+        No decoder call sees more latent frames than the first chunk had (nor fewer than
+        ``stream_context + 1``): a later chunk is decoded in groups of ``k - stream_context``
+        new frames, each with its context, so the decoder's peak memory at any length is the
+        first chunk's (a decoder's activations grow with its frames). The price is
+        ``ceil(k / (k - stream_context))`` decoder calls per chunk."""
         prev = state.get("vae_context")
         c = self.temporal_compression
         if prev is None:
+            state["vae_window"] = latents.shape[1]
             video = self.decode(latents)
+            prev = latents
         else:
-            video = self.decode(torch.cat([prev, latents], dim=1))[:, 1 + c * (prev.shape[1] - 1):]
-        state["vae_context"] = latents[:, -self.stream_context:]
+            group = max(1, state["vae_window"] - prev.shape[1])
+            parts = []
+            for start in range(0, latents.shape[1], group):
+                z = torch.cat([prev, latents[:, start:start + group]], dim=1)
+                parts.append(self.decode(z)[:, 1 + c * (prev.shape[1] - 1):])
+                prev = z[:, -self.stream_context:]
+            video = torch.cat(parts, dim=1)
+        state["vae_context"] = prev[:, -self.stream_context:]
         return video
 
 

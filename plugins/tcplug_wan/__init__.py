@@ -223,6 +223,29 @@ class WanVAE(FrozenVideoVAE):
         self.register_buffer("mean", torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1), persistent=False)
         self.register_buffer("inv_std", 1.0 / torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1), persistent=False)
 
+    def decode_stream(self, latents: Tensor, state: dict[str, Any]) -> Tensor:
+        """Decode one streamed chunk exactly as the whole video would be: ``AutoencoderKLWan``
+        decodes latent frame by latent frame with a cache of each causal convolution's last
+        frames, and that cache is carried across chunks here (in ``state``), so the frames of
+        every chunk equal the whole video's and memory is the cache's, whatever the length.
+        With tiling enabled on the VAE, the generic context-frame decode is used instead."""
+        from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
+
+        vae = self.vae
+        if getattr(vae, "use_tiling", False):
+            return super().decode_stream(latents, state)
+        cache = state.get("wan_decoder_cache")
+        first = cache is None
+        if first:
+            cache = state["wan_decoder_cache"] = [None] * sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
+        z = (latents.permute(0, 2, 1, 3, 4).float() / self.inv_std + self.mean).to(vae.dtype)
+        x = vae.post_quant_conv(z)
+        out = torch.cat([vae.decoder(x[:, :, i:i + 1], feat_cache=cache, feat_idx=[0], first_chunk=first and i == 0)
+                         for i in range(x.shape[2])], dim=2)
+        if vae.config.get("patch_size") is not None:
+            out = unpatchify(out, patch_size=vae.config.patch_size)
+        return out.clamp(-1, 1).permute(0, 2, 1, 3, 4).float()
+
 
 class WanText(FrozenTextEncoder):
     """Wan's text conditioning: the UMT5 encoder of the model folder (frozen), prompts cleaned,
