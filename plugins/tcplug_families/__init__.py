@@ -430,9 +430,12 @@ class FrozenVideoVAE(LatentDesign):
         """Un-normalised latents ``(B, C, T', h, w)`` -> video ``(B, 3, T, H, W)``."""
         return self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
 
+    def unnormalise(self, latents: Tensor) -> Tensor:
+        """Normalised latents ``(B, T', C, h, w)`` -> the VAE's own ``(B, C, T', h, w)``."""
+        return latents.permute(0, 2, 1, 3, 4).float() / self.inv_std + self.mean
+
     def decode(self, latents: Tensor) -> Tensor:
-        z = latents.permute(0, 2, 1, 3, 4).float() / self.inv_std + self.mean
-        return self.vae_decode(z).permute(0, 2, 1, 3, 4).float()
+        return self.vae_decode(self.unnormalise(latents)).permute(0, 2, 1, 3, 4).float()
 
     #: latent frames of the previous chunk a streamed chunk is decoded with
     stream_context: int = 2

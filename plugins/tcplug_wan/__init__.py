@@ -238,7 +238,7 @@ class WanVAE(FrozenVideoVAE):
         first = cache is None
         if first:
             cache = state["wan_decoder_cache"] = [None] * sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
-        z = (latents.permute(0, 2, 1, 3, 4).float() / self.inv_std + self.mean).to(vae.dtype)
+        z = self.unnormalise(latents).to(vae.dtype)
         x = vae.post_quant_conv(z)
         out = torch.cat([vae.decoder(x[:, :, i:i + 1], feat_cache=cache, feat_idx=[0], first_chunk=first and i == 0)
                          for i in range(x.shape[2])], dim=2)
