@@ -41,9 +41,10 @@ def length(chunk: int, mult: int, compression: int) -> int:
     return chunk * mult if compression == 1 else (chunk - 1) * mult + 1
 
 
-def run_stream(ckpt, smoke, mult, steps, recipe=None, context=None):
-    """A closure streaming ``mult`` x the training length (nothing kept but the buffer)."""
-    model, chunk, size = load_model(ckpt, smoke, recipe)
+def run_stream(loaded, mult, steps, context=None):
+    """A closure streaming ``mult`` x the training length (nothing kept but the buffer);
+    ``loaded`` is :func:`load_model`'s ``(model, chunk, size)``."""
+    model, chunk, size = loaded
     frames = length(chunk, mult, model.diffusion.latent.temporal_compression)
 
     batch = held_out(size, chunk)
@@ -55,10 +56,10 @@ def run_stream(ckpt, smoke, mult, steps, recipe=None, context=None):
     return run
 
 
-def seams(ckpt, smoke, mult, steps, recipe=None, context=None) -> dict:
+def seams(loaded, mult, steps, context=None) -> dict:
     from tcplug.metrics import pair_errors, to_unit
 
-    model, chunk, size = load_model(ckpt, smoke, recipe)
+    model, chunk, size = loaded
     boundary, inside = [], []
     prev = None
     frames = length(chunk, mult, model.diffusion.latent.temporal_compression)
@@ -90,13 +91,14 @@ def main() -> None:
         args.mult, args.steps = 3, 2
     if not args.ckpt and not args.smoke and not args.recipe:
         p.error("--ckpt or --recipe is required (or --smoke)")
-    one = peak_mib(run_stream(args.ckpt, args.smoke, 1, args.steps, args.recipe, args.context))
+    loaded = load_model(args.ckpt, args.smoke, args.recipe)
+    model, chunk, _ = loaded
+    one = peak_mib(run_stream(loaded, 1, args.steps, args.context))
     # the frame buffer (window + anchor) and a video VAE's decoder context fill over the first chunks
-    filled = peak_mib(run_stream(args.ckpt, args.smoke, 4, args.steps, args.recipe, args.context)) if args.mult > 4 else None
+    filled = peak_mib(run_stream(loaded, 4, args.steps, args.context)) if args.mult > 4 else None
     start = time.perf_counter()
-    many = peak_mib(run_stream(args.ckpt, args.smoke, args.mult, args.steps, args.recipe, args.context))
+    many = peak_mib(run_stream(loaded, args.mult, args.steps, args.context))
     seconds = time.perf_counter() - start
-    model, chunk, _ = load_model(args.ckpt, args.smoke, args.recipe)
     out = {"bench": "streaming", "machine": platform.machine(), "ckpt": bool(args.ckpt), "recipe": args.recipe,
            "context": args.context,
            "mult": args.mult, "frames": length(chunk, args.mult, model.diffusion.latent.temporal_compression),
@@ -104,7 +106,7 @@ def main() -> None:
            "ratio": round(many / one, 3) if one > 0 else None,
            "ratio_vs_4x": round(many / filled, 3) if filled else None,
            "frames_per_s": round(length(chunk, args.mult, model.diffusion.latent.temporal_compression) / seconds, 2),
-           **seams(args.ckpt, args.smoke, args.mult, args.steps, args.recipe, args.context)}
+           **seams(loaded, args.mult, args.steps, args.context)}
     print(json.dumps(out))
 
 
