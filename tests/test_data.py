@@ -49,6 +49,15 @@ def test_flow_exact_through_bounces():
     assert warp_error(clip)[0] < 1 / 255
 
 
+@pytest.mark.parametrize("gravity", [0, 1])
+def test_flow_stays_exact_at_a_frame_stride(gravity):
+    """Keyframe clips (`stride=3`): the flow of a pair spans three steps, bounces included."""
+    for index in range(3):
+        clip = make_clip(4, index, frames=6, size=32, num_shapes=3, gravity=gravity, max_speed=3, stride=3)
+        err, valid = warp_error(clip)
+        assert err < 1 / 255 and valid > 0.3, (index, err, valid)
+
+
 def test_ground_truth_contents_and_reproducibility():
     a, b = make_clip(7, 3, 8, 32, 2), make_clip(7, 3, 8, 32, 2)
     assert all(np.array_equal(a[k], b[k]) for k in ("frames", "flow", "occ", "depth", "skeleton", "static"))

@@ -19,7 +19,7 @@ RESOLVED = json.loads((ROOT / "tests" / "data" / "resolved_recipes.json").read_t
 #: (section, key, default) of every setting added since the golden file was printed
 ADDED_SINCE = [("model", "max_loss", 1.0e4), ("model", "frame_timesteps", "clip"), ("model", "context_noise", 0.0),
                ("model", "stream_mode", "same_step"), ("model", "rollout_prob", 0.0), ("model", "rollout_frames", 0),
-               ("model", "rollout_steps", 4), ("data", "shots", 1)]
+               ("model", "rollout_steps", 4), ("data", "shots", 1), ("data", "frame_stride", 1)]
 #: (class path, init argument, default) of every component argument added since then
 ARGS_ADDED_SINCE = [("tcplug_attention.CrossFrame", "sink", 0), ("tcplug_wan.WanBackbone", "storage_dtype", None),
                     ("tcplug_ltx.LTXBackbone", "storage_dtype", None), ("tcplug_wan.WanBackbone", "offload", None),

@@ -423,3 +423,43 @@ def test_per_shot_captions_reach_their_shots_frames_only():
     assert null["text_mask"].dim() == 2
     with pytest.raises(tcplug.TcplugError, match="per-shot"):
         cap.stream_context({"txt": [clip["txt"]], "state": [clip["state"]]}, shape, 0, {})
+
+
+def test_keyframe_clips_are_the_same_world_at_a_stride_with_the_flow_of_that_stride():
+    """`make_clip(stride=3)` renders every third step of the world `make_clip` simulates: its frames
+    are the one-step clip's frames 0, 3, 6, 9, its flow moves an object by its 3-step displacement
+    and its occlusion is of the strided pair."""
+    from tcplug.data.synthetic import make_clip
+
+    full = make_clip(0, 5, frames=10, size=32, world="simple")
+    keys = make_clip(0, 5, frames=4, size=32, world="simple", stride=3)
+    np.testing.assert_array_equal(keys["frames"], full["frames"][::3])
+    pos = np.array(full["state"]["position"])
+    assert keys["state"]["position"] == pos[::3].tolist() and keys["state"]["stride"] == 3
+    for t in range(3):
+        moved = keys["flow"][t][np.abs(keys["flow"][t]).sum(-1) > 0]
+        shifts = {tuple(d) for d in (pos[3 * t + 3] - pos[3 * t]).tolist() if any(d)}
+        assert {tuple(v) for v in moved.astype(int).tolist()} <= shifts and shifts, (t, shifts)
+    assert "stride" not in full["state"]
+
+
+def test_built_in_data_at_a_frame_stride_is_a_world_of_its_own(tmp_path):
+    """`data.frame_stride: 2` gives keyframe clips (its own cache folder: the one-step world's is
+    untouched); with shards or shots it is refused."""
+    from tcplug.data import VideoDataModule
+    from tcplug.data.synthetic import make_clip
+    from tcplug.errors import TcplugError
+
+    kw = dict(frames=4, size=16, batch_size=1, epoch_batches=1, train_clips=2, val_clips=1, cache_dir=str(tmp_path),
+              shard_size=2)
+    dm = VideoDataModule(frame_stride=2, **kw)
+    assert dm.synthetic_dir != VideoDataModule(**kw).synthetic_dir
+    dm.prepare_data()
+    dm.setup("fit")
+    clip = dm._val_set()[0]
+    want = make_clip(dm.seed + 1_000_003, 0, 8, 16, world="simple")["frames"][::2]  # the validation split's seed
+    got = ((clip["video"].permute(0, 2, 3, 1) + 1) * 127.5).round().numpy()
+    assert got.shape == want.shape and np.abs(got - want).max() <= 1
+    for bad in ({"frame_stride": 0}, {"frame_stride": 2, "frames": 8, "shots": 2}):
+        with pytest.raises(TcplugError, match="frame_stride"):
+            VideoDataModule(**{**kw, **bad})

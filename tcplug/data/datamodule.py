@@ -30,7 +30,8 @@ def default_cache_dir() -> Path:
 
 
 def synth_params(frames: int, size: int, clips: int, val_clips: int, num_shapes: int, gravity: float,
-                 seed: int, video_format: str, shard_size: int, world: str = "textured", shots: int = 1) -> dict:
+                 seed: int, video_format: str, shard_size: int, world: str = "textured", shots: int = 1,
+                 frame_stride: int = 1) -> dict:
     params = {"version": SYNTH_VERSION, "frames": frames, "size": size, "clips": clips, "val_clips": val_clips,
               "num_shapes": num_shapes, "gravity": gravity, "seed": seed, "video_format": video_format,
               "shard_size": shard_size}
@@ -38,6 +39,8 @@ def synth_params(frames: int, size: int, clips: int, val_clips: int, num_shapes:
         params["world"] = world
     if shots > 1:  # the multi-shot world (one-shot worlds keep their cache folders)
         params["shots"] = shots
+    if frame_stride > 1:  # keyframe clips (one-step clips keep their cache folders)
+        params["frame_stride"] = frame_stride
     return params
 
 
@@ -51,7 +54,8 @@ def synthetic_clip(p: dict, seed: int, index: int) -> dict:
     if p.get("shots", 1) > 1:
         return make_shots(seed, index, p["shots"], p["frames"] // p["shots"], p["size"], p["num_shapes"],
                           p["gravity"], world=world)
-    return make_clip(seed, index, p["frames"], p["size"], p["num_shapes"], p["gravity"], world=world)
+    return make_clip(seed, index, p["frames"], p["size"], p["num_shapes"], p["gravity"], world=world,
+                     stride=p.get("frame_stride", 1))
 
 
 def synth_cache_path(cache_dir: Path, params: dict) -> Path:
@@ -204,6 +208,10 @@ class VideoDataModule(pl.LightningDataModule):
         shots: synthetic world: shots of one scene per clip (the multi-shot world,
             :mod:`tcplug.data.shots`: cuts between cameras, ``frames / shots`` frames a shot, with
             ``cuts`` and ``ids``); 1 = one continuous camera.
+        frame_stride: synthetic world: render every ``frame_stride``-th step of a world simulated
+            ``frames * frame_stride`` steps long (clips at a keyframe stride, to train a
+            keyframes pass: see "Keyframes first"); 1 = every step. Shards: ingest with
+            ``tcplug data ingest --stride``.
         video_format: synthetic world: frames stored as ``npy`` (exact) or ``mp4``.
         shard_size: synthetic world: clips per shard.
         cache_dir: where the synthetic world is cached (default ``$TCPLUG_CACHE`` or
@@ -231,6 +239,7 @@ class VideoDataModule(pl.LightningDataModule):
         shard_size: int = 64,
         cache_dir: str | None = None,
         shots: int = 1,
+        frame_stride: int = 1,
     ) -> None:
         super().__init__()
         if frames < 2:
@@ -242,6 +251,9 @@ class VideoDataModule(pl.LightningDataModule):
         if shots < 1 or frames % shots or frames // shots < 2:
             raise TcplugError(f"data.shots must divide data.frames into shots of >= 2 frames, got {shots} shots "
                               f"of {frames} frames")
+        if frame_stride < 1 or (frame_stride > 1 and (shards or shots > 1)):
+            raise TcplugError(f"data.frame_stride must be >= 1 and applies to the one-camera synthetic world, got "
+                              f"{frame_stride} (shards: ingest with `tcplug data ingest --stride`)")
         if keys is not None:
             known = known_keys()
             unknown = sorted(set(keys) - set(known))
@@ -255,7 +267,7 @@ class VideoDataModule(pl.LightningDataModule):
         self.batch_size, self.epoch_batches, self.val_clips = batch_size, epoch_batches, val_clips
         self.keys, self.num_workers, self.shuffle_buffer, self.seed = keys, num_workers, shuffle_buffer, seed
         self.synth = synth_params(frames, size, train_clips, val_clips, num_shapes, gravity, seed, video_format,
-                                  shard_size, world, shots)
+                                  shard_size, world, shots, frame_stride)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._val: ClipList | None = None
 

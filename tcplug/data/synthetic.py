@@ -147,12 +147,18 @@ def _caption(objs: list[dict], gravity: int, world: str) -> str:
 
 
 def make_clip(seed: int, index: int, frames: int = 8, size: int = 32, num_shapes: int = 2,
-              gravity: float = 0.0, max_speed: int | None = None, world: str = "textured") -> dict:
+              gravity: float = 0.0, max_speed: int | None = None, world: str = "textured", stride: int = 1) -> dict:
     """Generate clip ``index`` of the world seeded by ``seed`` (see the module docstring).
 
-    ``world``: ``simple`` or ``textured`` (the difficulty, see the module docstring)."""
+    ``world``: ``simple`` or ``textured`` (the difficulty, see the module docstring).
+    ``stride``: the world is simulated for ``frames * stride`` steps and every ``stride``-th one
+    is rendered (a keyframe clip: the same world, ``stride`` times sparser in time); the flow,
+    occlusion and positions are of the rendered frames, ``state["velocity"]`` stays per step and
+    ``state["stride"]`` says so. ``stride=1`` is the clip it always was."""
     if world not in WORLDS:
         raise ValueError(f"world must be one of {WORLDS}, got {world!r}")
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
     rng = np.random.default_rng([seed, index])
     max_speed = max_speed or max(1, size // 16)
     bg = _background(rng, size, world)
@@ -179,7 +185,8 @@ def make_clip(seed: int, index: int, frames: int = 8, size: int = 32, num_shapes
     yy, xx = np.mgrid[0:size, 0:size]
 
     # positions per frame (integer), with bounces and gravity
-    positions, velocities = _simulate(objs, frames, g, lambda o: (o["size"], size - 1 - o["size"]))
+    positions, velocities = _simulate(objs, frames * stride, g, lambda o: (o["size"], size - 1 - o["size"]))
+    positions, velocities = positions[::stride], velocities[::stride]
 
     out = {k: [] for k in ("frames", "ids", "depth", "skeleton")}
     for t in range(frames):
@@ -209,6 +216,8 @@ def make_clip(seed: int, index: int, frames: int = 8, size: int = 32, num_shapes
 
     state = {"size": size, "frames": frames, "gravity": g, "objects": _objects_state(objs),
              "position": positions.tolist(), "velocity": velocities.tolist()}
+    if stride > 1:
+        state["stride"] = stride
     caption = _caption(objs, g, world)
     return {
         "frames": np.stack(out["frames"]), "flow": flow, "flow_bwd": flow_bwd, "occ": occ,
