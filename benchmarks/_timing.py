@@ -64,3 +64,41 @@ class PeakCUDA(pl.Callback):
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         with open(self.out, "w") as f:
             json.dump({"peak_gib": peak}, f)
+
+
+class PeakAlloc(pl.Callback):
+    """Writes torch's own CPU allocation peak during training step ``step + 1`` (0-based
+    ``step``, default the second: the optimizer state exists by then) to ``out``:
+    ``{"above_start_gib": ..., "live_gib": ...}``, the peak above what was allocated when the
+    step began (``_mem.trace_peak``: activations, gradients, temporaries) and what the
+    parameters, their gradients and the optimizer state held at that start. Their sum is
+    torch's allocation peak, the figure ``tcplug plan`` estimates (no allocator, no library
+    buffers). Profiling makes that step several times slower; do not time it."""
+
+    def __init__(self, out: str = "alloc.json", step: int = 1) -> None:
+        self.out, self.step, self.prof, self.live = out, step, None, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        if batch_idx != self.step:
+            return
+        tensors = {id(p): p for p in pl_module.parameters()}
+        tensors.update({id(p.grad): p.grad for p in pl_module.parameters() if p.grad is not None})
+        for opt in trainer.optimizers:
+            for state in opt.state.values():
+                tensors.update({id(v): v for v in state.values() if torch.is_tensor(v)})
+        self.live = sum(t.numel() * t.element_size() for t in tensors.values())
+        self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self.prof.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        from _mem import trace_peak
+
+        if batch_idx != self.step or self.prof is None:
+            return
+        self.prof.__exit__(None, None, None)
+        with open(self.out, "w") as f:
+            json.dump({"above_start_gib": trace_peak(self.prof) / 2**30, "live_gib": self.live / 2**30}, f)
+        self.prof = None

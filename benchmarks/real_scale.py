@@ -140,21 +140,27 @@ def env(extra: dict | None = None) -> dict:
                 **(extra or {}))
 
 
-def measure(name: str, settings: dict, work: Path, mmap: bool = False) -> dict:
+def measure(name: str, settings: dict, work: Path, mmap: bool = False, alloc: bool = False) -> dict:
     extra = overlay(settings, work, name)
     steps = work / f"{name}.steps.json"
     cmd = [sys.executable, "-c", FIT, "fit", "--config", str(RECIPE), "--config", str(extra),
            "--trainer.enable_progress_bar=false", "--trainer.callbacks+=_timing.StepTimer",
            f"--trainer.callbacks.init_args.out={steps}", "--trainer.callbacks+=_timing.PeakRSS",
            f"--trainer.callbacks.init_args.out={work / (name + '.rss.json')}"]
+    if alloc:  # profiles step 2, which then is not timed: the median is of steps 3..N
+        cmd += ["--trainer.callbacks+=_timing.PeakAlloc", f"--trainer.callbacks.init_args.out={work / (name + '.alloc.json')}"]
     proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=env(MMAP if mmap else None))
     line = [x for x in proc.stdout.splitlines() if x.startswith("MAXRSS ")]
     if proc.returncode or not line or json.loads(line[-1][7:])["code"]:
         raise SystemExit(f"{name}: fit failed\n{proc.stderr[-3000:]}")
     times = json.loads(steps.read_text())
     steady = json.loads((work / f"{name}.rss.json").read_text())["steady_kib"]
-    return {"peak_rss_gib": json.loads(line[-1][7:])["kib"] / 2**20, "steady_rss_gib": steady / 2**20,
-            "step_s": statistics.median(times[1:] if len(times) > 1 else times), "steps_s": times}
+    row = {"peak_rss_gib": json.loads(line[-1][7:])["kib"] / 2**20, "steady_rss_gib": steady / 2**20,
+           "step_s": statistics.median(times[2 if alloc else 1:] or times), "steps_s": times}
+    if alloc:
+        row["alloc"] = json.loads((work / f"{name}.alloc.json").read_text())
+        row["alloc_peak_gib"] = row["alloc"]["above_start_gib"] + row["alloc"]["live_gib"]
+    return row
 
 
 def plan(recipes: list[Path], work: Path, in_process: bool = False) -> dict:
@@ -175,6 +181,8 @@ def main() -> None:
     parser.add_argument("--levers", action="store_true", help="measure the loading and offloading levers")
     parser.add_argument("--mmap-threshold", action="store_true",
                         help="run the fits with MALLOC_MMAP_THRESHOLD_=65536 (rows named NAME+mmap)")
+    parser.add_argument("--alloc-peak", action="store_true",
+                        help="also profile step 2 for torch's own allocation peak (rows named NAME+alloc)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -188,16 +196,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for base, settings in configs.items():
-            name = base + ("+mmap" if args.mmap_threshold else "")
+            name = base + ("+mmap" if args.mmap_threshold else "") + ("+alloc" if args.alloc_peak else "")
             if name in results:
                 continue
-            row = measure(name, settings, work, args.mmap_threshold)
+            row = measure(name, settings, work, args.mmap_threshold, args.alloc_peak)
             est = plan([RECIPE, overlay(settings, work, name + "-plan")], work)
             row.update(plan_gib=est["total"] / 2**30, plan_lines_gib={k: v / 2**30 for k, v in est["lines"].items()},
                        tokens=est["clip"]["tokens"], params=est["components"]["backbone"]["params"],
                        trainable=est["components"]["backbone"]["trainable"])
             row["plan_error"] = row["plan_gib"] / row["peak_rss_gib"] - 1
             row["plan_error_steady"] = row["plan_gib"] / row["steady_rss_gib"] - 1
+            if "alloc_peak_gib" in row:  # torch's allocations against the plan without its runtime line (the process)
+                row["plan_tensors_gib"] = row["plan_gib"] - row["plan_lines_gib"]["runtime"]
+                row["plan_error_alloc"] = row["plan_tensors_gib"] / row["alloc_peak_gib"] - 1
             results[name] = row
             if not args.smoke:
                 store.write_text(json.dumps(results, indent=2))

@@ -203,3 +203,32 @@ def test_cpu_peak_memory_is_the_high_water_mark_above_the_starting_level():
 
     assert peak_mib(work) == 6.0
     del held
+
+
+def test_the_step_allocation_peak_counts_the_live_state_and_the_steps_activations(tmp_path, monkeypatch):
+    """``_timing.PeakAlloc`` (real_scale.py --alloc-peak): the live parameters + AdamW state at the
+    start of step 2, and the peak above it (a 32 MiB activation the step makes and frees)."""
+    import lightning.pytorch as pl
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    from _timing import PeakAlloc
+
+    class Net(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(2**20))  # 4 MiB; AdamW adds 8 MiB, its gradient 4 MiB
+
+        def training_step(self, batch, batch_idx):
+            big = torch.ones(8 * 2**20) * self.w[0]  # 32 MiB, freed before the step ends
+            return big.sum() + self.w.sum()
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters())
+
+    out = tmp_path / "alloc.json"
+    data = torch.utils.data.DataLoader(torch.zeros(2, 1))
+    pl.Trainer(max_steps=2, callbacks=[PeakAlloc(out=str(out))], logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False).fit(Net(), data)
+    got = json.loads(out.read_text())
+    assert 16 - 0.1 <= got["live_gib"] * 1024 <= 16 + 0.1, got  # w, its gradient, exp_avg, exp_avg_sq
+    assert got["above_start_gib"] * 1024 >= 32, got
