@@ -463,3 +463,37 @@ def test_built_in_data_at_a_frame_stride_is_a_world_of_its_own(tmp_path):
     for bad in ({"frame_stride": 0}, {"frame_stride": 2, "frames": 8, "shots": 2}):
         with pytest.raises(TcplugError, match="frame_stride"):
             VideoDataModule(**{**kw, **bad})
+
+
+def test_keyframes_first_cuts_the_per_frame_context_to_each_passs_frames(monkeypatch):
+    """A world model's per-frame context (``input_maps``, ``maps``, each block's ``residuals``) reaches
+    each pass cut to the frames it samples — the keyframes, then each span — while a whole-video entry
+    (a caption) and a residual that broadcasts over frames pass whole."""
+    from tcplug.diffusion.keyframes import context_frames, keyframes_first
+    from tcplug.module import TCPlugModule
+    from tests.test_world import dit, wake
+
+    m = wake(TCPlugModule(dit(patch_size=2, depth=1), sample_steps=2)).eval()
+    d = m.diffusion
+    frame = torch.arange(11.0).view(1, 11, 1, 1, 1)
+    text = torch.randn(1, 3, 32)
+    whole = {"input_maps": frame.expand(1, 11, 2, 8, 8), "maps": frame.expand(1, 11, 1, 16, 16),
+             "residuals": [frame.view(1, 11, 1, 1), torch.ones(1, 1, 1, 1)], "text": text}
+    seen = []
+    orig = d.guided
+
+    def spy(x, t, ctx, nul, scale):
+        assert ctx["text"] is text and ctx["residuals"][1].shape == (1, 1, 1, 1)
+        got = [ctx["input_maps"][0, :, 0, 0, 0], ctx["maps"][0, :, 0, 0, 0], ctx["residuals"][0][0, :, 0, 0]]
+        assert all(torch.equal(g, got[0]) for g in got) and len(got[0]) == x.shape[1]
+        seen.append(got[0].long().tolist())
+        return orig(x, t, None, None, scale)
+
+    monkeypatch.setattr(d, "context", lambda batch, shape: whole)
+    monkeypatch.setattr(d, "guided", spy)
+    keyframes_first(d, 1, 11, 16, 16, stride=4, steps=2, seed=0)
+    passes = [s for i, s in enumerate(seen) if i == 0 or s != seen[i - 1]]
+    assert passes == [[0, 4, 8, 10], [0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [8, 9, 10]], passes
+    # a causal VAE (4x in time): latent frame j > 0 holds pixel frames 4j-3 .. 4j of `maps`
+    pix = context_frames({"maps": torch.arange(9.0).view(1, 9, 1)}, [0, 2], temporal_compression=4)
+    assert pix["maps"].flatten().tolist() == [0, 5, 6, 7, 8]

@@ -45,20 +45,10 @@ def own_rollout(model: VideoDiffusion, context: dict[str, Any] | None, shape: tu
     """The model's own first ``shape[1]`` latent frames ``shape`` ``(B, k, C, h, w)``, sampled in
     ``model.rollout_steps`` steps without gradients (in eval mode) from the batch's conditions cut
     to them (the per-frame context entries: ``maps`` by pixel frames, the others by latent frames)."""
+    from tcplug.diffusion.keyframes import context_frames
     from tcplug.diffusion.sampling import sample_loop
-    from tcplug.kinds import WorldConditioner
 
-    k = shape[1]
-    c = model.latent.temporal_compression
-    pixels = k if c == 1 else (k - 1) * c + 1
-    ctx = None
-    if context is not None:
-        ctx = {}
-        for key, value in context.items():
-            if key in WorldConditioner.PER_FRAME:
-                n = pixels if key == "maps" else k
-                value = [v[:, :n] for v in value] if isinstance(value, list) else value[:, :n]
-            ctx[key] = value
+    ctx = context_frames(context, list(range(shape[1])), model.latent.temporal_compression)
     was = model.training
     model.train(False)
     try:

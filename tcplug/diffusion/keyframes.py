@@ -87,6 +87,37 @@ def frame_index(context: dict[str, Any] | None, frames: int, device: torch.devic
     return out
 
 
+def context_frames(context: dict[str, Any] | None, frames: list[int], temporal_compression: int = 1
+                   ) -> dict[str, Any] | None:
+    """``context`` cut to latent frames ``frames`` (increasing): its per-frame entries
+    (:attr:`~tcplug.WorldConditioner.PER_FRAME`) keep those frames along dim 1 — ``maps``, at pixel
+    resolution, the pixel frames of those latent frames (latent frame 0 is pixel frame 0, frame
+    ``j > 0`` the ``temporal_compression`` pixel frames ending at ``j * c``), ``input_maps`` and each
+    block's ``residuals`` the latent frames themselves (a residual that broadcasts over frames, dim 1
+    of size 1, stays); other entries (captions) are the whole video's."""
+    from tcplug.kinds import WorldConditioner
+
+    if context is None:
+        return None
+    c = temporal_compression
+    pixels = [p for j in frames for p in ([0] if j == 0 else range((j - 1) * c + 1, j * c + 1))]
+
+    def cut(value: Tensor, idx: list[int]) -> Tensor:
+        if value.dim() < 2 or value.shape[1] == 1:
+            return value
+        if max(idx) >= value.shape[1]:
+            raise TcplugError(f"a per-frame context entry has {value.shape[1]} frames, frame {max(idx)} asked")
+        return value[:, idx]
+
+    out = {}
+    for key, value in context.items():
+        if key in WorldConditioner.PER_FRAME:
+            idx = pixels if key == "maps" else list(frames)
+            value = [cut(v, idx) for v in value] if isinstance(value, (list, tuple)) else cut(value, idx)
+        out[key] = value
+    return out
+
+
 def keyframe_indices(frames: int, stride: int) -> list[int]:
     """The keyframes of ``frames`` latent frames at ``stride``: ``0, stride, ...`` and the last."""
     if stride < 1 or frames < 1:
@@ -104,9 +135,9 @@ def keyframes_first(model, num: int, frames: int, height: int, width: int, strid
     video ``(num, frames, 3, height, width)`` in ``[-1, 1]``, the first pass's keyframe latents
     ``(num, K, C, h, w)`` and their latent frame indices.
 
-    The conditioners' context is built once for the whole video and not yet cut to the frames each
-    pass samples: a per-frame context (a world model's maps, depth, skeleton) does not match a
-    pass's frames; whole-clip context (captions) and none work."""
+    The conditioners' context is built once for the whole video and each pass gets it cut to the
+    frames it samples (:func:`context_frames`): a world model's per-frame maps are those of the
+    keyframes in the first pass and of the span in each second one."""
     shape = model.latent_shape(num, frames, height, width)
     t_lat = shape[1]
     keys = keyframe_indices(t_lat, stride)
@@ -121,7 +152,9 @@ def keyframes_first(model, num: int, frames: int, height: int, width: int, strid
     def run(frames_idx: list[int], known: KnownFrames | None) -> Tensor:
         gens = [every[c * t_lat + f] for c in range(num) for f in frames_idx]
         at = {"frame_index": list(frames_idx)}  # the pass's frames, for the attention's rule and positions
-        ctx, nul = {**(context or {}), **at}, (None if null is None else {**null, **at})
+        c = model.latent.temporal_compression
+        ctx = {**(context_frames(context, frames_idx, c) or {}), **at}
+        nul = None if null is None else {**context_frames(null, frames_idx, c), **at}
 
         def model_fn(x: Tensor, t: Tensor) -> Tensor:
             return model.guided(x, t, ctx, nul, scale)
@@ -144,4 +177,4 @@ def keyframes_first(model, num: int, frames: int, height: int, width: int, strid
     return model.latent.decode(z).clamp(-1, 1), key_latents, keys
 
 
-__all__ = ["KnownFrames", "frame_index", "keyframe_indices", "keyframes_first"]
+__all__ = ["KnownFrames", "context_frames", "frame_index", "keyframe_indices", "keyframes_first"]
