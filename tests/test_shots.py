@@ -497,3 +497,42 @@ def test_keyframes_first_cuts_the_per_frame_context_to_each_passs_frames(monkeyp
     # a causal VAE (4x in time): latent frame j > 0 holds pixel frames 4j-3 .. 4j of `maps`
     pix = context_frames({"maps": torch.arange(9.0).view(1, 9, 1)}, [0, 2], temporal_compression=4)
     assert pix["maps"].flatten().tolist() == [0, 5, 6, 7, 8]
+
+
+def test_training_on_keyframe_clips_places_their_frames_stride_apart():
+    """A batch of keyframe clips (``frame_stride`` 4, as ``data.frame_stride`` adds it) gives the
+    backbone ``frame_index`` 0, 4, 8, 12: in training the attention sees the frames as far apart as
+    the keyframes pass will; a batch without it, the frames 0 .. T-1."""
+    import tcplug
+    from tcplug.data import VideoDataModule
+    from tcplug.module import TCPlugModule
+    from tests.helpers import synthetic_batch
+    from tests.test_world import dit, wake
+
+    full3d = tcplug.get_component("attention", "full3d")
+
+    class Spy(full3d):
+        seen: list = []
+
+        def forward(self, q, k, v, kv_index=None):
+            Spy.seen.append(None if kv_index is None else kv_index.tolist())
+            return super().forward(q, k, v, kv_index)
+
+    m = wake(TCPlugModule(dit(patch_size=2, depth=1, attention=Spy())))
+    batch = synthetic_batch(n=2, frames=4, size=16, seed=0)
+    m.training_losses(batch)
+    assert Spy.seen[-1] in (None, [0, 1, 2, 3])
+    dm = VideoDataModule(frames=4, size=16, frame_stride=4)
+    m.training_losses(dm.on_after_batch_transfer(dict(batch), 0))
+    assert Spy.seen[-1] == [0, 4, 8, 12]
+
+
+def test_the_main_job_trains_and_validates_on_keyframe_clips(tmp_path, tiny):
+    """`tcplug fit --config recipes/full.yaml --data.frame_stride=2`: every technique of the main job
+    (its world model reads the strided state) trains and samples on keyframe clips."""
+    from tests.conftest import RECIPES, run_tcplug
+
+    proc = run_tcplug("fit", "--config", RECIPES / "full.yaml", *tiny, "--data.frame_stride=2",
+                      f"--data.cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "runs" / "full" / "version_0" / "checkpoints" / "last.ckpt").is_file()

@@ -269,6 +269,7 @@ class VideoDataModule(pl.LightningDataModule):
         self.synth = synth_params(frames, size, train_clips, val_clips, num_shapes, gravity, seed, video_format,
                                   shard_size, world, shots, frame_stride)
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.frame_stride = frame_stride
         self._val: ClipList | None = None
 
     def schema(self) -> dict:
@@ -373,6 +374,8 @@ class VideoDataModule(pl.LightningDataModule):
         for key, value in self.shared_arrays().items():
             if isinstance(batch, dict) and key not in batch:
                 batch[key] = value.to(batch["video"].device)
+        if isinstance(batch, dict) and self.frame_stride > 1:  # keyframe clips: their frames lie K apart
+            batch["frame_stride"] = self.frame_stride
         return batch
 
     def val_dataloader(self) -> DataLoader:

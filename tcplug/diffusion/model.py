@@ -204,10 +204,14 @@ class VideoDiffusion(nn.Module):
     # ----- conditioning and denoising -------------------------------------------------------
     def context(self, batch: dict[str, Any] | None, latent_shape: tuple[int, ...]) -> dict[str, Any] | None:
         """Conditioning for the backbone: the conditioners' contexts merged (residuals summed,
-        ``maps`` and ``input_maps`` concatenated along ``K``)."""
-        if len(self.conditioners) == 0:
-            return None
-        return self._merge(c(batch, latent_shape) for c in self.conditioners)
+        ``maps`` and ``input_maps`` concatenated along ``K``). A batch of keyframe clips
+        (``batch["frame_stride"]`` ``K > 1``, ``data.frame_stride``) adds ``frame_index``
+        ``0, K, 2K, ...``: the backbone places its frames ``K`` apart, as a keyframes pass does."""
+        ctx = self._merge(c(batch, latent_shape) for c in self.conditioners) if len(self.conditioners) else None
+        stride = int((batch or {}).get("frame_stride", 1))
+        if stride > 1:
+            ctx = {**(ctx or {}), "frame_index": list(range(0, latent_shape[1] * stride, stride))}
+        return ctx
 
     def stream_context(self, batch: dict[str, Any], latent_shape: tuple[int, ...], start: int,
                        states: list[dict[str, Any]]) -> dict[str, Any] | None:
