@@ -122,16 +122,20 @@ def per_clip(video: torch.Tensor, shot_frames: int) -> dict[str, np.ndarray]:
     return {k: np.array(v, dtype=np.float64) for k, v in out.items()}
 
 
-def gate_per_shot(video: torch.Tensor, reference: torch.Tensor, held: torch.Tensor, shot_frames: int) -> list[dict]:
+def gate_per_shot(video: torch.Tensor, reference: torch.Tensor, held: torch.Tensor, shot_frames: int,
+                  train: torch.Tensor | None = None) -> list[dict]:
     """The fidelity gate of each shot: shot ``k`` of ``video`` against shot ``k`` of the
-    reference clips, with shot ``k`` of ``held`` clips as the floor."""
+    reference clips, with shot ``k`` of ``held`` clips as the floor; with ``train`` (clips of the
+    training world) also memorisation: shot ``k``'s distance to the nearest training clip's."""
     from tcplug.metrics.gate import ClipSet, evaluate
 
     out = []
     for k in range(video.shape[1] // shot_frames):
         sl = slice(k * shot_frames, (k + 1) * shot_frames)
-        report = evaluate(ClipSet(video[:, sl]), ClipSet(held[:, sl]), ClipSet(reference[:, sl]), None)
-        out.append({"pass": bool(report["gate"]["pass"]), "reasons": report["gate"]["reasons"]})
+        report = evaluate(ClipSet(video[:, sl]), ClipSet(held[:, sl]), ClipSet(reference[:, sl]),
+                          None if train is None else train[:, sl])
+        out.append({"pass": bool(report["gate"]["pass"]), "reasons": report["gate"]["reasons"],
+                    "memorised": report["figures"].get("memorised")})
     return out
 
 
@@ -220,6 +224,8 @@ def main() -> None:
     p.add_argument("--clips", type=int, default=32)
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     p.add_argument("--boot", type=int, default=1000)
+    p.add_argument("--train", type=int, default=256,
+                   help="clips of the training world (data.seed 0) the memorisation check compares with")
     p.add_argument("--out", default=None)
     p.add_argument("--img", default=str(ROOT / "docs" / "img" / "shots"))
     p.add_argument("--update-docs", action="store_true")
@@ -231,7 +237,7 @@ def main() -> None:
     extra = [ablation.SMOKE] if args.smoke else []
     size, shot_frames = (16, 4) if args.smoke else (32, SHOT_FRAMES)
     if args.smoke:
-        args.seeds, args.clips, args.steps, args.boot = args.seeds[:1], 4, args.steps or 2, 50
+        args.seeds, args.clips, args.steps, args.boot, args.train = args.seeds[:1], 4, args.steps or 2, 50, 8
         args.recipes = args.recipes[-1:]  # one training is enough to run every line (each is a process)
         extra.append(work / "smoke-shots.yaml")
         extra[-1].write_text(f"data: {{frames: {SHOTS * shot_frames}, size: {size}, train_clips: 8}}\n"
@@ -239,6 +245,7 @@ def main() -> None:
     frames = SHOTS * shot_frames
     held, held_states = world(4242, args.clips, size, shot_frames, states=True)
     reference = world(4343, max(args.clips, 8), size, shot_frames)
+    train = world(0, args.train, size, shot_frames)  # the recipes' training world: data.seed 0, clips 0 ..
     rng = np.random.default_rng(0)
     rows, figs = {}, {}
     for name, video in (("data (held-out clips)", held), ("control: shots of different scenes",
@@ -247,7 +254,7 @@ def main() -> None:
         figs[name] = [f]
         rows[name] = {k: _ci([v], rng, args.boot) for k, v in f.items()}
     rows["data (held-out clips)"]["gate"] = gate_per_shot(world(4545, args.clips, size, shot_frames), reference,
-                                                         held, shot_frames)
+                                                         held, shot_frames, train)
     img = Path(args.img)
     for name in args.recipes:
         if args.render and not all((work / "runs" / f"{name}-s{s}.npz").is_file() for s in args.seeds):
@@ -256,7 +263,7 @@ def main() -> None:
                                               extra, held_states, args.smoke)).float() / 255 for s in args.seeds]
         figs[name] = [per_clip(v, shot_frames) for v in videos]
         rows[name] = {k: _ci([f[k] for f in figs[name]], rng, args.boot) for k in figs[name][0]}
-        rows[name]["gate"] = gate_per_shot(torch.cat(videos), reference, held, shot_frames)
+        rows[name]["gate"] = gate_per_shot(torch.cat(videos), reference, held, shot_frames, train)
         if not args.smoke:
             ablation.strip(videos[0], img / f"shots-{name}.png")
     if not args.smoke:

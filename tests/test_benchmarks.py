@@ -232,3 +232,17 @@ def test_the_step_allocation_peak_counts_the_live_state_and_the_steps_activation
     got = json.loads(out.read_text())
     assert 16 - 0.1 <= got["live_gib"] * 1024 <= 16 + 0.1, got  # w, its gradient, exp_avg, exp_avg_sq
     assert got["above_start_gib"] * 1024 >= 32, got
+
+
+def test_the_shots_gate_fails_a_generator_that_replays_its_training_clips(monkeypatch):
+    """benchmarks/shots.py's gate per shot compares each shot with the recipes' training world:
+    its own training clips fail on memorisation, clips of another seed do not."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import shots
+
+    train, held, ref = (shots.world(s, 8, 16, 4) for s in (0, 4242, 4343))
+    replay = shots.gate_per_shot(train, ref, held, 4, train)
+    fresh = shots.gate_per_shot(shots.world(4545, 8, 16, 4), ref, held, 4, train)
+    assert all(any(r.startswith("memorisation") for r in g["reasons"]) for g in replay), replay
+    assert not any(r.startswith("memorisation") for g in fresh for r in g["reasons"]), fresh
+    assert all(g["memorised"] == 1.0 for g in replay) and all(g["memorised"] < 0.25 for g in fresh)
