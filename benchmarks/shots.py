@@ -22,7 +22,8 @@ Figures per clip, the same code for data and samples (weight-free):
   the world's (1 = cuts exactly at 8, 16, 24 and nowhere else);
 - **TVS within shots** (pairs across a cut left out) with the motion ratio, and the **fidelity
   gate** per shot: shot ``k`` of the samples against shot ``k`` of the reference clips (seed 4343),
-  with shot ``k`` of the held-out clips as the floor.
+  with shot ``k`` of the held-out clips as the floor, and memorisation against ``--train`` clips of
+  the recipes' training world (data seed 0).
 
 Intervals: 95 % bootstrap over seeds and clips; the Δ of ``shot_attention`` against ``plain`` is
 paired (same seeds, noise). Goals (issue "Plan before rendering"): identity across 4 shots within

@@ -57,6 +57,11 @@ def run_stream(loaded, mult, steps, context=None):
 
 
 def seams(loaded, mult, steps, context=None) -> dict:
+    """TVS (%) of the pairs across a chunk boundary and of those inside chunks. A pair whose flow
+    check keeps no pixel (the second frame matches nothing of the first: a seam that jumps) has no
+    TVS (``pair_errors`` gives NaN); the means are over the others and ``*_unmatched`` counts them."""
+    import math
+
     from tcplug.metrics import pair_errors, to_unit
 
     model, chunk, size = loaded
@@ -73,8 +78,15 @@ def seams(loaded, mult, steps, context=None) -> dict:
             boundary.append(float(l1[0]))
             inside += l1[1:].tolist()
         prev = v[:, -1:]
-    return {"tvs_boundary_pairs": sum(boundary) / len(boundary), "tvs_inside_pairs": sum(inside) / len(inside),
-            "boundary_pairs": len(boundary), "inside_pairs": len(inside)}
+
+    def mean(xs):
+        kept = [x for x in xs if not math.isnan(x)]
+        return sum(kept) / len(kept) if kept else float("nan")
+
+    return {"tvs_boundary_pairs": mean(boundary), "tvs_inside_pairs": mean(inside),
+            "boundary_pairs": len(boundary), "inside_pairs": len(inside),
+            "boundary_unmatched": sum(math.isnan(x) for x in boundary),
+            "inside_unmatched": sum(math.isnan(x) for x in inside)}
 
 
 def main() -> None:
