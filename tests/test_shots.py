@@ -292,14 +292,9 @@ def test_built_in_data_with_shots_carries_the_cuts_and_ids(tmp_path):
         VideoDataModule(frames=16, size=16, shots=3, cache_dir=str(tmp_path))
 
 
-def test_keyframes_first_tells_the_attention_each_passs_absolute_frames():
-    """Each pass of keyframes first hands the attention variant the latent frames it samples
-    (``context["frame_index"]`` -> ``kv_index``): the keyframes 0, 4, 8, 10, then each span; so a
-    rule or a position that depends on the frame (``shot``, ``temporal``) sees the real frames."""
+def index_spy():
+    """A ``full3d`` attention class that records the ``kv_index`` of every call in ``seen``."""
     import tcplug
-    from tcplug.diffusion.keyframes import keyframes_first
-    from tcplug.module import TCPlugModule
-    from tests.test_world import dit, wake
 
     full3d = tcplug.get_component("attention", "full3d")
 
@@ -310,6 +305,18 @@ def test_keyframes_first_tells_the_attention_each_passs_absolute_frames():
             Spy.seen.append(None if kv_index is None else kv_index.tolist())
             return super().forward(q, k, v, kv_index)
 
+    return Spy
+
+
+def test_keyframes_first_tells_the_attention_each_passs_absolute_frames():
+    """Each pass of keyframes first hands the attention variant the latent frames it samples
+    (``context["frame_index"]`` -> ``kv_index``): the keyframes 0, 4, 8, 10, then each span; so a
+    rule or a position that depends on the frame (``shot``, ``temporal``) sees the real frames."""
+    from tcplug.diffusion.keyframes import keyframes_first
+    from tcplug.module import TCPlugModule
+    from tests.test_world import dit, wake
+
+    Spy = index_spy()
     torch.manual_seed(0)
     m = wake(TCPlugModule(dit(patch_size=2, depth=1, attention=Spy()), sample_steps=2)).eval()
     keyframes_first(m.diffusion, 1, 11, 16, 16, stride=4, steps=2, seed=0)
@@ -503,21 +510,12 @@ def test_training_on_keyframe_clips_places_their_frames_stride_apart():
     """A batch of keyframe clips (``frame_stride`` 4, as ``data.frame_stride`` adds it) gives the
     backbone ``frame_index`` 0, 4, 8, 12: in training the attention sees the frames as far apart as
     the keyframes pass will; a batch without it, the frames 0 .. T-1."""
-    import tcplug
     from tcplug.data import VideoDataModule
     from tcplug.module import TCPlugModule
     from tests.helpers import synthetic_batch
     from tests.test_world import dit, wake
 
-    full3d = tcplug.get_component("attention", "full3d")
-
-    class Spy(full3d):
-        seen: list = []
-
-        def forward(self, q, k, v, kv_index=None):
-            Spy.seen.append(None if kv_index is None else kv_index.tolist())
-            return super().forward(q, k, v, kv_index)
-
+    Spy = index_spy()
     m = wake(TCPlugModule(dit(patch_size=2, depth=1, attention=Spy())))
     batch = synthetic_batch(n=2, frames=4, size=16, seed=0)
     m.training_losses(batch)
