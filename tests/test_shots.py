@@ -467,7 +467,8 @@ def test_built_in_data_at_a_frame_stride_is_a_world_of_its_own(tmp_path):
     want = make_clip(dm.seed + 1_000_003, 0, 8, 16, world="simple")["frames"][::2]  # the validation split's seed
     got = ((clip["video"].permute(0, 2, 3, 1) + 1) * 127.5).round().numpy()
     assert got.shape == want.shape and np.abs(got - want).max() <= 1
-    for bad in ({"frame_stride": 0}, {"frame_stride": 2, "frames": 8, "shots": 2}):
+    for bad in ({"frame_stride": 0}, {"frame_stride": 2, "frames": 8, "shots": 2}, {"frame_stride": [2, 2]},
+                {"frame_stride": []}, {"frame_stride": [1, 0]}):
         with pytest.raises(TcplugError, match="frame_stride"):
             VideoDataModule(**{**kw, **bad})
 
@@ -506,31 +507,64 @@ def test_keyframes_first_cuts_the_per_frame_context_to_each_passs_frames(monkeyp
     assert pix["maps"].flatten().tolist() == [0, 5, 6, 7, 8]
 
 
-def test_training_on_keyframe_clips_places_their_frames_stride_apart():
-    """A batch of keyframe clips (``frame_stride`` 4, as ``data.frame_stride`` adds it) gives the
-    backbone ``frame_index`` 0, 4, 8, 12: in training the attention sees the frames as far apart as
-    the keyframes pass will; a batch without it, the frames 0 .. T-1."""
+def test_training_on_a_mixture_of_strides_places_each_batchs_frames_its_stride_apart(tmp_path):
+    """``data.frame_stride: [1, 4]``: the clips take the strides in turn, every batch (training and
+    validation) holds clips of one stride and says it, and the backbone sees ``frame_index``
+    0, 4, 8, 12 for a batch of keyframe clips, the frames 0 .. 3 for one-step clips: one model
+    learns both passes of keyframes first."""
     from tcplug.data import VideoDataModule
+    from tcplug.data.shards import collate
+    from tcplug.errors import TcplugError
     from tcplug.module import TCPlugModule
-    from tests.helpers import synthetic_batch
     from tests.test_world import dit, wake
 
+    dm = VideoDataModule(frames=4, size=16, batch_size=2, epoch_batches=6, train_clips=8, val_clips=5, shard_size=4,
+                         keys=["state"], frame_stride=[1, 4], cache_dir=str(tmp_path))
+    dm.prepare_data()
+    dm.setup("fit")
     Spy = index_spy()
     m = wake(TCPlugModule(dit(patch_size=2, depth=1, attention=Spy())))
-    batch = synthetic_batch(n=2, frames=4, size=16, seed=0)
-    m.training_losses(batch)
-    assert Spy.seen[-1] in (None, [0, 1, 2, 3])
-    dm = VideoDataModule(frames=4, size=16, frame_stride=4)
-    m.training_losses(dm.on_after_batch_transfer(dict(batch), 0))
-    assert Spy.seen[-1] == [0, 4, 8, 12]
+    seen = set()
+    for batch in dm.train_dataloader():
+        k = batch.get("frame_stride", 1)
+        assert [s.get("stride", 1) for s in batch["state"]] == [k, k]  # the clips are at the batch's stride
+        m.training_losses(dm.on_after_batch_transfer(batch, 0))
+        want = [[0, 4, 8, 12]] if k == 4 else [None, [0, 1, 2, 3]]
+        assert Spy.seen[-1] in want, (k, Spy.seen[-1])
+        seen.add(k)
+    assert seen == {1, 4}
+    val = list(dm.val_dataloader())
+    assert sorted(len(b["video"]) for b in val) == [1, 2, 2]  # 3 one-step clips, 2 keyframe clips
+    assert all({s.get("stride", 1) for s in b["state"]} == {b.get("frame_stride", 1)} for b in val)
+    clips = dm._val_set().clips
+    with pytest.raises(TcplugError, match="mixes clips at frame strides"):
+        collate([clips[0], clips[1]])
+
+
+def test_shards_written_at_a_stride_carry_it_into_their_batches(tmp_path):
+    """``tcplug data synth --stride 2`` writes the stride into each clip's metadata; a datamodule
+    reading those shards (no ``data.frame_stride``) hands batches that say ``frame_stride`` 2."""
+    from tcplug.data import VideoDataModule
+    from tests.conftest import run_tcplug
+
+    out = tmp_path / "k"
+    proc = run_tcplug("data", "synth", "--out", out, "--clips", 4, "--frames", 3, "--size", 16, "--stride", 2,
+                      "--shard-size", 2)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dm = VideoDataModule(shards=str(out), frames=3, size=16, batch_size=2, epoch_batches=2, val_clips=2)
+    dm.setup("fit")
+    assert [b["frame_stride"] for b in dm.train_dataloader()] == [2, 2]
+    assert [b["frame_stride"] for b in dm.val_dataloader()] == [2]
 
 
 def test_the_main_job_trains_and_validates_on_keyframe_clips(tmp_path, tiny):
-    """`tcplug fit --config recipes/full.yaml --data.frame_stride=2`: every technique of the main job
-    (its world model reads the strided state) trains and samples on keyframe clips."""
+    """`tcplug fit --config recipes/full.yaml --data.frame_stride=[1,4] --model.frame_timesteps=independent`
+    (the shots tutorial's command): every technique of the main job (its world model reads the strided
+    state) trains and samples on a mixture of keyframe and one-step clips."""
     from tests.conftest import RECIPES, run_tcplug
 
-    proc = run_tcplug("fit", "--config", RECIPES / "full.yaml", *tiny, "--data.frame_stride=2",
+    proc = run_tcplug("fit", "--config", RECIPES / "full.yaml", *tiny, "--data.frame_stride=[1,4]",
+                      "--model.frame_timesteps=independent",
                       f"--data.cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "runs" / "full" / "version_0" / "checkpoints" / "last.ckpt").is_file()

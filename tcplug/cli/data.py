@@ -34,8 +34,9 @@ def main(argv: Sequence[str]) -> int:
     synth.add_argument("--shard-size", type=int, default=64, help="clips per shard")
     synth.add_argument("--shots", type=int, default=1,
                        help="shots of one scene per clip (cuts between cameras; --frames frames each)")
-    synth.add_argument("--stride", type=int, default=1,
-                       help="render every STRIDE-th step of the simulated world (keyframe clips; one camera only)")
+    synth.add_argument("--stride", type=int, nargs="+", default=[1],
+                       help="render every STRIDE-th step of the simulated world (keyframe clips; one camera only); "
+                            "several: the clips take them in turn (a mixture, batched one stride at a time)")
     synth.add_argument("--world", choices=["simple", "textured"], default="simple",
                        help="difficulty: smooth background and flat shapes, or textured ones")
     _write_mode(synth)
@@ -71,7 +72,7 @@ def main(argv: Sequence[str]) -> int:
         from tcplug.data.synthetic import make_clip
 
         if args.clips < 1 or args.frames < 2 or args.size < 8 or args.shard_size < 1 or args.shots < 1 \
-                or args.stride < 1 or (args.stride > 1 and args.shots > 1):
+                or min(args.stride) < 1 or (max(args.stride) > 1 and args.shots > 1):
             raise TcplugError("need --clips >= 1, --frames >= 2, --size >= 8, --shard-size >= 1, --shots >= 1, "
                               "--stride >= 1 (and --stride 1 with --shots)")
         check_out_folder(args.out, args.mode)  # before any clip is made
@@ -81,12 +82,15 @@ def main(argv: Sequence[str]) -> int:
                 return make_shots(args.seed, i, args.shots, args.frames, args.size, args.shapes, args.gravity,
                                   world=args.world)
             return make_clip(args.seed, i, args.frames, args.size, args.shapes, args.gravity, world=args.world,
-                             stride=args.stride)
+                             stride=stride(i))
+
+        def stride(i: int) -> int:
+            return args.stride[i % len(args.stride)]
 
         samples = (encode_sample(f"clip{i:07d}", clip(i), args.format,
                                  {"source": "synthetic", "seed": args.seed, "index": i,
                                   **({"shots": args.shots} if args.shots > 1 else {}),
-                                  **({"stride": args.stride} if args.stride > 1 else {})})
+                                  **({"stride": stride(i)} if stride(i) > 1 else {})})
                    for i in tqdm(range(args.clips), desc="synth", unit="clip"))
         shards = write_shards(args.out, samples, maxcount=args.shard_size, mode=args.mode)
         print(f"wrote {args.clips} clips in {len(shards)} shard(s) to {args.out}")

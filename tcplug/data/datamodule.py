@@ -16,10 +16,11 @@ from typing import Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 from tcplug.data.schema import known_keys
 from tcplug.data.shards import SampleDecoder, TarSamples, collate, iter_tar, list_shards
+from tcplug.data.strides import StrideBatches, StrideBatchSampler
 from tcplug.errors import TcplugError
 
 SYNTH_VERSION = 2  # bump when the synthetic world changes, to invalidate caches
@@ -31,7 +32,7 @@ def default_cache_dir() -> Path:
 
 def synth_params(frames: int, size: int, clips: int, val_clips: int, num_shapes: int, gravity: float,
                  seed: int, video_format: str, shard_size: int, world: str = "textured", shots: int = 1,
-                 frame_stride: int = 1) -> dict:
+                 frame_stride: int | list[int] = 1) -> dict:
     params = {"version": SYNTH_VERSION, "frames": frames, "size": size, "clips": clips, "val_clips": val_clips,
               "num_shapes": num_shapes, "gravity": gravity, "seed": seed, "video_format": video_format,
               "shard_size": shard_size}
@@ -39,9 +40,17 @@ def synth_params(frames: int, size: int, clips: int, val_clips: int, num_shapes:
         params["world"] = world
     if shots > 1:  # the multi-shot world (one-shot worlds keep their cache folders)
         params["shots"] = shots
-    if frame_stride > 1:  # keyframe clips (one-step clips keep their cache folders)
-        params["frame_stride"] = frame_stride
+    strides = [frame_stride] if isinstance(frame_stride, int) else list(frame_stride)
+    if strides != [1]:  # keyframe clips, each stride's meta written (one-step clips keep their cache folders)
+        params["frame_strides"] = strides
     return params
+
+
+def clip_stride(p: dict, index: int) -> int:
+    """The frame stride of clip ``index`` of the synthetic world ``p``: with several strides the
+    clips take them in turn."""
+    strides = p.get("frame_strides", [1])
+    return strides[index % len(strides)]
 
 
 def synthetic_clip(p: dict, seed: int, index: int) -> dict:
@@ -55,7 +64,7 @@ def synthetic_clip(p: dict, seed: int, index: int) -> dict:
         return make_shots(seed, index, p["shots"], p["frames"] // p["shots"], p["size"], p["num_shapes"],
                           p["gravity"], world=world)
     return make_clip(seed, index, p["frames"], p["size"], p["num_shapes"], p["gravity"], world=world,
-                     stride=p.get("frame_stride", 1))
+                     stride=clip_stride(p, index))
 
 
 def synth_cache_path(cache_dir: Path, params: dict) -> Path:
@@ -86,7 +95,9 @@ def generate_synthetic(out: Path, params: dict, progress: bool = True) -> Path:
         for split, n, seed in (("train", p["clips"], p["seed"]), ("val", p["val_clips"], p["seed"] + 1_000_003)):
             bar = tqdm(range(n), desc=f"synthetic world ({split})", disable=not progress, leave=False)
             samples = (encode_sample(f"{split}{i:07d}", synthetic_clip(p, seed, i), p["video_format"],
-                                     {"source": "synthetic", "seed": seed, "index": i}) for i in bar)
+                                     {"source": "synthetic", "seed": seed, "index": i,
+                                      **({"stride": clip_stride(p, i)} if clip_stride(p, i) > 1 else {})})
+                       for i in bar)
             write_shards(tmp / split, samples, prefix=split, maxcount=p["shard_size"])
         (tmp / "params.json").write_text(json.dumps(p, indent=2))
         try:
@@ -210,8 +221,10 @@ class VideoDataModule(pl.LightningDataModule):
             ``cuts`` and ``ids``); 1 = one continuous camera.
         frame_stride: synthetic world: render every ``frame_stride``-th step of a world simulated
             ``frames * frame_stride`` steps long (clips at a keyframe stride, to train a
-            keyframes pass: see "Keyframes first"); 1 = every step. Shards: ingest with
-            ``tcplug data ingest --stride``.
+            keyframes pass: see "Keyframes first"); 1 = every step. A list (``[1, 4]``): the
+            clips take the strides in turn and every batch holds clips of one stride
+            (:mod:`tcplug.data.strides`), so one model learns both passes. Shards say their clips'
+            stride themselves (``tcplug data synth/ingest --stride``).
         video_format: synthetic world: frames stored as ``npy`` (exact) or ``mp4``.
         shard_size: synthetic world: clips per shard.
         cache_dir: where the synthetic world is cached (default ``$TCPLUG_CACHE`` or
@@ -239,7 +252,7 @@ class VideoDataModule(pl.LightningDataModule):
         shard_size: int = 64,
         cache_dir: str | None = None,
         shots: int = 1,
-        frame_stride: int = 1,
+        frame_stride: int | list[int] = 1,
     ) -> None:
         super().__init__()
         if frames < 2:
@@ -251,9 +264,12 @@ class VideoDataModule(pl.LightningDataModule):
         if shots < 1 or frames % shots or frames // shots < 2:
             raise TcplugError(f"data.shots must divide data.frames into shots of >= 2 frames, got {shots} shots "
                               f"of {frames} frames")
-        if frame_stride < 1 or (frame_stride > 1 and (shards or shots > 1)):
-            raise TcplugError(f"data.frame_stride must be >= 1 and applies to the one-camera synthetic world, got "
-                              f"{frame_stride} (shards: ingest with `tcplug data ingest --stride`)")
+        strides = [frame_stride] if isinstance(frame_stride, int) else list(frame_stride)
+        if not strides or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in strides) \
+                or len(set(strides)) < len(strides) or (strides != [1] and (shards or shots > 1)):
+            raise TcplugError(f"data.frame_stride must be an integer >= 1 or a list of distinct ones, and applies to "
+                              f"the one-camera synthetic world, got {frame_stride} (shards carry their clips' "
+                              "stride: `tcplug data synth/ingest --stride`)")
         if keys is not None:
             known = known_keys()
             unknown = sorted(set(keys) - set(known))
@@ -269,7 +285,6 @@ class VideoDataModule(pl.LightningDataModule):
         self.synth = synth_params(frames, size, train_clips, val_clips, num_shapes, gravity, seed, video_format,
                                   shard_size, world, shots, frame_stride)
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.frame_stride = frame_stride
         self._val: ClipList | None = None
 
     def schema(self) -> dict:
@@ -328,7 +343,7 @@ class VideoDataModule(pl.LightningDataModule):
             TarSamples(decoder, num_shards=len(mine)),
             decoder,
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=epoch_seed * 1009 + rank),
-            wds.batched(self.batch_size, collation_fn=collate, partial=False),
+            StrideBatches(self.batch_size, collate),  # one stride a batch (plain batching for one)
         )
         pipeline = pipeline.with_epoch(nbatches=per_worker)
         with warnings.catch_warnings():  # the length is exact here: with_epoch fixes it
@@ -374,12 +389,15 @@ class VideoDataModule(pl.LightningDataModule):
         for key, value in self.shared_arrays().items():
             if isinstance(batch, dict) and key not in batch:
                 batch[key] = value.to(batch["video"].device)
-        if isinstance(batch, dict) and self.frame_stride > 1:  # keyframe clips: their frames lie K apart
-            batch["frame_stride"] = self.frame_stride
         return batch
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self._val_set(), batch_size=self.batch_size, shuffle=False, num_workers=0, collate_fn=collate)
+        clips = self._val_set()
+        strides = [int(c.get("frame_stride", 1)) for c in clips.clips]
+        if len(set(strides)) == 1:
+            return DataLoader(clips, batch_size=self.batch_size, shuffle=False, num_workers=0, collate_fn=collate)
+        sampler = StrideBatchSampler(SequentialSampler(clips), self.batch_size, strides=strides)  # one stride a batch
+        return DataLoader(clips, batch_sampler=sampler, num_workers=0, collate_fn=collate)
 
     test_dataloader = val_dataloader
     predict_dataloader = val_dataloader

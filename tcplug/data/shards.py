@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from tcplug.data.schema import BUILTIN, PRECOMPUTED, known_keys, load_npy
+from tcplug.data.strides import batch_stride, meta_stride
 from tcplug.errors import TcplugError
 from tcplug.kinds import DataKey
 
@@ -177,7 +178,8 @@ def decode_clip(sample: dict, keys: Iterable[str] = (), frames: int | None = Non
     keys, then :func:`~tcplug.data.schema.known_keys`): ``flow``, ``flow_bwd`` ``(T-1, 2, H, W)``,
     ``occ`` ``(T-1, 1, H, W)``, ``depth`` ``(T, 1, H, W)``, ``skeleton`` ``(T, K, H, W)``,
     ``static`` ``(1, H, W)``, ``state`` (dict), ``txt`` (str), ..., each cut to the first
-    ``frames`` frames. ``size`` checks the frame size.
+    ``frames`` frames. ``size`` checks the frame size. A keyframe clip (its metadata says
+    ``stride`` K > 1) carries ``frame_stride`` K.
     """
     check_sample(sample)
     name = "frames.npy" if "frames.npy" in sample else "frames.mp4" if "frames.mp4" in sample else None
@@ -196,6 +198,9 @@ def decode_clip(sample: dict, keys: Iterable[str] = (), frames: int | None = Non
     if size is not None and (h, w) != (size, size):
         raise ValueError(f"{name}: frames are {h}x{w}, expected {size}x{size}")
     out: dict = {"__key__": sample.get("__key__", "?"), "__url__": sample.get("__url__", "?")}
+    stride = meta_stride(sample)
+    if stride > 1:  # a keyframe clip: its frames lie `stride` steps apart (tcplug.data.strides)
+        out["frame_stride"] = stride
     out["video"] = torch.from_numpy(raw[:t].copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
     for k in keys:
         spec = (schema or BUILTIN).get(k)
@@ -375,9 +380,15 @@ class TarSamples:
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack tensors; keep dicts/strings as lists; ``skipped`` = max running count."""
+    """Stack tensors; keep dicts/strings as lists; ``skipped`` = max running count;
+    ``frame_stride`` the clips' one stride (kept only above 1; mixed strides are refused)."""
     out: dict = {}
+    stride = batch_stride(samples)
+    if stride > 1:
+        out["frame_stride"] = stride
     for k in samples[0]:
+        if k == "frame_stride":
+            continue
         vals = [s[k] for s in samples]
         if k == "__skipped__":
             out["skipped"] = torch.tensor(max(vals))
