@@ -19,8 +19,13 @@ quarter of the chunks against the first); paired differences against ``same_step
 captions, seeds and noise); frames per second; and peak memory of one video at each length.
 Writes ``drift.json``, ``drift.md``, a plot ``drift.png`` and strips of the first and last frames.
 
+Each (mode, seed) is an independent job (``--executor``: here, submitit's local executor or SLURM,
+:mod:`_sweep`); its videos land in ``OUT/runs`` and are gathered and resumed the same way whatever
+ran them.
+
 Usage:
   python benchmarks/drift.py --ckpt runs/full/version_0/checkpoints/last.ckpt --out drift_out
+  python benchmarks/drift.py --ckpt CKPT --out drift_out --executor slurm --slurm slurm_partition=gpu timeout_min=120
   python benchmarks/drift.py --smoke      # random weights, tiny; no claims
 """
 
@@ -32,6 +37,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +45,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+import _sweep  # noqa: E402
 from _mem import peak_mib  # noqa: E402
 from _models import load_model  # noqa: E402
 
@@ -71,6 +78,19 @@ def stream_videos(model, frames: int, size: int, chunk: int, batch: dict, seed: 
     wall = time.perf_counter() - t0
     video = torch.cat(parts, 1)
     return [to_u8(v) for v in video], wall
+
+
+def stream_job(ckpt: str | None, smoke: bool, mode: str, seed: int, frames: int, batch: dict, steps, noise,
+               path: Path) -> str:
+    """One (mode, seed): load the model, stream the batch's videos, keep them at ``path`` (written
+    whole or not at all). What every executor runs (``_sweep.run_jobs``)."""
+    model, chunk, size = load_model(ckpt, smoke)
+    v, wall = stream_videos(model, frames, size, chunk, batch, seed, steps, mode, noise)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, videos=np.stack(v), wall=wall)
+    tmp.replace(path)
+    return f"{mode} seed {seed}: streamed in {wall:.1f} s"
 
 
 def finite(obj):
@@ -164,6 +184,10 @@ def main() -> None:
     p.add_argument("--memory-steps", type=int, default=2,
                    help="sampler steps of the memory runs (the CPU profiler's events grow with every op: a 64x run "
                    "at 10+ steps does not fit in 24 GB; the ratio is what the runs compare)")
+    p.add_argument("--executor", choices=_sweep.EXECUTORS, default="local",
+                   help="where the (mode, seed) streams run: here, submitit's local executor, or SLURM (submitit)")
+    p.add_argument("--slurm", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="submitit's SLURM parameters, e.g. slurm_partition=gpu gpus_per_node=1 timeout_min=120")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--render", default=None, metavar="DRIFT_JSON", help="print the markdown tables of a result")
     args = p.parse_args()
@@ -186,20 +210,24 @@ def main() -> None:
     reference = [c["frames"] for c in world(8 if args.smoke else 64, chunk, size, data_cfg, seed=4343)]
     floor = drift.chunk_figures([c["frames"] for c in clips], chunk, reference, states)
     rng = np.random.default_rng(0)
+    tmp = tempfile.TemporaryDirectory()
+    runs = (out if out is not None else Path(tmp.name)) / "runs"
+    ckpt = str(Path(args.ckpt).resolve()) if args.ckpt else None
+    # ---- stream what is missing: one job per (mode, seed), through --executor; resumable: a
+    # finished (mode, seed) is kept (its videos do not depend on where it ran)
+    jobs = [(stream_job, (ckpt, args.smoke, mode, seed, frames, batch, args.steps, args.context_noise,
+                          runs / f"{mode}-s{seed}.npz"))
+            for mode in modes for seed in seeds if not (runs / f"{mode}-s{seed}.npz").is_file()]
+    for line in _sweep.run_jobs(jobs, args.executor, runs.parent / "sweep",
+                                slurm=dict(kv.split("=", 1) for kv in args.slurm)):
+        print(line, file=sys.stderr)
     reports, fps, per_video = {}, {}, {}
     for mode in modes:
         vids, walls = [], []
         mode_reports = []
         for seed in seeds:
-            cached = out / "runs" / f"{mode}-s{seed}.npz" if out is not None else None
-            if cached is not None and cached.is_file():  # resumable: a finished (mode, seed) is kept
-                z = np.load(cached)
-                v, wall = list(z["videos"]), float(z["wall"])
-            else:
-                v, wall = stream_videos(model, frames, size, chunk, batch, seed, args.steps, mode, args.context_noise)
-                if cached is not None:
-                    cached.parent.mkdir(parents=True, exist_ok=True)
-                    np.savez_compressed(cached, videos=np.stack(v), wall=wall)
+            z = np.load(runs / f"{mode}-s{seed}.npz")
+            v, wall = list(z["videos"]), float(z["wall"])
             walls.append(wall)
             mode_reports.append(drift.chunk_figures(v, chunk, reference, states))
             if seed == seeds[0]:
@@ -266,6 +294,7 @@ def main() -> None:
             drift.plot(reports[mode], out / f"drift-{mode}.png", f"{mode}: {frames} frames, per chunk of {chunk}",
                        floor=floor)
     print(json.dumps(finite({k: v for k, v in result.items() if k not in ("at", "per_video")})))
+    tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -109,6 +109,28 @@ def test_ablation_through_submitits_local_executor_gives_the_local_table(tmp_pat
 
 
 @pytest.mark.slow
+def test_drift_through_submitits_local_executor_gives_the_local_result(tmp_path):
+    """`drift.py --executor submitit-local`: the (mode, seed) streams run in submitit's job processes
+    (their logs in OUT/sweep) and the gathered figures are the local loop's: the same videos, the
+    same tables. The local run is the drift benchmark's smoke."""
+    import numpy as np
+
+    got = {}
+    for ex in ("local", "submitit-local"):
+        code, out, err = run_script("drift.py", "--smoke", "--modes", "same_step,clean", "--memory-lengths", "1",
+                                    "--executor", ex, "--out", str(tmp_path / ex), cwd=tmp_path)
+        assert code == 0, err[-3000:]
+        got[ex] = json.loads((tmp_path / ex / "drift.json").read_text())
+    assert list((tmp_path / "submitit-local" / "sweep").glob("*_log.out"))  # the streams ran through submitit
+    assert not (tmp_path / "local" / "sweep").exists()
+    for name in ("same_step-s0.npz", "clean-s0.npz"):
+        a, b = (np.load(tmp_path / ex / "runs" / name)["videos"] for ex in got)
+        assert np.array_equal(a, b), name
+    for key in ("at", "summary", "paired_vs_same_step", "per_video"):
+        assert json.dumps(got["local"][key], sort_keys=True) == json.dumps(got["submitit-local"][key], sort_keys=True)
+
+
+@pytest.mark.slow
 def test_overhead_benchmark_covers_the_wan_family(tmp_path):
     code, out, err = run_script("overhead.py", "--smoke", "--recipe", "wan", cwd=tmp_path)
     assert code == 0, err[-3000:]
