@@ -142,6 +142,34 @@ def test_streaming_equals_all_at_once_in_the_model(spec, family):
 
 
 @family_param
+@pytest.mark.parametrize("context", ["same_step", "clean"])
+def test_a_rolling_sink_keeps_its_distance_to_the_window(family, context):
+    """``cross_frame`` window 1 + sink 1 streamed one latent frame a chunk, the same latents every
+    chunk: with ``sink_positions: rolling`` the sink's keys sit just before the window, so once the
+    buffer is full every chunk's output is the same (rotary positions are relative); with
+    ``absolute`` the sink moves ever farther and the output changes from chunk to chunk. While the
+    sink is still next to the window the two are one. Both buffers (the clean cache here records
+    every pass, as its commit pass does)."""
+    from tcplug.diffusion.sampling import make_stream
+
+    x, ts = latents(t=1, family=family), torch.tensor([500.0])
+    outs = {}
+    for mode in ("rolling", "absolute"):
+        bb = backbone(family, ("cross_frame", {"window": 1, "sink": 1, "sink_positions": mode}), layers=2)
+        stream, outs[mode] = make_stream(context), []
+        stream.writing = True
+        with torch.no_grad():
+            for f in range(12):
+                stream.frame_start = f
+                outs[mode].append(bb(x, ts, {"stream": stream}))
+    roll, fixed = outs["rolling"], outs["absolute"]
+    moved = max(float((roll[f] - roll[3]).abs().max()) for f in range(4, 12))  # float noise of the rotations
+    away = float((fixed[11] - fixed[3]).abs().max())  # LTX's rotary turns slowly in time: small, but 60x
+    assert moved < 1e-4 and away > 20 * max(moved, 1e-5), (moved, away)
+    assert all(torch.allclose(roll[f], fixed[f], atol=1e-6) for f in range(3))
+
+
+@family_param
 def test_non_causal_variant_does_not_stream(family):
     assert not backbone(family, ("full3d", {})).supports_streaming and not backbone(family).supports_streaming
 

@@ -27,6 +27,8 @@ the variant's frame rule, so blocks of frames the rule hides are skipped, not co
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -203,6 +205,11 @@ class CrossFrame(FrameRule):
         anchor: also attend to the first frame (a fixed reference across the whole video).
         sink: also attend to the first ``sink`` frames (an attention sink, StreamingLLM-style: a
             long video keeps them in every window; ``anchor`` is ``sink: 1``).
+        sink_positions: where a streamed video's sink frames sit for a family with rotary
+            positions (Wan, LTX): ``absolute`` (their own positions, ever farther from the window,
+            beyond any distance seen in training) or ``rolling`` (just before the window's oldest
+            frame, as in a training clip; StreamingLLM's positions within the cache). ``dit``'s
+            frames carry no rotary position in this variant: both are the same there.
 
     Without anchor, the training fast path takes each frame's window as a strided view of
     the keys/values (frames are contiguous in the heads-first layout): no copy.
@@ -210,11 +217,14 @@ class CrossFrame(FrameRule):
 
     causal = True
 
-    def __init__(self, window: int = 2, anchor: bool = False, sink: int = 0) -> None:
+    def __init__(self, window: int = 2, anchor: bool = False, sink: int = 0,
+                 sink_positions: Literal["absolute", "rolling"] = "absolute") -> None:
         super().__init__()
         if window < 0 or sink < 0:
             raise TcplugError(f"cross_frame window and sink must be >= 0, got {window} and {sink}")
-        self.window, self.anchor, self.sink = window, anchor, sink
+        if sink_positions not in ("absolute", "rolling"):
+            raise TcplugError(f"cross_frame sink_positions {sink_positions!r}: use absolute or rolling")
+        self.window, self.anchor, self.sink, self.sink_positions = window, anchor, sink, sink_positions
 
     @property
     def sink_frames(self) -> int:

@@ -144,10 +144,28 @@ class FrameAttnProcessor:
         self.stream = None
         self.rotary: Any = None
         self.kv_index: Tensor | None = None
+        #: while streaming: latent-frame positions ``(T,)`` -> the rotary embedding of those frames
+        self.rotary_fn: Any = None
 
     def qkv(self, attn: nn.Module, hidden_states: Tensor, rotary: Any) -> tuple[Tensor, Tensor, Tensor]:
         """``(B, L, D)`` -> query, key, value ``(B, L, heads, head_dim)`` as the model computes them."""
         raise NotImplementedError
+
+    def rotate(self, x: Tensor, rotary: Any) -> Tensor:
+        """The model's rotary embedding ``rotary`` (a ``(cos, sin)`` pair) applied to ``x (B, L,
+        heads, head_dim)``, as :meth:`qkv` applies it. A family without it streams its sink frames
+        at their own positions."""
+        raise NotImplementedError
+
+    def reposition(self, k: Tensor, old: Tensor, new: Tensor) -> Tensor:
+        """Keys ``k (B, T, heads, N, D)`` rotated at latent-frame positions ``old (T,)``, moved to
+        ``new``: rotated once more by the difference of the two embeddings' angles (rotary positions
+        compose: ``R(new) = R(new - old) R(old)``). For a sink at rolling positions while streaming."""
+        b, t, h, n, d = k.shape
+        (c0, s0), (c1, s1) = self.rotary_fn(old), self.rotary_fn(new)
+        delta = (c1 * c0 + s1 * s0, s1 * c0 - c1 * s0)  # cos, sin of (angle(new) - angle(old))
+        flat = self.rotate(k.permute(0, 1, 3, 2, 4).reshape(b, t * n, h, d), delta)
+        return flat.reshape(b, t, n, h, d).permute(0, 1, 3, 2, 4)
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, rotary: Any = None) -> Tensor:
@@ -165,8 +183,9 @@ class FrameAttnProcessor:
             return y.view(b, t, n, attn.heads, -1).permute(0, 1, 3, 2, 4)
 
         q, k, v = frames(query), frames(key), frames(value)
-        out = self.stream.attend(self.variant, self.index, q, k, v) if self.stream is not None else \
-            self.variant(q, k, v, self.kv_index)
+        moves = self.rotary_fn is not None and type(self).rotate is not FrameAttnProcessor.rotate
+        out = self.stream.attend(self.variant, self.index, q, k, v, self.reposition if moves else None) \
+            if self.stream is not None else self.variant(q, k, v, self.kv_index)
         out = out.permute(0, 1, 3, 2, 4).reshape(b, t * n, -1).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
@@ -335,8 +354,10 @@ class JointTokenBackbone(Backbone):
         index = frame_index(context, t, x.device)
         rotary = self.rotary_at(stream.frame_start if index is None else index, t, h, w, x.device) \
             if stream is not None or index is not None else None
+        rotary_fn = (lambda pos: self.rotary_at(pos, len(pos), h, w, x.device)) if stream is not None else None
         for proc in self._processors:
             proc.grid, proc.stream, proc.rotary, proc.kv_index = (t, n), stream, rotary, index
+            proc.rotary_fn = rotary_fn
         hooks = []
         residuals = context.get("residuals")
         if residuals is not None:
@@ -350,7 +371,7 @@ class JointTokenBackbone(Backbone):
             for hook in hooks:
                 hook.remove()
             for proc in self._processors:
-                proc.stream = proc.rotary = proc.kv_index = None
+                proc.stream = proc.rotary = proc.kv_index = proc.rotary_fn = None
 
 
 # ----- VAE ---------------------------------------------------------------------------------------

@@ -48,6 +48,11 @@ class LTXFrameAttnProcessor(FrameAttnProcessor):
             query, key = apply_rotary_emb(query, rotary), apply_rotary_emb(key, rotary)
         return tuple(y.unflatten(2, (attn.heads, -1)) for y in (query, key, value))
 
+    def rotate(self, x: Tensor, rotary: Any) -> Tensor:
+        from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
+
+        return apply_rotary_emb(x.flatten(2), rotary).unflatten(2, (x.shape[2], -1))  # over the whole width
+
 
 def _vae_compression(pretrained: str | None, subfolder: str = "vae") -> tuple[int, int] | None:
     """(temporal, spatial) compression of the folder's VAE, read from its config without

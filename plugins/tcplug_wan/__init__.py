@@ -56,6 +56,9 @@ class WanFrameAttnProcessor(FrameAttnProcessor):
             query, key = apply_rotary(query, *rotary), apply_rotary(key, *rotary)
         return query, key, value
 
+    def rotate(self, x: Tensor, rotary: Any) -> Tensor:
+        return apply_rotary(x, *rotary)
+
 
 #: the name the Wan docs and recipes use for Wan's frame-attention processor
 FrameAttnProcessor = WanFrameAttnProcessor

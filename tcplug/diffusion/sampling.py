@@ -293,17 +293,32 @@ class FrameStream:
         self.frame_start = 0
         self._kv: dict[tuple[int, int, int], tuple[Tensor, Tensor, Tensor]] = {}
 
-    def attend(self, attn, block: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Attention of the current chunk ``q, k, v (B, T, H, N, D)`` over buffer + chunk."""
+    def attend(self, attn, block: int, q: Tensor, k: Tensor, v: Tensor, reposition=None) -> Tensor:
+        """Attention of the current chunk ``q, k, v (B, T, H, N, D)`` over buffer + chunk; ``reposition``
+        (a rotary family's): see :meth:`positioned`."""
         t = q.shape[1]
         idx = torch.arange(self.frame_start, self.frame_start + t, device=q.device)
         key = (id(attn), block, self.step)
         past = self._kv.get(key)
         if past is not None:
             k, v, idx = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1), torch.cat([past[2], idx])
-        out = attn(q, k, v, kv_index=idx)
+        out = attn(q, self.positioned(attn, k, idx, reposition), v, kv_index=idx)
         self._store(attn, key, k, v, idx, t)
         return out
+
+    def positioned(self, attn, k: Tensor, idx: Tensor, reposition=None) -> Tensor:
+        """The keys as attended. With the variant's ``sink_positions: rolling`` and a family's
+        ``reposition(k, old, new)`` (keys moved between rotary frame positions), the sink frames sit
+        just before the oldest other kept frame, as in a training clip, not ever farther from the
+        window (StreamingLLM's positions within the cache); the buffer keeps them as computed."""
+        if reposition is None or getattr(attn, "sink_positions", "absolute") != "rolling":
+            return k
+        sink = idx < int(attn.memory()[1])
+        gap = int(idx[~sink].min()) - int(sink.sum()) if sink.any() and not sink.all() else 0
+        if gap > 0:  # (none while the sink is still next to the window)
+            k = k.clone()
+            k[:, sink] = reposition(k[:, sink], idx[sink], idx[sink] + gap)
+        return k
 
     def _store(self, attn, key, k: Tensor, v: Tensor, idx: Tensor, t: int) -> None:
         """Keep of ``k, v`` the frames the variant still needs after this chunk (its ``memory()``)."""
@@ -336,14 +351,14 @@ class CleanContext(FrameStream):
         super().__init__()
         self.writing = False  # True during the commit pass
 
-    def attend(self, attn, block: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def attend(self, attn, block: int, q: Tensor, k: Tensor, v: Tensor, reposition=None) -> Tensor:
         t = q.shape[1]
         idx = torch.arange(self.frame_start, self.frame_start + t, device=q.device)
         key = (id(attn), block)
         past = self._kv.get(key)
         if past is not None:
             k, v, idx = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1), torch.cat([past[2], idx])
-        out = attn(q, k, v, kv_index=idx)
+        out = attn(q, self.positioned(attn, k, idx, reposition), v, kv_index=idx)
         if self.writing:
             self._store(attn, key, k, v, idx, t)
         return out
