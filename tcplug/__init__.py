@@ -10,7 +10,9 @@ The public API a plugin may use (and the only one the built-in plugins use):
 - registry helpers :func:`get_component`, :func:`list_components`, :func:`get_registry`;
 - plugin helpers :func:`load_plugins`, :func:`register_plugin`, :func:`unregister_plugin`,
   :func:`plugin_infos`;
-- :class:`TcplugError` for errors a user caused.
+- :class:`TcplugError` for errors a user caused;
+- for text conditioners that know shots: :func:`shot_spans`, :func:`shot_captions`,
+  :func:`shot_text_mask` (per-shot captions, the mask of which caption tokens each frame sees).
 
 Importing tcplug has no side effects and imports no heavy dependency (not even torch): every
 name below is imported on first use, and plugins are loaded on first use of the registry.
@@ -36,6 +38,7 @@ _LAZY = {
     "TCPlugModule": "tcplug.module",
     "VideoDataModule": "tcplug.data",
     "read_mask": "tcplug.video",
+    **{name: "tcplug.captions" for name in ("shot_captions", "shot_spans", "shot_text_mask")},
     # the built-in metric classes (a built-in plugin registers them by name)
     **{name: "tcplug.metrics" for name in ("BackgroundFlicker", "Coverage", "CrossShotIdentity", "CutAccuracy",
                                            "DynamicsDistance", "Flicker", "FrameDistance",
@@ -52,7 +55,8 @@ __all__ = [
     "SharpnessRatio", "TCPlugModule", "TcplugError", "TemporalVarianceScore", "TrajectoryError",
     "UnknownComponentError", "VideoDataModule", "VideoMetric", "WarpingError", "WorldConditioner",
     "__version__", "frame_index", "get_component", "get_registry", "hookimpl", "list_components", "load_plugins",
-    "plugin_infos", "read_mask", "register_plugin", "unregister_plugin",
+    "plugin_infos", "read_mask", "register_plugin", "shot_captions", "shot_spans", "shot_text_mask",
+    "unregister_plugin",
 ]
 
 

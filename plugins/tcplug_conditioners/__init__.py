@@ -20,7 +20,15 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from tcplug import Backbone, TcplugError, WorldConditioner, hookimpl
+from tcplug import (
+    Backbone,
+    TcplugError,
+    WorldConditioner,
+    hookimpl,
+    shot_captions,
+    shot_spans,
+    shot_text_mask,
+)
 
 __version__ = "0.1.0"
 
@@ -65,20 +73,6 @@ class ControlAdapter(nn.Module):
             x = x + mix(x)
             out.append(zero(x))
         return out
-
-
-def shot_spans(state: dict[str, Any], frames: int) -> list[tuple[int, dict[str, Any], int, int]]:
-    """``(k, shot, start, stop)`` of each shot of a multi-shot state (``state["shots"]``,
-    :mod:`tcplug.data.shots`) within a video of ``frames`` frames, the last shot running on to the
-    end; empty for a one-camera state."""
-    out, shots = [], state.get("shots") or []
-    for k, shot in enumerate(shots):
-        start = int(shot["start"])
-        if start >= frames:
-            break
-        stop = frames if k == len(shots) - 1 else min(frames, start + int(shot["frames"]))
-        out.append((k, shot, start, stop))
-    return out
 
 
 def pool_frames(maps: Tensor, t: int, who: str = "conditioner", first: bool = True) -> Tensor:
@@ -660,24 +654,13 @@ class Caption(WorldConditioner):
         states = [states] * b if isinstance(states, dict) else list(states)
         if len(states) == 1 and b > 1:
             states = states * b
-        shots = [s.get("shots") or [] for s in states]
-        n = max(1, max(len(s) for s in shots))
         frames = batch["video"].shape[1] if batch.get("video") is not None else batch.get("num_frames") or t_lat
-        per = [[("" if d else str(s.get("caption", ""))) for s in sh] + [""] * (n - len(sh))
-               for sh, d in zip(shots, drop)]
+        per, n = shot_captions(states, drop)
         text, mask = self.encode(list(texts) + [c for row in per for c in row])  # (B + B n, L, D)
         length = text.shape[1]
         text = torch.cat([text[:b, None], text[b:].view(b, n, length, -1)], 1).flatten(1, 2)  # (B, (1+n) L, D)
         tokens = torch.cat([mask[:b, None], mask[b:].view(b, n, length)], 1)  # (B, 1+n, L)
-        # each latent frame's pixel frame, then its shot
-        pix = torch.linspace(0, frames - 1, t_lat).round().long() if t_lat > 1 else torch.zeros(1, dtype=torch.long)
-        see = torch.zeros(b, t_lat, 1 + n, dtype=torch.bool, device=text.device)
-        see[:, :, 0] = True
-        for i, state in enumerate(states):
-            for k, _, start, stop in shot_spans(state, frames):
-                see[i, ((pix >= start) & (pix < stop)).to(text.device), 1 + k] = True
-        frame_mask = (see[..., None] & tokens[:, None]).flatten(2)  # (B, T', (1+n) L)
-        return {"text": text, "text_mask": frame_mask}
+        return {"text": text, "text_mask": shot_text_mask(states, frames, t_lat, tokens)}  # (B, T', (1+n) L)
 
     def stream_context(self, batch: dict[str, Any], latent_shape: tuple[int, ...], start: int,
                        state: dict[str, Any]) -> dict[str, Any]:

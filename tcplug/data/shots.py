@@ -167,3 +167,4 @@ def make_shots(seed: int, index: int, shots: int = 4, shot_frames: int = 8, size
         "static": (ids.max(0) < 0).astype(np.uint8), "ids": ids.astype(np.int8), "cuts": cuts,
         "state": state, "txt": caption,
     }
+
