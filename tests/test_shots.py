@@ -568,3 +568,48 @@ def test_the_main_job_trains_and_validates_on_keyframe_clips(tmp_path, tiny):
                       f"--data.cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "runs" / "full" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("family", ["wan", "ltx"])
+def test_per_shot_captions_reach_each_shots_frames_in_wan_and_ltx(family, tmp_path):
+    """``wan_text`` / ``ltx_text`` with ``per_shot: true``: the video's caption and each shot's,
+    encoded alike and laid end to end, with a per-frame mask; in the backbone every frame of shot k
+    attends to the video's caption and shot k's only: with frames kept apart (``per_frame``
+    attention), the frames of each shot come out exactly as a run given just those two captions,
+    and not as one given the other shot's."""
+    import importlib
+
+    from tcplug import get_component
+
+    folder = importlib.import_module(f"tcplug_{family}.tiny").make_tiny_folder(tmp_path / family)
+    text = get_component("conditioner", f"{family}_text")(pretrained=str(folder), max_length=8, dropout=0.0,
+                                                          per_shot=True).eval()
+    bb = get_component("backbone", family)(pretrained=str(folder),
+                                           attention=get_component("attention", "per_frame")()).eval()
+    c = bb.in_channels
+    side = 4 if family == "wan" else 2
+    state = {"shots": [{"start": 0, "frames": 5, "caption": "a wide shot"},
+                       {"start": 5, "frames": 4, "caption": "a close-up of the red square"}]}
+    ctx = text({"txt": ["two shapes bounce"], "state": [state], "num_frames": 9}, (1, 3, c, side, side))
+    seg = ctx["text"].shape[1] // 3
+    assert ctx["text"].shape[1] == 3 * seg and ctx["text_mask"].shape == (1, 3, 3 * seg)
+    see = ctx["text_mask"][0].view(3, 3, seg).any(-1)  # (latent frame, segment): pixel frames 0, 4, 8
+    assert see.tolist() == [[True, True, False], [True, True, False], [True, False, True]]
+    x = torch.randn(1, 3, c, side, side, generator=torch.Generator().manual_seed(0))
+    ts = torch.tensor([500.0])
+
+    def given(k):  # the video's caption and shot k's, as a plain (unmasked) text
+        keep = torch.cat([torch.arange(seg), torch.arange((1 + k) * seg, (2 + k) * seg)])
+        plain = {"text": ctx["text"][:, keep]}
+        if family == "ltx":
+            plain["text_mask"] = ctx["text_mask"][:, 2 if k else 0, keep]
+        return bb(x, ts, plain)
+
+    with torch.no_grad():
+        out, first, second = bb(x, ts, ctx), given(0), given(1)
+    assert torch.allclose(out[:, :2], first[:, :2], atol=1e-5), (out[:, :2] - first[:, :2]).abs().max()
+    assert torch.allclose(out[:, 2:], second[:, 2:], atol=1e-5), (out[:, 2:] - second[:, 2:]).abs().max()
+    assert not torch.allclose(out[:, 2:], first[:, 2:], atol=1e-4)
+    null = text.null_context(ctx)  # guidance's branch: the negative prompt for every frame
+    assert null["text"].shape[1] == seg and (null.get("text_mask") is None) == (family == "wan")
+    assert family == "wan" or null["text_mask"].shape == (1, seg)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tcplug import (
@@ -35,6 +36,8 @@ from tcplug import (
     TcplugError,
     WorldConditioner,
     frame_index,
+    shot_captions,
+    shot_text_mask,
 )
 
 __version__ = "0.1.0"
@@ -187,6 +190,31 @@ class FrameAttnProcessor:
         out = self.stream.attend(self.variant, self.index, q, k, v, self.reposition if moves else None) \
             if self.stream is not None else self.variant(q, k, v, self.kv_index)
         out = out.permute(0, 1, 3, 2, 4).reshape(b, t * n, -1).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class FrameTextAttnProcessor:
+    """A diffusers processor for a joint-token transformer's cross-attention to the caption
+    (``attn2``) that takes a per-token mask: ``mask`` ``(B, 1, T'*N, L)`` bool, which caption tokens
+    each video token sees (per-shot captions: a frame sees the video's caption and its own shot's).
+    The model's own projections and q/k norms, then SDPA with the mask. Without a mask (``None``)
+    it hands the call to the model's own processor, unchanged."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.mask = inner, None
+
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, *args, **kwargs) -> Tensor:
+        if self.mask is None or encoder_hidden_states is None:
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        if getattr(attn, "add_k_proj", None) is not None:
+            raise TcplugError("per-shot captions: an image-conditioned cross-attention (add_k_proj) is not supported")
+        q = attn.norm_q(attn.to_q(hidden_states))
+        k = attn.norm_k(attn.to_k(encoder_hidden_states))
+        v = attn.to_v(encoder_hidden_states)
+        q, k, v = (y.unflatten(2, (attn.heads, -1)).transpose(1, 2) for y in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask.to(q.device))
+        out = out.transpose(1, 2).flatten(2).type_as(hidden_states)
         return attn.to_out[1](attn.to_out[0](out))
 
 
@@ -358,6 +386,7 @@ class JointTokenBackbone(Backbone):
         for proc in self._processors:
             proc.grid, proc.stream, proc.rotary, proc.kv_index = (t, n), stream, rotary, index
             proc.rotary_fn = rotary_fn
+        self.frame_text(context.get("text_mask"), b, t, n)
         hooks = []
         residuals = context.get("residuals")
         if residuals is not None:
@@ -372,6 +401,27 @@ class JointTokenBackbone(Backbone):
                 hook.remove()
             for proc in self._processors:
                 proc.stream = proc.rotary = proc.kv_index = proc.rotary_fn = None
+            for proc in getattr(self, "_text_processors", []):
+                proc.mask = None
+
+    def frame_text(self, text_mask: Tensor | None, b: int, t: int, n: int) -> None:
+        """A per-frame caption mask ``(B, T', L)`` (per-shot captions) reaches every block's
+        cross-attention as a per-token one (:class:`FrameTextAttnProcessor`, installed on first
+        need); a ``(B, L)`` mask is the model's own business (:meth:`run`)."""
+        if text_mask is None or text_mask.dim() != 3:
+            return
+        if text_mask.shape[:2] != (b, t):
+            raise TcplugError(f"{self.family} backbone: per-frame text mask {tuple(text_mask.shape)} for {b} clips of "
+                              f"{t} latent frames")
+        if not getattr(self, "_text_processors", None):
+            self._text_processors = []
+            for block in self.blocks:
+                proc = FrameTextAttnProcessor(block.attn2.processor)
+                block.attn2.set_processor(proc)
+                self._text_processors.append(proc)
+        mask = text_mask.bool().repeat_interleave(n, dim=1)[:, None]  # (B, 1, T'N, L)
+        for proc in self._text_processors:
+            proc.mask = mask
 
 
 # ----- VAE ---------------------------------------------------------------------------------------
@@ -517,10 +567,17 @@ class FrozenTextEncoder(WorldConditioner):
     uses_mask: bool = False
 
     def __init__(self, pretrained: str | None = None, precomputed: bool = False, negative_prompt: str = "",
-                 negative_embeds: str | None = None, max_length: int = 512, dropout: float = 0.1) -> None:
+                 negative_embeds: str | None = None, max_length: int = 512, dropout: float = 0.1,
+                 per_shot: bool = False) -> None:
         super().__init__()
         if not 0 <= dropout < 1:
             raise TcplugError(f"{self.what} dropout must be in [0, 1), got {dropout}")
+        if per_shot and precomputed:
+            raise TcplugError(f"{self.what}: per_shot encodes each shot's caption from the prompts; precomputed "
+                              "embeddings hold the video's caption only")
+        self.per_shot = per_shot
+        if per_shot:
+            self.needs = ("txt", "state")
         if pretrained is None and not precomputed:
             raise TcplugError(f"{self.what}: give pretrained (a local model folder) or precomputed: true")
         if pretrained is not None:  # fail now, not at the first prompt
@@ -624,6 +681,7 @@ class FrozenTextEncoder(WorldConditioner):
             text, mask = self.encode(texts, device)
         if text.shape[0] != b:
             raise TcplugError(f"{self.what} got {text.shape[0]} text embeddings for {b} clips")
+        drop = torch.zeros(b, dtype=torch.bool, device=text.device)
         if self.training and self.dropout > 0:
             drop = (torch.rand(b) < self.dropout).to(text.device)
             neg, neg_mask = self.negative(b, text, batch)
@@ -631,7 +689,41 @@ class FrozenTextEncoder(WorldConditioner):
             mask = torch.where(drop.view(-1, 1), neg_mask, mask)
         elif batch.get("negative_text_emb") is not None:  # keep it for guidance at sampling
             self.negative(b, text, batch)
+        if self.per_shot:
+            return self.shot_context(text, mask, drop.tolist(), batch, latent_shape)
         return self._context(text, mask)
+
+    def shot_context(self, text: Tensor, mask: Tensor, drop: list[bool], batch: dict[str, Any],
+                     latent_shape: tuple[int, ...]) -> dict[str, Any]:
+        """Per-shot captions (HoloCine's per-shot prompts): the video's caption ``text`` ``(B, L, D)``
+        and each shot's (the state's ``shots[k]["caption"]``), encoded alike and laid end to end
+        ``(B, (1 + n) L, D)``, with ``text_mask`` ``(B, T', (1 + n) L)``: each latent frame sees the
+        video's caption and its own shot's (:func:`tcplug.shot_text_mask`). A clip dropped for
+        guidance keeps only the negative prompt. The backbone attends with the per-frame mask
+        (:class:`FrameTextAttnProcessor`)."""
+        b, t_lat = latent_shape[0], latent_shape[1]
+        states = batch.get("state")
+        if states is None:
+            raise TcplugError(f"{self.what} (per_shot) needs the clips' state (its shots and their captions)")
+        states = [states] if isinstance(states, dict) else list(states)
+        states = states * b if len(states) == 1 and b > 1 else states
+        frames = batch["video"].shape[1] if batch.get("video") is not None else batch.get("num_frames") or t_lat
+        per, n = shot_captions(states, drop)
+        emb, tok = self.encode([c for row in per for c in row], text.device)  # (B n, L, D)
+        length = text.shape[1]
+        if emb.shape[1] != length:
+            raise TcplugError(f"{self.what} (per_shot): shot captions encode to {emb.shape[1]} tokens, the video's "
+                              f"to {length}")
+        tok = tok.view(b, n, length) & ~torch.tensor(drop, device=tok.device).view(b, 1, 1)
+        full = torch.cat([text[:, None], emb.to(text).view(b, n, length, -1)], 1).flatten(1, 2)
+        tokens = torch.cat([mask[:, None].to(tok.device), tok], 1)  # (B, 1+n, L)
+        return {"text": full, "text_mask": shot_text_mask(states, frames, t_lat, tokens)}
+
+    def stream_context(self, batch: dict[str, Any], latent_shape: tuple[int, ...], start: int,
+                       state: dict[str, Any]) -> dict[str, Any]:
+        if self.per_shot:
+            raise TcplugError(f"{self.what}: per-shot captions are sampled all at once, not streamed")
+        return super().stream_context(batch, latent_shape, start, state)
 
     def precompute(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """For ``tcplug data encode``: ``text_emb`` ``(B, L, D)`` (and ``text_mask`` ``(B, L)``)
@@ -651,10 +743,14 @@ class FrozenTextEncoder(WorldConditioner):
         return out
 
     def null_context(self, context: dict[str, Any]) -> dict[str, Any]:
-        """The negative prompt's context (the unconditional branch of guidance)."""
+        """The negative prompt's context (the unconditional branch of guidance; with per-shot
+        captions, the negative prompt for every frame)."""
         emb, mask = self.negative(context["text"].shape[0], context["text"])
-        return {**context, **self._context(emb, mask)}
+        out = {**context, **self._context(emb, mask)}
+        if self.per_shot and not self.uses_mask:
+            out.pop("text_mask", None)
+        return out
 
 
-__all__ = ["AddResidual", "FrameAttnProcessor", "FrozenTextEncoder", "FrozenVideoVAE", "JointTokenBackbone",
+__all__ = ["AddResidual", "FrameAttnProcessor", "FrameTextAttnProcessor", "FrozenTextEncoder", "FrozenVideoVAE", "JointTokenBackbone",
            "load_model", "subfolder"]

@@ -182,7 +182,7 @@ class LTXBackbone(JointTokenBackbone):
         text, mask = context.get("text"), context.get("text_mask")
         if text is None:
             text, mask = x.new_zeros(b, 1, self.text_dim), None
-        if mask is None:
+        if mask is None or mask.dim() == 3:  # a per-frame mask (per-shot captions): the blocks' attn2 take it
             mask = torch.ones(text.shape[:2], dtype=torch.bool, device=x.device)
         tokens = x.permute(0, 1, 3, 4, 2).reshape(b, t * h * w, c)  # LTXPipeline's packing, patch size 1
         out = self.model(hidden_states=tokens.to(dtype), encoder_hidden_states=text.to(dtype), timestep=timesteps,
@@ -258,6 +258,9 @@ class LTXText(FrozenTextEncoder):
             tokens attended: a file carries no mask).
         max_length: tokens per prompt (``LTXPipeline`` default 128).
         dropout: probability of training on the negative prompt instead (for guidance).
+        per_shot: also each shot's own caption, seen by that shot's frames only
+            (:meth:`~tcplug_families.FrozenTextEncoder.shot_context`); ``text_mask`` is then
+            ``(B, T', L)`` per latent frame.
     """
 
     what = "ltx_text"
@@ -265,8 +268,9 @@ class LTXText(FrozenTextEncoder):
     uses_mask = True
 
     def __init__(self, pretrained: str | None = None, precomputed: bool = False, negative_prompt: str = "",
-                 negative_embeds: str | None = None, max_length: int = 128, dropout: float = 0.1) -> None:
-        super().__init__(pretrained, precomputed, negative_prompt, negative_embeds, max_length, dropout)
+                 negative_embeds: str | None = None, max_length: int = 128, dropout: float = 0.1,
+                 per_shot: bool = False) -> None:
+        super().__init__(pretrained, precomputed, negative_prompt, negative_embeds, max_length, dropout, per_shot)
 
     def encode_with(self, tokenizer, encoder, prompts, device):
         from diffusers import LTXPipeline

@@ -269,7 +269,9 @@ class WanText(FrozenTextEncoder):
     the encoder (every batch must carry ``text_emb``); ``negative_prompt`` (Wan's default is
     empty); ``negative_embeds``, a ``.npy`` file of the negative prompt's embedding
     ``(L, text_dim)``; ``max_length``, tokens per prompt (512); ``dropout``, the probability of
-    training on the negative prompt instead (for guidance).
+    training on the negative prompt instead (for guidance); ``per_shot``, also each shot's own
+    caption, seen by that shot's frames only (``text_mask`` ``(B, T', L)`` per latent frame:
+    :meth:`~tcplug_families.FrozenTextEncoder.shot_context`).
     """
 
     what = "wan_text"
