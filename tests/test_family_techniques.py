@@ -170,6 +170,30 @@ def test_a_rolling_sink_keeps_its_distance_to_the_window(family, context):
 
 
 @family_param
+def test_gradient_checkpointing_recomputes_with_the_forwards_frame_positions_and_text_mask(family):
+    """A checkpointed block recomputes its forward in backward, after the backbone's forward has
+    returned: the frame positions (``frame_index``, keyframe training) and a per-frame text mask
+    (per-shot captions) must still be the forward's then. Gradients with checkpointing equal those
+    without (they raised, or could silently differ, when the processors forgot them)."""
+    f = FAMILIES[family]
+    text_dim = f["config"].get("text_dim") or f["config"]["caption_channels"]
+    g = torch.Generator().manual_seed(3)
+    see = torch.tensor([[True] * 3 + [False] * 3, [True] * 3 + [False] * 3, [True] * 6])
+    ctx = {"frame_index": [0, 4, 8], "text": torch.randn(1, 6, text_dim, generator=g), "text_mask": see[None]}
+
+    def grads(checkpointing):
+        torch.manual_seed(0)
+        bb = tcplug.get_component("backbone", f["backbone"])(
+            config={**f["config"], "num_layers": 2}, gradient_checkpointing=checkpointing,
+            attention=tcplug.get_component("attention", "cross_frame")(window=1)).train()
+        bb(latents(t=3, family=family), torch.tensor([500.0]), dict(ctx)).square().mean().backward()
+        return torch.cat([p.grad.flatten() for p in bb.parameters() if p.grad is not None])
+
+    plain, checkpointed = grads(False), grads(True)
+    assert torch.allclose(plain, checkpointed, atol=1e-6), (plain - checkpointed).abs().max()
+
+
+@family_param
 def test_non_causal_variant_does_not_stream(family):
     assert not backbone(family, ("full3d", {})).supports_streaming and not backbone(family).supports_streaming
 

@@ -613,3 +613,22 @@ def test_per_shot_captions_reach_each_shots_frames_in_wan_and_ltx(family, tmp_pa
     null = text.null_context(ctx)  # guidance's branch: the negative prompt for every frame
     assert null["text"].shape[1] == seg and (null.get("text_mask") is None) == (family == "wan")
     assert family == "wan" or null["text_mask"].shape == (1, seg)
+
+
+def test_wan_trains_and_samples_with_per_shot_captions(tmp_path):
+    """`recipes/shots/wan_per_shot.yaml` (a tiny Wan folder, the CPU smoke preset, 3 shots of 3
+    frames): the LoRA step reads each shot's caption and validation samples with guidance (the
+    negative prompt for every frame)."""
+    import json
+
+    from tcplug_wan.tiny import make_tiny_folder
+
+    from tests.conftest import RECIPES, run_tcplug
+
+    folder = make_tiny_folder(tmp_path / "tiny-wan")
+    proc = run_tcplug("fit", "--config", RECIPES / "shots" / "wan_per_shot.yaml", "--config",
+                      RECIPES / "presets" / "cpu-smoke.yaml", "--data.frames=9", "--data.shots=3",
+                      f"--data.cache_dir={tmp_path / 'cache'}", cwd=tmp_path, env={"WAN_MODEL_DIR": str(folder)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = next((tmp_path / "runs").glob("wan-per-shot/version_0"))
+    assert "val/tvs" in json.loads((run / "metrics.json").read_text())["metrics"]

@@ -399,16 +399,18 @@ class JointTokenBackbone(Backbone):
         finally:
             for hook in hooks:
                 hook.remove()
+            # the streaming state goes; the frame positions and text mask stay until the next forward
+            # sets them: a gradient-checkpointed block recomputes its forward in backward, after this
             for proc in self._processors:
-                proc.stream = proc.rotary = proc.kv_index = proc.rotary_fn = None
-            for proc in getattr(self, "_text_processors", []):
-                proc.mask = None
+                proc.stream = proc.rotary_fn = None
 
     def frame_text(self, text_mask: Tensor | None, b: int, t: int, n: int) -> None:
         """A per-frame caption mask ``(B, T', L)`` (per-shot captions) reaches every block's
         cross-attention as a per-token one (:class:`FrameTextAttnProcessor`, installed on first
         need); a ``(B, L)`` mask is the model's own business (:meth:`run`)."""
         if text_mask is None or text_mask.dim() != 3:
+            for proc in getattr(self, "_text_processors", []):
+                proc.mask = None
             return
         if text_mask.shape[:2] != (b, t):
             raise TcplugError(f"{self.family} backbone: per-frame text mask {tuple(text_mask.shape)} for {b} clips of "
