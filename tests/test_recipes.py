@@ -24,7 +24,9 @@ ADDED_SINCE = [("model", "max_loss", 1.0e4), ("model", "frame_timesteps", "clip"
 ARGS_ADDED_SINCE = [("tcplug_attention.CrossFrame", "sink", 0), ("tcplug_wan.WanBackbone", "storage_dtype", None),
                     ("tcplug_ltx.LTXBackbone", "storage_dtype", None), ("tcplug_wan.WanBackbone", "offload", None),
                     ("tcplug_wan.WanBackbone", "offload_dir", None), ("tcplug_ltx.LTXBackbone", "offload", None),
-                    ("tcplug_ltx.LTXBackbone", "offload_dir", None), ("tcplug_conditioners.Caption", "per_shot", False)]
+                    ("tcplug_ltx.LTXBackbone", "offload_dir", None), ("tcplug_conditioners.Caption", "per_shot", False),
+                    ("tcplug_attention.CrossFrame", "sink_positions", "absolute"), ("tcplug_wan.WanText", "per_shot", False),
+                    ("tcplug_ltx.LTXText", "per_shot", False)]
 
 
 def drop_added_args(node):
