@@ -11,7 +11,10 @@ simulated truth, measured the same way. Modes:
 - ``same_step``: today's streaming (earlier frames at the same sampler step: streamed = all at once);
 - ``clean``: clean-context autoregression (a K/V cache of the finished frames);
 - ``clean_noisy``: the same with the finished frames committed at timestep ``--context-noise``
-  (noise-augmented context).
+  (noise-augmented context);
+- ``keyframes`` (asked for with ``--modes``): not streamed: keyframes every ``--stride`` latent
+  frames sampled together first, then the in-betweens between clean keyframes
+  (:func:`tcplug.diffusion.keyframes.keyframes_first`; its memory grows with the video).
 
 Reported per mode, at 1x, 4x, 16x and 64x the clip length (the chunk at frame 0, 3c, 15c, 63c): each
 figure's mean over videos and seeds with a bootstrap interval; per video the drift summary (the last
@@ -49,7 +52,9 @@ import _sweep  # noqa: E402
 from _mem import peak_mib  # noqa: E402
 from _models import load_model  # noqa: E402
 
-MODES = {"same_step": ("same_step", 0.0), "clean": ("clean", 0.0), "clean_noisy": ("clean", None)}
+MODES = {"same_step": ("same_step", 0.0), "clean": ("clean", 0.0), "clean_noisy": ("clean", None),
+         "keyframes": ("keyframes", 0.0)}
+STREAMED = ["same_step", "clean", "clean_noisy"]  # the default --modes
 #: figures compared between modes, per video (the summary), and what "better" means
 PAIRED = {"motion_ratio": "closer to the data's", "trajectory_error": "lower", "object_size_true": "closer to 1",
           "background_colour": "lower", "dynamics_distance": "lower"}
@@ -67,25 +72,32 @@ def to_u8(video: torch.Tensor) -> np.ndarray:
     return ((video.permute(0, 2, 3, 1).float().numpy() + 1) * 127.5 + 0.5).clip(0, 255).astype(np.uint8)
 
 
-def stream_videos(model, frames: int, size: int, chunk: int, batch: dict, seed: int, steps, mode, noise):
-    """``(videos uint8 list, seconds)`` of one streamed batch."""
+def stream_videos(model, frames: int, size: int, chunk: int, batch: dict, seed: int, steps, mode, noise,
+                  stride: int = 4):
+    """``(videos uint8 list, seconds)`` of one streamed batch (``keyframes``: sampled keyframes
+    first at ``stride`` latent frames, then the in-betweens, :func:`tcplug.diffusion.keyframes_first`)."""
     ctx, t_ctx = MODES[mode]
     t_ctx = noise if t_ctx is None else t_ctx
     n = len(batch["state"])
     t0 = time.perf_counter()
-    parts = list(model.stream(frames, size, size, chunk, steps=steps, seed=seed, num=n, batch=batch, context=ctx,
-                              context_timestep=t_ctx))
+    if ctx == "keyframes":
+        from tcplug.diffusion.keyframes import keyframes_first
+
+        video = keyframes_first(model.diffusion, n, frames, size, size, stride, steps or model.sample_steps, seed=seed,
+                                batch=batch)[0]
+    else:
+        video = torch.cat(list(model.stream(frames, size, size, chunk, steps=steps, seed=seed, num=n, batch=batch,
+                                            context=ctx, context_timestep=t_ctx)), 1)
     wall = time.perf_counter() - t0
-    video = torch.cat(parts, 1)
     return [to_u8(v) for v in video], wall
 
 
 def stream_job(ckpt: str | None, smoke: bool, mode: str, seed: int, frames: int, batch: dict, steps, noise,
-               path: Path) -> str:
+               path: Path, stride: int = 4) -> str:
     """One (mode, seed): load the model, stream the batch's videos, keep them at ``path`` (written
     whole or not at all). What every executor runs (``_sweep.run_jobs``)."""
     model, chunk, size = load_model(ckpt, smoke)
-    v, wall = stream_videos(model, frames, size, chunk, batch, seed, steps, mode, noise)
+    v, wall = stream_videos(model, frames, size, chunk, batch, seed, steps, mode, noise, stride)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez_compressed(tmp, videos=np.stack(v), wall=wall)
@@ -177,7 +189,9 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=None, help="video length (default 64x the clip length)")
     p.add_argument("--videos", type=int, default=16)
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--modes", default=",".join(STREAMED),
+                   help=f"of {', '.join(MODES)} (keyframes: keyframes first, then in-betweens; not streamed)")
+    p.add_argument("--stride", type=int, default=4, help="keyframes' stride in latent frames")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--context-noise", type=float, default=50.0, help="clean_noisy's commit timestep")
     p.add_argument("--memory-lengths", default="1,64", help="multiples of the clip length for peak memory")
@@ -216,7 +230,7 @@ def main() -> None:
     # ---- stream what is missing: one job per (mode, seed), through --executor; resumable: a
     # finished (mode, seed) is kept (its videos do not depend on where it ran)
     jobs = [(stream_job, (ckpt, args.smoke, mode, seed, frames, batch, args.steps, args.context_noise,
-                          runs / f"{mode}-s{seed}.npz"))
+                          runs / f"{mode}-s{seed}.npz", args.stride))
             for mode in modes for seed in seeds if not (runs / f"{mode}-s{seed}.npz").is_file()]
     for line in _sweep.run_jobs(jobs, args.executor, runs.parent / "sweep",
                                 slurm=dict(kv.split("=", 1) for kv in args.slurm)):

@@ -130,6 +130,17 @@ def test_drift_through_submitits_local_executor_gives_the_local_result(tmp_path)
         assert json.dumps(got["local"][key], sort_keys=True) == json.dumps(got["submitit-local"][key], sort_keys=True)
 
 
+def test_drift_compares_keyframes_first_with_streaming(tmp_path):
+    """`drift.py --modes same_step,keyframes`: keyframes first (then in-betweens) is measured chunk
+    by chunk like a stream and paired against same-step streaming."""
+    code, out, err = run_script("drift.py", "--smoke", "--modes", "same_step,keyframes", "--stride", "2",
+                                "--memory-lengths", "1", "--out", str(tmp_path / "d"), cwd=tmp_path)
+    assert code == 0, err[-3000:]
+    result = json.loads((tmp_path / "d" / "drift.json").read_text())
+    assert "keyframes" in result["at"] and "keyframes" in result["paired_vs_same_step"]
+    assert result["fps"]["keyframes"] > 0
+
+
 @pytest.mark.slow
 def test_overhead_benchmark_covers_the_wan_family(tmp_path):
     code, out, err = run_script("overhead.py", "--smoke", "--recipe", "wan", cwd=tmp_path)
