@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -247,6 +247,12 @@ class PhysicsState(MapConditioner):
         shapes: render each object as its class's silhouette (``circle``, ``square``,
             ``triangle``, ``diamond``: the synthetic world's shapes, as it draws them) instead
             of a disc of its size; an object without a class is a disc.
+        correction: what the learned part of a step is (with ``prior``): ``additive`` (a
+            position and velocity offset: a smooth net rounds every bounce off, so over a long
+            rollout the objects slow down) or ``reflect`` (a bounce is a reflection: per axis a
+            gate ``f`` flips the velocity, ``v' = v (1 - 2f)``, and a learned offset moves the
+            position back inside; ``f`` is soft in training and 0 or 1 when sampling, so speed is
+            kept exactly over any length; ``benchmarks/world_rollout.py`` measures both).
     """
 
     channels = 5
@@ -256,8 +262,11 @@ class PhysicsState(MapConditioner):
 
     def __init__(self, hidden: int = 128, aux_weight: float = 1.0, softness: float = 0.5, scale: float = 1.0,
                  input_maps: bool = False, shapes: bool = False, prior: bool = True, rollout_loss: bool = True,
-                 lr_scale: float = 6.0) -> None:
+                 lr_scale: float = 6.0, correction: Literal["additive", "reflect"] = "additive") -> None:
         super().__init__(scale, input_maps)
+        if correction not in ("additive", "reflect") or (correction == "reflect" and not prior):
+            raise TcplugError(f"physics_state correction {correction!r}: use additive, or reflect (with prior: true)")
+        self.correction = correction
         self.aux_weight, self.softness, self.shapes, self.prior = aux_weight, softness, shapes, prior
         self.rollout_loss = rollout_loss
         self.aux_name = "dynamics"
@@ -268,6 +277,8 @@ class PhysicsState(MapConditioner):
         if prior:  # the correction starts at zero: free flight from the first step
             nn.init.zeros_(self.dynamics[-1].weight)
             nn.init.zeros_(self.dynamics[-1].bias)
+            if correction == "reflect":  # the flip gates start closed
+                nn.init.constant_(self.dynamics[-1].bias[2:], -4.0)
 
     # state.json -> tensors
     @staticmethod
@@ -344,7 +355,7 @@ class PhysicsState(MapConditioner):
 
         Free flight (``vel += (0, gravity)``, then ``pos += vel``, semi-implicit Euler) plus
         the learned correction, which starts at zero and learns what free flight misses (the
-        bounces off the walls); see ``prior``."""
+        bounces off the walls); see ``prior`` and ``correction``."""
         s = st["world"].view(-1, 1, 1)
         delta = self.dynamics(self._vector(pos, vel, st).to(self.dynamics[0].weight))
         if self.prior:
@@ -352,6 +363,11 @@ class PhysicsState(MapConditioner):
             g[..., 1] = st["gravity"].view(-1, 1)
             vel = vel + g
             pos = pos + vel
+        if self.correction == "reflect":  # per axis: flip the velocity (a bounce) or keep it
+            flip = torch.sigmoid(delta[..., 2:].float())
+            if not torch.is_grad_enabled():
+                flip = (flip > 0.5).float()
+            return pos + flip * delta[..., :2].float() * s / 2, vel * (1 - 2 * flip)
         return pos + delta[..., :2].float() * s / 2, vel + delta[..., 2:].float() * s / 8
 
     def rollout(self, st: dict[str, Tensor], frames: int) -> tuple[Tensor, Tensor]:
