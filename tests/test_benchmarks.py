@@ -130,6 +130,14 @@ def test_drift_through_submitits_local_executor_gives_the_local_result(tmp_path)
         assert json.dumps(got["local"][key], sort_keys=True) == json.dumps(got["submitit-local"][key], sort_keys=True)
 
 
+def test_world_rollout_benchmark_scores_each_correction_and_its_controls(tmp_path):
+    code, out, err = run_script("world_rollout.py", "--smoke", "--out", str(tmp_path / "w"), cwd=tmp_path)
+    assert code == 0, err[-3000:]
+    table = json.loads((tmp_path / "w" / "world_rollout.json").read_text())["table"]
+    assert set(table) == {"truth", "still", "free flight", "additive", "reflect"}
+    assert table["truth"]["position_error"]["chunk 0"][0] == 0.0
+
+
 def test_drift_compares_keyframes_first_with_streaming(tmp_path):
     """`drift.py --modes same_step,keyframes`: keyframes first (then in-betweens) is measured chunk
     by chunk like a stream and paired against same-step streaming."""
