@@ -37,6 +37,20 @@ def meta_stride(sample: dict) -> int:
     return stride
 
 
+def bucketed(items: Iterable, key: Callable, size: int, partial: bool = False) -> Iterator[list]:
+    """``items`` in groups of ``size`` sharing ``key(item)``, each group leaving as it fills (in
+    their order); with ``partial`` the unfilled groups follow at the end."""
+    buckets: dict = {}
+    for item in items:
+        bucket = buckets.setdefault(key(item), [])
+        bucket.append(item)
+        if len(bucket) == size:
+            yield bucket[:]
+            bucket.clear()
+    if partial:
+        yield from (b for b in buckets.values() if b)
+
+
 def batch_stride(samples: list[dict]) -> int:
     """The one stride of a batch's decoded clips (``frame_stride``, 1 when absent); mixed strides
     are refused: the model could not place the frames of both."""
@@ -56,13 +70,8 @@ class StrideBatches:
         self.batch_size, self.collation_fn = batch_size, collation_fn
 
     def __call__(self, source: Iterable[dict]) -> Iterator[dict]:
-        buckets: dict[int, list[dict]] = {}
-        for clip in source:
-            bucket = buckets.setdefault(int(clip.get("frame_stride", 1)), [])
-            bucket.append(clip)
-            if len(bucket) == self.batch_size:
-                yield self.collation_fn(bucket[:])
-                bucket.clear()
+        for batch in bucketed(source, lambda clip: int(clip.get("frame_stride", 1)), self.batch_size):
+            yield self.collation_fn(batch)
 
 
 class StrideBatchSampler(BatchSampler):
@@ -77,15 +86,7 @@ class StrideBatchSampler(BatchSampler):
         self.strides = list(strides or [])
 
     def __iter__(self) -> Iterator[list[int]]:
-        buckets: dict[int, list[int]] = {}
-        for i in self.sampler:
-            bucket = buckets.setdefault(self.strides[i], [])
-            bucket.append(i)
-            if len(bucket) == self.batch_size:
-                yield bucket[:]
-                bucket.clear()
-        if not self.drop_last:
-            yield from (b for b in buckets.values() if b)
+        yield from bucketed(self.sampler, self.strides.__getitem__, self.batch_size, partial=not self.drop_last)
 
     def __len__(self) -> int:
         counts: dict[int, int] = {}
