@@ -13,7 +13,7 @@ from tests.conftest import RECIPES, run_tcplug
 B, T, H, N, D = 2, 6, 2, 5, 8
 CAUSAL = [("per_frame", {}), ("first_frame", {}), ("sparse_causal", {}), ("cross_frame", {"window": 2}),
           ("cross_frame", {"window": 1, "anchor": True}), ("temporal", {"causal": True}),
-          ("temporal", {"causal": True, "window": 2})]
+          ("temporal", {"causal": True, "window": 2}), ("cross_frame", {"window": 1, "history": [1, 2]})]
 ALL = CAUSAL + [("temporal", {}), ("full3d", {}), ("cross_frame", {"window": 0}), ("shot", {"shot_frames": 2}),
                 ("shot", {"shot_frames": [1, 3], "causal": True, "later": True})]
 
@@ -104,9 +104,52 @@ def test_cross_frame_window_bounds(anchor):
             assert changed == visible, (f, visible)
 
 
+def runs_equal(x, p):
+    """``x (B, T, H, N, D)`` with each run of ``p`` consecutive tokens made equal (its first token)."""
+    b, t, h, n, d = x.shape
+    return x.unflatten(3, (n // p, p))[:, :, :, :, :1].expand(b, t, h, n // p, p, d).reshape(x.shape).clone()
+
+
+@pytest.mark.parametrize("history,pool", [(3, 2), ([1, 2], 2), (2, 4)])
+def test_compressed_history_is_the_window_where_runs_are_equal(history, pool):
+    """A pooled token weighs as the run it stands for (its logit + log of the run's length): where
+    every run of ``pool ** level`` tokens is equal, compressed history gives exactly the output
+    of the uncompressed window over the same frames; elsewhere it differs (it is compressed)."""
+    levels = [history] if isinstance(history, int) else history
+    t, n = 9, 8 if len(levels) == 1 else 4  # 4 tokens: runs of 2 and of 2**2 = the whole frame
+    g = torch.Generator().manual_seed(4)
+    q, k, v = [torch.randn(B, t, H, n, D, generator=g) for _ in range(3)]
+    p = pool ** len(levels)  # runs equal at the coarsest level are equal at every level
+    k2, v2 = runs_equal(k, p), runs_equal(v, p)
+    packed = variant("cross_frame", window=1, history=history, pool=pool)
+    plain = variant("cross_frame", window=1 + sum(levels))
+    assert torch.allclose(packed(q, k2, v2), plain(q, k2, v2), atol=1e-5)
+    assert not torch.allclose(packed(q, k, v), plain(q, k, v), atol=1e-3)
+
+
+def test_compressed_history_bounds():
+    """Frame n sees frames n-window .. n as they are, the ``history`` frames before them pooled,
+    and nothing older: the context is the same for every frame past the start, whatever the length."""
+    w, hist = 1, [2, 1]
+    a = variant("cross_frame", window=w, history=hist)
+    assert a.memory() == (w + 3, 0)
+    t = 8
+    q, k, v = qkv(t=t)  # N = 5 tokens a frame: the pool (2) does not divide it, the last run is shorter
+    out = a(q, k, v)
+    last = t - 1
+    for f in range(t):
+        v2 = v.clone()
+        v2[:, f] += 1.0
+        changed = not torch.allclose(a(q, k, v2)[:, last], out[:, last], atol=1e-6)
+        assert changed == (f >= last - w - sum(hist)), f
+
+
 def test_invalid_arguments():
     with pytest.raises(tcplug.TcplugError):
         variant("cross_frame", window=-1)
+    for bad in ({"history": -1}, {"history": [2, -1]}, {"pool": 1}):
+        with pytest.raises(tcplug.TcplugError, match="history"):
+            variant("cross_frame", **bad)
     with pytest.raises(NotImplementedError):
         variant("full3d").memory()
     with pytest.raises(NotImplementedError):
@@ -124,7 +167,9 @@ def model(attention, depth=2, seed=0):
 
 STREAMABLE = [("per_frame", {}), ("first_frame", {}), ("sparse_causal", {}), ("cross_frame", {"window": 2}),
               ("cross_frame", {"window": 1, "sink": 3}),
-              ("cross_frame", {"window": 1, "anchor": True}), ("temporal", {"causal": True, "window": 3})]
+              ("cross_frame", {"window": 1, "anchor": True}), ("temporal", {"causal": True, "window": 3}),
+              ("cross_frame", {"window": 1, "history": [2, 2]}),
+              ("cross_frame", {"window": 1, "anchor": True, "history": 2, "pool": 4})]
 
 
 @pytest.mark.parametrize("spec", STREAMABLE, ids=[ident(a) for a in STREAMABLE])
@@ -258,13 +303,14 @@ FRAME_MASKED = [s for s in ALL if s[0] != "temporal"]  # temporal attends per lo
 
 @pytest.mark.parametrize("spec", FRAME_MASKED, ids=[ident(a) for a in FRAME_MASKED])
 def test_block_sparse_flex_path_equals_sdpa(spec, monkeypatch):
-    """The general (streaming) path through flex_attention with a block-sparse frame mask (what a
-    GPU uses) equals the SDPA path with a dense boolean mask; eager flex on the CPU here."""
+    """The general (streaming) path through flex_attention with a block-sparse frame mask (and a
+    score bias for compressed history; what a GPU uses) equals the SDPA path with a dense boolean mask; eager flex on the CPU here."""
     import tcplug_attention
 
     calls = []
-    real = tcplug_attention.flex_frames
-    monkeypatch.setattr(tcplug_attention, "flex_frames", lambda *a: calls.append(1) or real(*a))
+    for name in ("flex_frames", "flex_biased"):  # (the second: compressed history's pooled tokens)
+        real = getattr(tcplug_attention, name)
+        monkeypatch.setattr(tcplug_attention, name, lambda *a, real=real: calls.append(1) or real(*a))
     torch.manual_seed(0)
     v = variant(spec[0], **spec[1])
     b, tk, tq, h, n, d = 1, 6, 3, 2, 4, 16

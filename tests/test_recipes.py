@@ -26,7 +26,8 @@ ARGS_ADDED_SINCE = [("tcplug_attention.CrossFrame", "sink", 0), ("tcplug_wan.Wan
                     ("tcplug_wan.WanBackbone", "offload_dir", None), ("tcplug_ltx.LTXBackbone", "offload", None),
                     ("tcplug_ltx.LTXBackbone", "offload_dir", None), ("tcplug_conditioners.Caption", "per_shot", False),
                     ("tcplug_attention.CrossFrame", "sink_positions", "absolute"), ("tcplug_wan.WanText", "per_shot", False),
-                    ("tcplug_ltx.LTXText", "per_shot", False), ("tcplug_conditioners.PhysicsState", "correction", "additive")]
+                    ("tcplug_ltx.LTXText", "per_shot", False), ("tcplug_conditioners.PhysicsState", "correction", "additive"),
+                    ("tcplug_attention.CrossFrame", "history", 0), ("tcplug_attention.CrossFrame", "pool", 2)]
 
 
 def drop_added_args(node):

@@ -7,6 +7,7 @@ name               keys/values seen by the queries of frame ``n``             ca
 ``first_frame``    frame ``0`` only (Text2Video-Zero)                         yes
 ``sparse_causal``  frames ``0`` and ``n-1`` (Tune-A-Video)                    yes
 ``cross_frame``    frames ``n-window .. n``, optionally plus frame ``0``      yes
+                   (or ``sink`` frames), and pooled older frames (``history``)
 ``temporal``       the same token position in every frame (per-location;     option
                    rotary frame-position encoding), optionally causal/window
 ``full3d``         every token of every frame                                 no
@@ -85,6 +86,30 @@ def flex_frames(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         fn = _FLEX.setdefault("compiled", torch.compile(flex_attention))
     flat = [y.permute(0, 2, 1, 3, 4).reshape(b, h, -1, d) for y in (q, k, v)]  # frame-major tokens per head
     out = fn(*flat, block_mask=block)
+    return out.view(b, h, tq, n, d).permute(0, 2, 1, 3, 4)
+
+
+def flex_biased(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    """Attention of query frames ``q (B, Tq, H, N, D)`` to key tokens ``k, v (B, H, M, D)`` with an
+    additive bias ``bias (Tq, M)`` per query frame (``-inf``: hidden) through ``flex_attention``:
+    the bias as its ``score_mod``, blocks of hidden tokens absent from its block mask."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    b, tq, h, n, d = q.shape
+    bias = bias.to(q.device)
+    seen = bias > float("-inf")
+
+    def mask_mod(bi, hi, qi, ki):
+        return seen[qi // n, ki]
+
+    def score_mod(score, bi, hi, qi, ki):
+        return score + bias[qi // n, ki]
+
+    block = create_block_mask(mask_mod, None, None, tq * n, k.shape[2], device=q.device)
+    fn = flex_attention
+    if q.is_cuda:
+        fn = _FLEX.setdefault("compiled", torch.compile(flex_attention))
+    out = fn(q.permute(0, 2, 1, 3, 4).reshape(b, h, -1, d), k, v, score_mod=score_mod, block_mask=block)
     return out.view(b, h, tq, n, d).permute(0, 2, 1, 3, 4)
 
 
@@ -210,6 +235,17 @@ class CrossFrame(FrameRule):
             beyond any distance seen in training) or ``rolling`` (just before the window's oldest
             frame, as in a training clip; StreamingLLM's positions within the cache). ``dit``'s
             frames carry no rotary position in this variant: both are the same there.
+        history: compressed history (FramePack-style): frames older than the window still seen,
+            their keys/values averaged over runs of consecutive tokens. An int ``h``: the ``h``
+            frames before the window, runs of ``pool`` tokens; a list ``[h1, h2, ...]``: ``h1``
+            frames pooled ``pool``-fold, the ``h2`` before them ``pool**2``-fold, and so on (older
+            frames compressed more). A pooled token's logit gets ``+ log(run length)``
+            (proportional attention), so it weighs as the run it stands for: where a run's tokens
+            are equal, compressed history is exactly the uncompressed window. Each query frame
+            attends to ``(window + 1 + sink) N + sum(h_i N / pool**i)`` tokens, whatever the
+            video's length; the stream keeps ``window + sum(h_i)`` frames.
+        pool: the token-run length of the first history level (tokens in raster order, so ``dit``
+            pools along image rows); ``>= 2``.
 
     Without anchor, the training fast path takes each frame's window as a strided view of
     the keys/values (frames are contiguous in the heads-first layout): no copy.
@@ -218,13 +254,19 @@ class CrossFrame(FrameRule):
     causal = True
 
     def __init__(self, window: int = 2, anchor: bool = False, sink: int = 0,
-                 sink_positions: Literal["absolute", "rolling"] = "absolute") -> None:
+                 sink_positions: Literal["absolute", "rolling"] = "absolute",
+                 history: int | list[int] = 0, pool: int = 2) -> None:
         super().__init__()
         if window < 0 or sink < 0:
             raise TcplugError(f"cross_frame window and sink must be >= 0, got {window} and {sink}")
         if sink_positions not in ("absolute", "rolling"):
             raise TcplugError(f"cross_frame sink_positions {sink_positions!r}: use absolute or rolling")
+        levels = [history] if isinstance(history, int) else list(history)
+        if any(not isinstance(h, int) or h < 0 for h in levels) or pool < 2:
+            raise TcplugError(f"cross_frame history is frames >= 0 (an int or a list) and pool >= 2, "
+                              f"got history {history!r}, pool {pool}")
         self.window, self.anchor, self.sink, self.sink_positions = window, anchor, sink, sink_positions
+        self.history, self.pool = tuple(h for h in levels if h), pool
 
     @property
     def sink_frames(self) -> int:
@@ -232,11 +274,59 @@ class CrossFrame(FrameRule):
         return max(self.sink, 1 if self.anchor else 0)
 
     def allowed(self, qi, ki):
+        """Frames seen: as they are (:meth:`dense`) or pooled (:meth:`level` ``> 0``)."""
+        ok = self.dense(qi, ki)
+        return ok | (self.level(qi, ki) > 0) if self.history else ok
+
+    def dense(self, qi, ki):
+        """Frames seen as they are: the window, the sink."""
         ok = (ki <= qi) & (ki >= qi - self.window)
         return ok | ((ki < self.sink_frames) & (ki <= qi)) if self.sink_frames else ok
 
+    def level(self, qi, ki):
+        """Compressed-history level of key frame ``ki`` for query frame ``qi`` (``(Tq, Tk)`` ints):
+        ``i >= 1`` where it is seen through level ``i``'s pooled tokens, 0 elsewhere."""
+        dist = qi - ki
+        out = torch.zeros(qi.shape[0], ki.shape[1], dtype=torch.long, device=ki.device)
+        lo = self.window
+        for i, h in enumerate(self.history, 1):
+            out[(dist > lo) & (dist <= lo + h)] = i
+            lo += h
+        if self.sink_frames:
+            out[(ki < self.sink_frames).expand_as(out)] = 0
+        return out
+
+    def general(self, q, k, v, kv_index):
+        if not self.history:
+            return super().general(q, k, v, kv_index)
+        b, tq, h, n, d = q.shape
+        tk = k.shape[1]
+        q_index = kv_index[tk - tq:]
+        dense = self.dense(q_index[:, None], kv_index[None, :])  # (Tq, Tk)
+        level = self.level(q_index[:, None], kv_index[None, :])
+        kb, vb = to_bh(k), to_bh(v)  # (BH, Tk, N, D)
+        keys, values = [kb.reshape(b * h, tk * n, d)], [vb.reshape(b * h, tk * n, d)]
+        zero, hidden = torch.zeros((), dtype=q.dtype, device=q.device), torch.tensor(float("-inf"), dtype=q.dtype, device=q.device)
+        bias = [torch.where(dense, zero, hidden).repeat_interleave(n, dim=1)]  # (Tq, Tk*N)
+        for i in range(1, len(self.history) + 1):
+            frames = (level == i).any(0).nonzero().flatten()
+            if not len(frames):
+                continue
+            (pk, pv), runs = pool_runs([kb[:, frames], vb[:, frames]], self.pool ** i)  # (BH, F, R, D)
+            keys.append(pk.reshape(b * h, -1, d))
+            values.append(pv.reshape(b * h, -1, d))
+            seen = (level[:, frames] == i)[:, :, None]  # (Tq, F, 1)
+            bias.append(torch.where(seen, runs.log().to(q.dtype), hidden).reshape(tq, -1))
+        kc, vc, mask = torch.cat(keys, 1), torch.cat(values, 1), torch.cat(bias, 1)
+        m = kc.shape[1]
+        if self._use_flex(q):
+            return flex_biased(q, kc.view(b, h, m, d), vc.view(b, h, m, d), mask)
+        out = F.scaled_dot_product_attention(to_bh(q), kc[:, None].expand(b * h, tq, m, d),
+                                             vc[:, None].expand(b * h, tq, m, d), attn_mask=mask[None, :, None, :])
+        return from_bh(out, b, h)
+
     def fast(self, q, k, v):
-        if self.sink_frames > 1:  # several sink frames: the general (masked) path
+        if self.sink_frames > 1 or self.history:  # several sink frames, compressed history: the masked path
             return self.general(q, k, v, torch.arange(k.shape[1], device=k.device))
         b, t, h, n, d = q.shape
         w = self.window
@@ -259,7 +349,21 @@ class CrossFrame(FrameRule):
         return from_bh(out, b, h)
 
     def memory(self):
-        return self.window, self.sink_frames
+        return self.window + sum(self.history), self.sink_frames
+
+
+def pool_runs(xs: list[Tensor], p: int) -> tuple[list[Tensor], Tensor]:
+    """Each ``x (BH, F, N, D)`` averaged over runs of ``p`` consecutive tokens: ``(BH, F, ceil(N/p), D)``
+    (the last run shorter when ``p`` does not divide ``N``), and the run lengths ``(ceil(N/p),)``."""
+    n = xs[0].shape[2]
+    r = -(-n // p)
+    runs = torch.full((r,), float(p), device=xs[0].device)
+    runs[-1] = n - p * (r - 1)
+    out = []
+    for x in xs:
+        x = F.pad(x, (0, 0, 0, r * p - n))
+        out.append(x.unflatten(2, (r, p)).sum(3) / runs[:, None].to(x.dtype))
+    return out, runs
 
 
 def rope(x: Tensor, pos: Tensor) -> Tensor:
