@@ -14,7 +14,11 @@ simulated truth, measured the same way. Modes:
   (noise-augmented context);
 - ``keyframes`` (asked for with ``--modes``): not streamed: keyframes every ``--stride`` latent
   frames sampled together first, then the in-betweens between clean keyframes
-  (:func:`tcplug.diffusion.keyframes.keyframes_first`; its memory grows with the video).
+  (:func:`tcplug.diffusion.keyframes.keyframes_first`; its memory grows with the video);
+- ``--versus LABEL=CKPT``: another checkpoint (another recipe: a component that needs training,
+  such as compressed history) streamed in the first of ``--modes``, a row ``LABEL`` paired against
+  ``same_step`` on the same states, captions, seeds and noise (two trainings: paired over videos and
+  noise, not over training seeds).
 
 Reported per mode, at 1x, 4x, 16x and 64x the clip length (the chunk at frame 0, 3c, 15c, 63c): each
 figure's mean over videos and seeds with a bootstrap interval; per video the drift summary (the last
@@ -29,6 +33,7 @@ ran them.
 Usage:
   python benchmarks/drift.py --ckpt runs/full/version_0/checkpoints/last.ckpt --out drift_out
   python benchmarks/drift.py --ckpt CKPT --out drift_out --executor slurm --slurm slurm_partition=gpu timeout_min=120
+  python benchmarks/drift.py --ckpt CKPT --out drift_out --modes same_step --versus history=OTHER_CKPT
   python benchmarks/drift.py --smoke      # random weights, tiny; no claims
 """
 
@@ -95,9 +100,10 @@ def stream_videos(model, frames: int, size: int, chunk: int, batch: dict, seed: 
 def stream_job(ckpt: str | None, smoke: bool, mode: str, seed: int, frames: int, batch: dict, steps, noise,
                path: Path, stride: int = 4) -> str:
     """One (mode, seed): load the model, stream the batch's videos, keep them at ``path`` (written
-    whole or not at all). What every executor runs (``_sweep.run_jobs``)."""
+    whole or not at all). What every executor runs (``_sweep.run_jobs``). A ``--versus`` row's mode
+    is ``LABEL:MODE`` (its own checkpoint, streamed in ``MODE``)."""
     model, chunk, size = load_model(ckpt, smoke)
-    v, wall = stream_videos(model, frames, size, chunk, batch, seed, steps, mode, noise, stride)
+    v, wall = stream_videos(model, frames, size, chunk, batch, seed, steps, mode.split(":")[-1], noise, stride)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez_compressed(tmp, videos=np.stack(v), wall=wall)
@@ -202,6 +208,10 @@ def main() -> None:
                    help="where the (mode, seed) streams run: here, submitit's local executor, or SLURM (submitit)")
     p.add_argument("--slurm", nargs="*", default=[], metavar="KEY=VALUE",
                    help="submitit's SLURM parameters, e.g. slurm_partition=gpu gpus_per_node=1 timeout_min=120")
+    p.add_argument("--versus", nargs="*", default=[], metavar="LABEL=CKPT",
+                   help="other checkpoints (e.g. another recipe) streamed in the first of --modes on the same "
+                   "states, captions, seeds and noise, as rows LABEL, paired against same_step (LABEL= without a "
+                   "path: --ckpt again, a check of the pairing: its differences are 0)")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--render", default=None, metavar="DRIFT_JSON", help="print the markdown tables of a result")
     args = p.parse_args()
@@ -217,6 +227,12 @@ def main() -> None:
     frames = args.frames or chunk * (8 if args.smoke else 64)
     seeds = [int(s) for s in args.seeds.split(",")]
     modes = [m for m in args.modes.split(",") if m]
+    versus = dict(kv.split("=", 1) for kv in args.versus)
+    if any(not label or ":" in label or label in MODES or label == "data" for label in versus):
+        p.error("--versus takes LABEL=CKPT, LABEL not a mode name and without ':'")
+    ckpts = {m: args.ckpt for m in modes} | {label: ckpt_b or args.ckpt for label, ckpt_b in versus.items()}
+    job_mode = {m: m for m in modes} | {label: f"{label}:{modes[0]}" for label in versus}
+    modes += list(versus)
     out = Path(args.out) if args.out else None
     clips = world(args.videos, frames, size, data_cfg)
     batch = {"state": [c["state"] for c in clips], "txt": [c["txt"] for c in clips]}
@@ -226,10 +242,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     tmp = tempfile.TemporaryDirectory()
     runs = (out if out is not None else Path(tmp.name)) / "runs"
-    ckpt = str(Path(args.ckpt).resolve()) if args.ckpt else None
+    ckpts = {m: str(Path(c).resolve()) if c else None for m, c in ckpts.items()}
     # ---- stream what is missing: one job per (mode, seed), through --executor; resumable: a
     # finished (mode, seed) is kept (its videos do not depend on where it ran)
-    jobs = [(stream_job, (ckpt, args.smoke, mode, seed, frames, batch, args.steps, args.context_noise,
+    jobs = [(stream_job, (ckpts[mode], args.smoke, job_mode[mode], seed, frames, batch, args.steps, args.context_noise,
                           runs / f"{mode}-s{seed}.npz", args.stride))
             for mode in modes for seed in seeds if not (runs / f"{mode}-s{seed}.npz").is_file()]
     for line in _sweep.run_jobs(jobs, args.executor, runs.parent / "sweep",

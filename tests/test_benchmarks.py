@@ -3,6 +3,7 @@
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -147,6 +148,20 @@ def test_drift_compares_keyframes_first_with_streaming(tmp_path):
     result = json.loads((tmp_path / "d" / "drift.json").read_text())
     assert "keyframes" in result["at"] and "keyframes" in result["paired_vs_same_step"]
     assert result["fps"]["keyframes"] > 0
+
+
+def test_drift_pairs_another_checkpoint_on_the_same_videos(tmp_path):
+    """`drift.py --versus LABEL=CKPT`: another checkpoint streamed on the same states, captions,
+    seeds and noise, paired against same_step. The first checkpoint again (``twin=``) streams the
+    same frames: every paired difference is exactly 0 (what pairing means)."""
+    code, out, err = run_script("drift.py", "--smoke", "--modes", "same_step", "--versus", "twin=",
+                                "--memory-lengths", "1", "--out", str(tmp_path / "d"), cwd=tmp_path)
+    assert code == 0, err[-3000:]
+    result = json.loads((tmp_path / "d" / "drift.json").read_text())
+    a, b = (np.load(tmp_path / "d" / "runs" / f"{m}-s0.npz")["videos"] for m in ("same_step", "twin"))
+    assert np.array_equal(a, b)
+    paired = result["paired_vs_same_step"]["twin"]
+    assert paired and all(v[0] == 0 for v in paired.values() if v[0] is not None), paired
 
 
 @pytest.mark.slow
