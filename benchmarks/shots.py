@@ -6,7 +6,9 @@ Recipes (``recipes/shots/``): ``plain`` (base.yaml on 32-frame clips of the mult
 the first frame), ``shot_attention`` (the same with the ``shot`` attention variant: dense within
 a shot, the other shots' keyframes across cuts, shot-index positions) and ``world_model``
 (shot_attention with the world model's state carried across the cuts; it reads the exact initial
-state of the held-out clip each sample is drawn for: privileged, labelled). Each recipe trains for each
+state of the held-out clip each sample is drawn for: privileged, labelled) and ``two_tier``
+(shot_attention with the two-tier latent: one global code per 32-frame clip, shared by the
+scene's four shots). Each recipe trains for each
 seed (``tcplug fit``, the same budget), and its EMA weights sample ``--clips`` clips of 32 frames
 with the same noise seeds in every recipe. Nothing conditions them: a cut is where the recipe's
 clips learned one (frames 8, 16, 24).
@@ -61,6 +63,7 @@ import ablation  # noqa: E402
 ROOT = ablation.ROOT
 RECIPES = {"plain": ROOT / "recipes" / "shots" / "plain.yaml",
            "shot_attention": ROOT / "recipes" / "shots" / "shot_attention.yaml",
+           "two_tier": ROOT / "recipes" / "shots" / "two_tier.yaml",
            "world_model": ROOT / "recipes" / "shots" / "world_model.yaml"}
 #: what a recipe's samples know besides their noise (every sample is drawn for a held-out clip)
 KNOWS = {"world_model": "exact simulator state of the held-out clip (privileged)"}
