@@ -25,6 +25,9 @@ from _mem import peak_mib  # noqa: E402
 VARIANTS = {
     "per_frame": {}, "first_frame": {}, "sparse_causal": {}, "cross_frame_w1": {"window": 1},
     "cross_frame_w2_anchor": {"window": 2, "anchor": True}, "temporal": {}, "full3d": {},
+    # compressed history: the 6 frames before the window pooled 2x and 4x, against the same span uncompressed
+    "cross_frame_w2_anchor_history": {"window": 2, "anchor": True, "history": [2, 4]},
+    "cross_frame_w8_anchor": {"window": 8, "anchor": True},
 }
 
 

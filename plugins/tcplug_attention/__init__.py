@@ -305,9 +305,11 @@ class CrossFrame(FrameRule):
         dense = self.dense(q_index[:, None], kv_index[None, :])  # (Tq, Tk)
         level = self.level(q_index[:, None], kv_index[None, :])
         kb, vb = to_bh(k), to_bh(v)  # (BH, Tk, N, D)
-        keys, values = [kb.reshape(b * h, tk * n, d)], [vb.reshape(b * h, tk * n, d)]
-        zero, hidden = torch.zeros((), dtype=q.dtype, device=q.device), torch.tensor(float("-inf"), dtype=q.dtype, device=q.device)
-        bias = [torch.where(dense, zero, hidden).repeat_interleave(n, dim=1)]  # (Tq, Tk*N)
+        full = dense.any(0).nonzero().flatten()  # key frames some query sees as they are (not the pooled ones)
+        keys, values = [kb[:, full].reshape(b * h, -1, d)], [vb[:, full].reshape(b * h, -1, d)]
+        zero = torch.zeros((), dtype=q.dtype, device=q.device)
+        hidden = torch.tensor(float("-inf"), dtype=q.dtype, device=q.device)
+        bias = [torch.where(dense[:, full], zero, hidden).repeat_interleave(n, dim=1)]  # (Tq, F*N)
         for i in range(1, len(self.history) + 1):
             frames = (level == i).any(0).nonzero().flatten()
             if not len(frames):
