@@ -512,6 +512,34 @@ def test_pixel_state_estimates_the_state_from_pixels_and_never_reads_it():
         world.maps({"frame_size": (32, 32)}, (4, 6, 3, 32, 32))
 
 
+def test_pixel_state_teacher_forcing_renders_the_true_state_in_training_only():
+    """``teacher_prob: 1``: in training every batch's maps are the true state's (as
+    ``physics_state`` renders it with the same dynamics); at sampling (eval) the estimate's, whatever
+    the batch's state says; ``teacher_prob: 0`` renders the estimate in training too."""
+    torch.manual_seed(0)
+    world = comp("conditioner", "pixel_state", slots=2, estimator_channels=16, shapes=True, teacher_prob=1.0)
+    world.setup(dit())
+    batch = _pixel_clips(3, 4, frames=6)
+    shape = (4, 6, 3, 32, 32)
+    truth = comp("conditioner", "physics_state", shapes=True)
+    truth.setup(dit())
+    truth.dynamics.load_state_dict(world.dynamics.state_dict())
+    with torch.no_grad():
+        true_maps = truth.maps(batch, shape)
+        world.train()
+        assert torch.equal(world.maps(batch, shape), true_maps)
+        world.eval()
+        sampled = world.maps(batch, shape)
+        assert not torch.allclose(sampled, true_maps, atol=1e-2)
+        lying = [{**st, "position": [[[0, 0], [0, 0]]] * 2} for st in batch["state"]]
+        assert torch.equal(world.maps({**batch, "state": lying}, shape), sampled)
+        world.train()
+        world.teacher_prob = 0.0
+        assert torch.equal(world.maps(batch, shape), sampled)
+    with pytest.raises(tcplug.TcplugError, match="teacher_prob"):
+        comp("conditioner", "pixel_state", teacher_prob=1.5)
+
+
 def test_reflecting_dynamics_keep_the_objects_speed_over_a_long_rollout():
     """``physics_state`` ``correction: reflect``: a bounce is a velocity flip (a gate per axis, 0 or
     1 when sampling), so a rollout 16x the 8-frame training trajectories keeps every object's speed

@@ -94,13 +94,18 @@ class PixelState(PhysicsState):
         slots: objects the estimator can report (absent ones are predicted absent).
         estimator_channels: width of the estimator's conv trunk.
         estimator_weight: weight of the estimation loss in the training objective.
+        teacher_prob: in training only, the share of batches whose maps are rendered from the
+            *true* state instead of the estimate (teacher forcing). While the estimator is still
+            poor, maps from its estimates teach the denoiser that maps are unreliable, and it
+            learns to ignore them; batches with true maps keep it following them. Sampling never
+            reads the true state (the row's label stays "first-frame pixels").
         Other arguments as ``physics_state``.
     """
 
     needs = ("first_frames",)
 
     def __init__(self, frames_seen: int = 1, slots: int = 2, estimator_channels: int = 32,
-                 estimator_weight: float = 1.0, hidden: int = 128, aux_weight: float = 1.0,
+                 estimator_weight: float = 1.0, teacher_prob: float = 0.0, hidden: int = 128, aux_weight: float = 1.0,
                  softness: float = 0.5, scale: float = 1.0, input_maps: bool = False, shapes: bool = False,
                  prior: bool = True, rollout_loss: bool = True, lr_scale: float = 6.0) -> None:
         super().__init__(hidden, aux_weight, softness, scale, input_maps, shapes, prior, rollout_loss, lr_scale)
@@ -108,7 +113,10 @@ class PixelState(PhysicsState):
             raise TcplugError(f"pixel_state: frames_seen must be 1 or 2, got {frames_seen}")
         if slots < 1:
             raise TcplugError(f"pixel_state: slots must be >= 1, got {slots}")
+        if not 0.0 <= teacher_prob <= 1.0:
+            raise TcplugError(f"pixel_state: teacher_prob is a probability in [0, 1], got {teacher_prob}")
         self.frames_seen, self.slots, self.estimator_weight = frames_seen, slots, estimator_weight
+        self.teacher_prob = teacher_prob
         self.estimator = StateEncoder(frames_seen, slots, len(SHAPES), estimator_channels)
 
     def estimate(self, batch: dict[str, Any]) -> dict[str, Tensor]:
@@ -123,7 +131,11 @@ class PixelState(PhysicsState):
                                                                                       device=frames.device)}
 
     def initial_state(self, batch: dict[str, Any], latent_shape: tuple[int, ...]) -> tuple[dict[str, Tensor], int, int]:
-        """The state estimated from the first frames, and the frame size to render at."""
+        """The state estimated from the first frames, and the frame size to render at (in training,
+        on a ``teacher_prob`` share of batches, the true state: teacher forcing)."""
+        if self.training and self.teacher_prob > 0 and batch.get("state") is not None \
+                and float(torch.rand(())) < self.teacher_prob:
+            return super().initial_state(batch, latent_shape)
         with torch.no_grad():
             st = self.estimate(batch)
         height, width = (batch["video"].shape[-2:] if batch.get("video") is not None
