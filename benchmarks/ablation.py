@@ -182,7 +182,8 @@ def row_job(name: str, config: Path, extra: list[Path], work: Path, steps: int |
     video = sample(model, batch, seed)
     tmp_path = path.with_suffix(".tmp.npz")
     np.savez(tmp_path, key=key, video=(video * 255 + 0.5).to(torch.uint8).numpy(), commit=commit(), args=shown,
-             wall_s=info["wall_s"], knows=json.dumps(knows(model)), state_error=state_error(model, batch))
+             wall_s=info["wall_s"], knows=json.dumps(knows(model)), state_error=state_error(model, batch),
+             state_report=json.dumps(state_report(model, batch)))
     tmp_path.replace(path)
     print(f"{name} seed {seed}: trained in {info['wall_s']} s", file=sys.stderr)
     return f"{name} seed {seed}: trained"
@@ -209,6 +210,13 @@ def state_error(model, batch: dict) -> float:
     model that reads pixels, ``estimate_error``); NaN for rows without one."""
     errs = [float(m.estimate_error(batch)) for m in model.modules() if hasattr(m, "estimate_error")]
     return errs[0] if errs else float("nan")
+
+
+def state_report(model, batch: dict) -> dict:
+    """Every part of a state estimator's estimate against the truth (``estimate_report``: position,
+    velocity, size, depth, colour, class, presence); empty for rows without one."""
+    reports = [m.estimate_report(batch) for m in model.modules() if hasattr(m, "estimate_report")]
+    return reports[0] if reports else {}
 
 
 def sample(model, batch: dict, seed: int) -> torch.Tensor:
@@ -592,6 +600,9 @@ def main() -> None:
                    "trained_by": sorted({str(x["args"]) for x in z if "args" in x.files}),
                    "state_error": float(np.nanmean([float(x["state_error"]) for x in z]))
                    if "state_error" in z[0].files and not all(np.isnan(float(x["state_error"])) for x in z) else None,
+                   "state_report": {k: float(np.mean([json.loads(str(x["state_report"]))[k] for x in z]))
+                                    for k in json.loads(str(z[0]["state_report"]))}
+                   if "state_report" in z[0].files else None,
                    **score_row(videos, batch, floor, reference, train_video, conditioned, args.boot, rng)}
             if name in PLUS or name == "full" or name.startswith("full + "):
                 row["strip"] = strip(videos[0], Path(args.img) / f"{name.replace(' ', '')}.png") if not args.smoke \

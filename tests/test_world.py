@@ -490,7 +490,7 @@ def test_pixel_state_estimates_the_state_from_pixels_and_never_reads_it():
     world = comp("conditioner", "pixel_state", slots=2, estimator_channels=16, shapes=True)
     world.setup(dit())
     train, unseen = _pixel_clips(0, 96), _pixel_clips(5, 32)
-    before = world.estimate_error(unseen)
+    before, report_before = world.estimate_error(unseen), world.estimate_report(unseen)
     opt = torch.optim.Adam(world.estimator.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(100):
@@ -499,9 +499,13 @@ def test_pixel_state_estimates_the_state_from_pixels_and_never_reads_it():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    after = world.estimate_error(unseen)
+    after, report = world.estimate_error(unseen), world.estimate_report(unseen)
     # pixels, on clips it never saw (at a run's budget, 1200 steps, it falls much further)
     assert after < 0.8 * before, (before, after)
+    assert abs(report["position_px"] - after) < 1e-4 and report["colour"] < report_before["colour"], \
+        (report_before, report)
+    assert set(report) == {"presence_accuracy", "position_px", "velocity_px", "size_px", "depth", "colour",
+                           "class_accuracy"} and 0 <= report["class_accuracy"] <= 1
     # sampling reads the first frame only: the true state changes nothing, and none is needed
     first = {"first_frames": unseen["video"][:4, :1], "frame_size": (32, 32), "num_frames": 6}
     maps = world.maps(first, (4, 6, 3, 32, 32))

@@ -202,6 +202,32 @@ class PixelState(PhysicsState):
         return loss + self.estimator_weight / max(self.aux_weight, 1e-12) * self.estimation_loss(batch)
 
     @torch.no_grad()
+    def estimate_report(self, batch: dict[str, Any]) -> dict[str, float]:
+        """Every part of the estimate against the true first-frame state, over the true objects
+        matched to a slot: ``position_px``, ``velocity_px`` (px/frame), ``size_px``, ``depth``
+        (absolute error), ``colour`` (mean absolute error per channel, in 0-255 levels),
+        ``class_accuracy`` and, over all slots, ``presence_accuracy`` (at the sampling threshold)."""
+        e, st, assign = self._matched(batch)
+        pairs = [(i, j, int(assign[i, j])) for i, j in (assign >= 0).nonzero().tolist()]
+        present = torch.zeros_like(e["present_logit"])
+        for i, _, k in pairs:
+            present[i, k] = 1
+        out = {"presence_accuracy": float(((e["present_logit"] > 0).float() == present).float().mean())}
+        if not pairs:
+            return out
+
+        def mean(f) -> float:
+            return sum(float(f(i, j, k)) for i, j, k in pairs) / len(pairs)
+
+        out.update(position_px=mean(lambda i, j, k: (e["pos"][i, k] - st["pos"][i, 0, j]).norm()),
+                   velocity_px=mean(lambda i, j, k: (e["vel"][i, k] - st["vel"][i, 0, j]).norm()),
+                   size_px=mean(lambda i, j, k: (e["size"][i, k] - st["size"][i, j]).abs()),
+                   depth=mean(lambda i, j, k: (e["depth"][i, k] - st["depth"][i, j]).abs()),
+                   colour=mean(lambda i, j, k: (e["colour"][i, k] - st["colour"][i, j]).abs().mean() * 255),
+                   class_accuracy=mean(lambda i, j, k: e["class_logits"][i, k].argmax() == st["shape"][i, j]))
+        return out
+
+    @torch.no_grad()
     def estimate_error(self, batch: dict[str, Any]) -> float:
         """Mean distance in pixels between each true object's first-frame position and its
         matched slot's estimate (objects without a slot are left out)."""
