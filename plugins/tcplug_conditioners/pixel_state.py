@@ -230,8 +230,6 @@ class PixelState(PhysicsState):
     @torch.no_grad()
     def estimate_error(self, batch: dict[str, Any]) -> float:
         """Mean distance in pixels between each true object's first-frame position and its
-        matched slot's estimate (objects without a slot are left out)."""
-        e, st, assign = self._matched(batch)
-        d = [float((e["pos"][i, int(assign[i, j])] - st["pos"][i, 0, j]).norm())
-             for i, j in (assign >= 0).nonzero().tolist()]
-        return sum(d) / len(d) if d else float("nan")
+        matched slot's estimate (objects without a slot are left out): :meth:`estimate_report`'s
+        ``position_px``."""
+        return self.estimate_report(batch).get("position_px", float("nan"))
