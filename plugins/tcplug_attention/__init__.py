@@ -77,15 +77,21 @@ def flex_frames(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     where ``mask (Tq, Tk)`` (bool) says which key frames each query frame sees, through
     ``flex_attention`` with a block-sparse mask: blocks of hidden frames are skipped. Compiled
     on a GPU; eager (a reference implementation, for checking) on a CPU."""
+    b, tq, h, n, d = q.shape
+    flat = [y.permute(0, 2, 1, 3, 4).reshape(b, h, -1, d) for y in (k, v)]  # frame-major tokens per head
+    return _flex(q, *flat, frame_block_mask(mask, n, q.device))
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, block, score_mod=None) -> Tensor:
+    """``flex_attention`` of query frames ``q (B, Tq, H, N, D)`` over key tokens ``k, v (B, H, M, D)``
+    with ``block`` (a ``BlockMask``): compiled on a GPU, eager on a CPU; back to ``(B, Tq, H, N, D)``."""
     from torch.nn.attention.flex_attention import flex_attention
 
     b, tq, h, n, d = q.shape
-    block = frame_block_mask(mask, n, q.device)
     fn = flex_attention
     if q.is_cuda:
         fn = _FLEX.setdefault("compiled", torch.compile(flex_attention))
-    flat = [y.permute(0, 2, 1, 3, 4).reshape(b, h, -1, d) for y in (q, k, v)]  # frame-major tokens per head
-    out = fn(*flat, block_mask=block)
+    out = fn(q.permute(0, 2, 1, 3, 4).reshape(b, h, -1, d), k, v, score_mod=score_mod, block_mask=block)
     return out.view(b, h, tq, n, d).permute(0, 2, 1, 3, 4)
 
 
@@ -93,7 +99,7 @@ def flex_biased(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
     """Attention of query frames ``q (B, Tq, H, N, D)`` to key tokens ``k, v (B, H, M, D)`` with an
     additive bias ``bias (Tq, M)`` per query frame (``-inf``: hidden) through ``flex_attention``:
     the bias as its ``score_mod``, blocks of hidden tokens absent from its block mask."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
 
     b, tq, h, n, d = q.shape
     bias = bias.to(q.device)
@@ -105,12 +111,7 @@ def flex_biased(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
     def score_mod(score, bi, hi, qi, ki):
         return score + bias[qi // n, ki]
 
-    block = create_block_mask(mask_mod, None, None, tq * n, k.shape[2], device=q.device)
-    fn = flex_attention
-    if q.is_cuda:
-        fn = _FLEX.setdefault("compiled", torch.compile(flex_attention))
-    out = fn(q.permute(0, 2, 1, 3, 4).reshape(b, h, -1, d), k, v, score_mod=score_mod, block_mask=block)
-    return out.view(b, h, tq, n, d).permute(0, 2, 1, 3, 4)
+    return _flex(q, k, v, create_block_mask(mask_mod, None, None, tq * n, k.shape[2], device=q.device), score_mod)
 
 
 class FrameRule(AttentionVariant):
