@@ -45,42 +45,80 @@ def _first_frames(batch: dict[str, Any], n: int) -> Tensor:
 class StateEncoder(nn.Module):
     """First frames ``(B, n, 3, H, W)`` -> per-slot state estimates.
 
-    A conv trunk over the frames and two coordinate channels; per slot a heat map whose spatial
-    softmax gives the position (the expected pixel coordinate), and heat-weighted trunk features
-    that an MLP maps to velocity (px/frame), size (px), depth, colour (RGB in [0, 1]), class logits
-    and a presence logit.
+    A conv trunk over the frames and two coordinate channels, and a centre heat map over its
+    features and the pixels themselves (a logit per pixel that an object's centre is there). The
+    slots are its ``slots`` strongest peaks, each at least ``peak_px + 1`` pixels from the
+    stronger ones; a slot's position is the softmax expectation within ``peak_px`` of its peak
+    (sub-pixel, and never between two objects), its presence logit the peak's, and the trunk
+    features and pixels under that softmax go through an MLP to velocity (px/frame), size (px),
+    depth, colour (RGB in [0, 1]) and class logits.
+
+    With two frames the velocity is *measured*, not guessed: the same detector run on the clip
+    played backwards finds frame 1's objects, each slot takes the frame-1 object nearest it in
+    position and colour, and the velocity is the difference of the two positions (``pos1 - pos``).
     """
 
-    def __init__(self, frames_seen: int, slots: int, classes: int, channels: int = 32) -> None:
+    def __init__(self, frames_seen: int, slots: int, classes: int, channels: int = 32, peak_px: int = 3) -> None:
         super().__init__()
-        self.slots, self.classes = slots, classes
+        self.slots, self.classes, self.frames_seen, self.peak_px = slots, classes, frames_seen, peak_px
         c = channels
         self.trunk = nn.Sequential(
             nn.Conv2d(3 * frames_seen + 2, c, 3, padding=1), nn.SiLU(),
             nn.Conv2d(c, c, 3, padding=2, dilation=2), nn.SiLU(),
             nn.Conv2d(c, c, 3, padding=4, dilation=4), nn.SiLU(),
             nn.Conv2d(c, c, 3, padding=1), nn.SiLU())
-        self.heat = nn.Conv2d(c + 3 * frames_seen + 2, slots, 1)  # the trunk's features and the pixels themselves
-        self.head = nn.Sequential(nn.Linear(c, 2 * c), nn.SiLU(), nn.Linear(2 * c, 2 + 1 + 1 + 3 + classes + 1))
+        self.heat = nn.Conv2d(c + 3 * frames_seen + 2, 1, 1)
+        self.head = nn.Sequential(nn.Linear(c + 3 * frames_seen + 2, 2 * c), nn.SiLU(),
+                                  nn.Linear(2 * c, 2 + 1 + 1 + 3 + classes + 1))
 
-    def forward(self, frames: Tensor) -> dict[str, Tensor]:
+    def locate(self, frames: Tensor) -> dict[str, Tensor]:
+        """The objects of the *first* of ``frames``: the heat logits ``(B, HW)``, per slot the
+        position ``(B, K, 2)`` (pixels), the presence logit ``(B, K)`` and the pooled features
+        and pixels ``(B, K, C')``."""
         b, n, _, h, w = frames.shape
         ys = torch.linspace(-1, 1, h, device=frames.device).view(1, 1, h, 1).expand(b, 1, h, w)
         xs = torch.linspace(-1, 1, w, device=frames.device).view(1, 1, 1, w).expand(b, 1, h, w)
         x = torch.cat([frames.flatten(1, 2), xs, ys], 1)
-        feat = self.trunk(x)  # (B, C, H, W)
-        logits = self.heat(torch.cat([feat, x], 1)).flatten(2)  # (B, K, HW)
-        att = logits.softmax(-1)
+        feat = torch.cat([self.trunk(x), x], 1).flatten(2)  # (B, C', HW)
+        logits = self.heat.weight.flatten(1) @ feat + self.heat.bias.view(1, 1, 1)  # (B, 1, HW)
         px = torch.arange(w, device=frames.device, dtype=feat.dtype).repeat(h)
         py = torch.arange(h, device=frames.device, dtype=feat.dtype).repeat_interleave(w)
-        pos = torch.stack([(att * px).sum(-1), (att * py).sum(-1)], -1)  # (B, K, 2) pixels
-        pooled = torch.einsum("bkn,bcn->bkc", att, feat.flatten(2))
-        out = self.head(pooled)
+        free, windows = logits.detach()[:, 0].clone(), []
+        for _ in range(self.slots):  # the strongest peak left, then suppress around it
+            peak = free.argmax(-1, keepdim=True)  # (B, 1)
+            near = ((px - px[peak]).abs() <= self.peak_px) & ((py - py[peak]).abs() <= self.peak_px)
+            windows.append(near)
+            free = free.masked_fill(near, float("-inf"))
+        near = torch.stack(windows, 1)  # (B, K, HW)
+        att = logits.masked_fill(~near, float("-inf")).softmax(-1)
+        pos = torch.stack([(att * px).sum(-1), (att * py).sum(-1)], -1)
+        return {"heat_logits": logits[:, 0], "pos": pos, "present_logit": (att * logits).sum(-1),
+                "pooled": torch.einsum("bkn,bcn->bkc", att, feat)}
+
+    def forward(self, frames: Tensor) -> dict[str, Tensor]:
+        """The estimate (see the class docstring): ``pos``, ``vel`` ``(B, K, 2)``, ``size``,
+        ``depth``, ``present_logit`` ``(B, K)``, ``colour`` ``(B, K, 3)``, ``class_logits``
+        ``(B, K, classes)``, ``heat_logits`` ``(B, HW)`` and ``width``; with two frames also
+        frame 1's ``pos1`` and ``heat1_logits``."""
+        found = self.locate(frames)
+        out = self.head(found["pooled"])
         k = self.classes
-        return {"pos": pos, "vel": out[..., 0:2], "size": F.softplus(out[..., 2]) + 1.0,
-                "depth": torch.sigmoid(out[..., 3]), "colour": torch.sigmoid(out[..., 4:7]),
-                "class_logits": out[..., 7:7 + k], "present_logit": out[..., 7 + k], "heat_logits": logits,
-                "width": w}
+        res = {"pos": found["pos"], "vel": out[..., 0:2], "size": F.softplus(out[..., 2]) + 1.0,
+               "depth": torch.sigmoid(out[..., 3]), "colour": torch.sigmoid(out[..., 4:7]),
+               "class_logits": out[..., 7:7 + k], "present_logit": found["present_logit"],
+               "heat_logits": found["heat_logits"], "width": frames.shape[-1]}
+        if self.frames_seen == 2:
+            later = self.locate(frames.flip(1))
+            rgb = slice(-5, -2)  # the pooled pixels of the slot's own frame
+            cost = (found["pos"][:, :, None] - later["pos"][:, None]).norm(dim=-1) \
+                + (found["pooled"][:, :, None, rgb] - later["pooled"][:, None, :, rgb]).abs().sum(-1) * frames.shape[-1] / 4
+            order = torch.stack([torch.tensor(min(permutations(range(self.slots)),
+                                                  key=lambda p: float(sum(c[i, p[i]] for i in range(self.slots)))))
+                                 for c in cost.detach().cpu()]).to(frames.device)  # (B, K): frame-1 slot of each slot
+            res["pos1"] = later["pos"].gather(1, order[..., None].expand(-1, -1, 2))
+            res["vel"] = res["pos1"] - res["pos"]
+            res["heat1_logits"] = later["heat_logits"]
+        return res
 
 
 class PixelState(PhysicsState):
@@ -177,19 +215,37 @@ class PixelState(PhysicsState):
         terms = []
         w = e["width"]
         h = e["heat_logits"].shape[-1] // w
+
+        def centre(i: int, j: int, t: int) -> int:
+            x, y = (st["pos"][i, t, j] * w / s[i]).round().long().tolist()
+            return min(max(y, 0), h - 1) * w + min(max(x, 0), w - 1)
+
+        def keypoint(logits: Tensor, i: int, j: int, t: int) -> Tensor:
+            """The heat map as a classifier of object ``j``'s centre pixel in frame ``t``, the
+            other objects' centres left out (they are peaks too)."""
+            others = [centre(i, o, t) for o in range(st["present"].shape[1]) if o != j and st["present"][i, o] > 0]
+            own = centre(i, j, t)
+            others = [c for c in others if c != own]
+            masked = logits.index_fill(0, torch.tensor(others, dtype=torch.long, device=logits.device),
+                                       float("-inf")) if others else logits
+            return F.cross_entropy(masked[None], torch.tensor([own], device=s.device))
+
+        tracked = "pos1" in e and st["pos"].shape[1] > 1
         for i, j in (assign >= 0).nonzero().tolist():
             k = int(assign[i, j])
             present[i, k] = 1
-            x, y = (st["pos"][i, 0, j] * w / s[i]).round().long().tolist()
-            x, y = min(max(x, 0), w - 1), min(max(y, 0), h - 1)
-            # the heat map as a classifier of the object's centre pixel (a keypoint loss), and the rest
-            terms.append(F.cross_entropy(e["heat_logits"][i, k][None], torch.tensor([y * w + x], device=s.device))
-                         + ((e["pos"][i, k] - st["pos"][i, 0, j]) / s[i] * 2).pow(2).sum()
-                         + ((e["vel"][i, k] - st["vel"][i, 0, j]) / s[i] * 8).pow(2).sum()
-                         + ((e["size"][i, k] - st["size"][i, j]) / s[i] * 4).pow(2)
-                         + (e["depth"][i, k] - st["depth"][i, j]).pow(2)
-                         + (e["colour"][i, k] - st["colour"][i, j]).pow(2).sum()
-                         + F.cross_entropy(e["class_logits"][i, k][None], st["shape"][i, j][None]))
+            term = (keypoint(e["heat_logits"][i], i, j, 0)
+                    + ((e["pos"][i, k] - st["pos"][i, 0, j]) / s[i] * 2).pow(2).sum()
+                    + ((e["size"][i, k] - st["size"][i, j]) / s[i] * 4).pow(2)
+                    + (e["depth"][i, k] - st["depth"][i, j]).pow(2)
+                    + (e["colour"][i, k] - st["colour"][i, j]).pow(2).sum()
+                    + F.cross_entropy(e["class_logits"][i, k][None], st["shape"][i, j][None]))
+            if tracked:  # frame 1's position (the velocity is its difference from frame 0's)
+                term = term + keypoint(e["heat1_logits"][i], i, j, 1) \
+                    + ((e["pos1"][i, k] - st["pos"][i, 1, j]) / s[i] * 2).pow(2).sum()
+            else:  # a guess from one frame
+                term = term + ((e["vel"][i, k] - st["vel"][i, 0, j]) / s[i] * 8).pow(2).sum()
+            terms.append(term)
         loss = F.binary_cross_entropy_with_logits(e["present_logit"], present)
         if terms:
             loss = loss + torch.stack(terms).mean()
