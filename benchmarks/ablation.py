@@ -26,7 +26,8 @@ in a direction only when its Δ interval is below 0 **and** the row with it pass
 includes adherence for conditioned rows).
 
 Labels (what a row's components read at sampling, from their ``needs`` and ``oracle``): reads the
-future (oracle) · exact simulator state (privileged) · caption · first-frame pixels · nothing.
+future (oracle) · exact simulator state (privileged) · caption · first-frame pixels (or the first n
+frames' pixels: a continuation) · nothing.
 
 Controls, scored by the same code (no learning): the validation clips themselves (data: the floor),
 held-out data (clips of another seed that no row saw: they must pass), and fakes made from the
@@ -200,8 +201,10 @@ def knows(model) -> list[str]:
         labels.append("privileged")
     if needs & {"txt", "text_emb"}:
         labels.append("caption")
-    if "first_frames" in needs:
-        labels.append("first-frame pixels")
+    if "first_frames" in needs:  # an image-to-video row, or a continuation of the first n frames
+        seen = max((int(getattr(m, "frames_seen", 1)) for m in mods if "first_frames" in (getattr(m, "needs", ()) or ())),
+                   default=1)
+        labels.append("first-frame pixels" if seen == 1 else f"first {seen} frames' pixels")
     return labels or ["nothing"]
 
 

@@ -232,6 +232,8 @@ def test_ablation_labels_say_what_a_row_reads():
     assert knows(nn.ModuleList([physics, caption])) == ["privileged", "caption"]
     assert knows(nn.ModuleList([depth])) == ["oracle"]
     assert knows(nn.ModuleList([nn.Linear(1, 1)])) == ["nothing"]
+    pixels = [tcplug.get_component("conditioner", "pixel_state")(frames_seen=n) for n in (1, 2)]
+    assert knows(pixels[0]) == ["first-frame pixels"] and knows(pixels[1]) == ["first 2 frames' pixels"]
 
 
 def test_cpu_peak_memory_counts_temporaries_an_op_frees_inside_itself():
