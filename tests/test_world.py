@@ -516,6 +516,29 @@ def test_pixel_state_estimates_the_state_from_pixels_and_never_reads_it():
         world.maps({"frame_size": (32, 32)}, (4, 6, 3, 32, 32))
 
 
+def test_pixel_state_slots_are_distinct_peaks_each_located_at_its_own():
+    """The detector's slots are the heat map's strongest peaks, each ``peak_px + 1`` away from the
+    stronger ones, and a slot's position is the softmax near its own peak: two objects on one heat
+    map give two slots, one on each (a softmax over the whole frame would put both halfway)."""
+    from tcplug_conditioners.pixel_state import StateEncoder
+    from torch import nn
+
+    class Fixed(nn.Module):  # the heat layer: this map, whatever the frame
+        def forward(self, feat):
+            return heat.expand(feat.shape[0], -1, -1, -1)
+
+    heat = torch.full((1, 1, 16, 16), -20.0)
+    heat[0, 0, 4, 3] = heat[0, 0, 4, 4] = 8.0          # object A: centre between x = 3 and 4, at y = 4
+    heat[0, 0, 11, 12] = 7.5                           # object B, a little weaker
+    enc = StateEncoder(frames_seen=1, slots=2, classes=4, channels=4, peak_px=3)
+    enc.heat = Fixed()
+    found = enc.locate(torch.zeros(1, 1, 3, 16, 16))
+    pos = found["pos"][0]
+    assert torch.allclose(pos[0], torch.tensor([3.5, 4.0]), atol=1e-3), pos
+    assert torch.allclose(pos[1], torch.tensor([12.0, 11.0]), atol=1e-3), pos
+    assert found["present_logit"][0, 0] > found["present_logit"][0, 1] > 0
+
+
 def test_pixel_state_measures_the_velocity_from_two_frames():
     """``frames_seen: 2``: the detector finds frame 1's objects too (on the clip played
     backwards), and each slot's velocity is its frame-1 position minus its frame-0 one. After the

@@ -79,8 +79,8 @@ class StateEncoder(nn.Module):
         ys = torch.linspace(-1, 1, h, device=frames.device).view(1, 1, h, 1).expand(b, 1, h, w)
         xs = torch.linspace(-1, 1, w, device=frames.device).view(1, 1, 1, w).expand(b, 1, h, w)
         x = torch.cat([frames.flatten(1, 2), xs, ys], 1)
-        feat = torch.cat([self.trunk(x), x], 1).flatten(2)  # (B, C', HW)
-        logits = self.heat.weight.flatten(1) @ feat + self.heat.bias.view(1, 1, 1)  # (B, 1, HW)
+        feat = torch.cat([self.trunk(x), x], 1)  # (B, C', H, W)
+        logits, feat = self.heat(feat).flatten(2), feat.flatten(2)  # (B, 1, HW), (B, C', HW)
         px = torch.arange(w, device=frames.device, dtype=feat.dtype).repeat(h)
         py = torch.arange(h, device=frames.device, dtype=feat.dtype).repeat_interleave(w)
         free, windows = logits.detach()[:, 0].clone(), []
