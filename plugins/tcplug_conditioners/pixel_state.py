@@ -4,9 +4,9 @@ training target, never its input.
 
 ``physics_state`` conditions on the exact initial state of the simulator (a privileged input: a
 user generating a video from an image does not have it). ``pixel_state`` reads what an
-image-to-video user gives, the first frame (``frames_seen: 2``: the first two, which makes the
-velocity observable), and estimates each object's position, velocity, size, depth, colour and
-class with a small convolutional encoder; the dynamics and the renderer are ``physics_state``'s.
+image-to-video user gives, the first frame (``frames_seen: 2``: the first two, from which the
+velocity is measured), and estimates each object's position, velocity, size, depth, colour and
+class with a small convolutional centre detector (:class:`StateEncoder`); the dynamics and the renderer are ``physics_state``'s.
 In training the encoder learns from the true state of the first frame (matched to its slots by the
 permutation of lowest position error), the dynamics from the true trajectory, and the denoiser is
 conditioned on maps rendered from the *estimated* state, exactly as at sampling.
@@ -128,7 +128,8 @@ class PixelState(PhysicsState):
 
     Args:
         frames_seen: first frames the estimator reads: 1 (image-to-video; velocity is then a
-            guess from appearance alone) or 2 (the velocity is observable).
+            guess from appearance alone) or 2 (a continuation: the velocity is measured, the
+            displacement of each object from frame 0 to frame 1).
         slots: objects the estimator can report (absent ones are predicted absent).
         estimator_channels: width of the estimator's conv trunk.
         estimator_weight: weight of the estimation loss in the training objective.
