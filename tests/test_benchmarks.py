@@ -139,6 +139,15 @@ def test_world_rollout_benchmark_scores_each_correction_and_its_controls(tmp_pat
     assert table["truth"]["position_error"]["chunk 0"][0] == 0.0
 
 
+def test_state_estimator_benchmark_scores_one_and_two_frames_against_no_motion(tmp_path):
+    code, out, err = run_script("state_estimator.py", "--smoke", "--out", str(tmp_path / "s"), cwd=tmp_path)
+    assert code == 0, err[-3000:]
+    rows = {r["row"]: r for r in json.loads((tmp_path / "s" / "state_estimator.json").read_text())["rows"]}
+    assert set(rows) == {"control: no motion", "frames_seen 1", "frames_seen 2"}
+    assert rows["control: no motion"]["velocity_px"] > 0 and 0 <= rows["frames_seen 2"]["bounced"] <= 1
+    assert "| frames_seen 2 |" in out
+
+
 def test_drift_compares_keyframes_first_with_streaming(tmp_path):
     """`drift.py --modes same_step,keyframes`: keyframes first (then in-betweens) is measured chunk
     by chunk like a stream and paired against same-step streaming."""

@@ -505,7 +505,13 @@ def test_pixel_state_estimates_the_state_from_pixels_and_never_reads_it():
     assert abs(report["position_px"] - after) < 1e-4 and report["colour"] < report_before["colour"], \
         (report_before, report)
     assert set(report) == {"presence_accuracy", "position_px", "velocity_px", "size_px", "depth", "colour",
-                           "class_accuracy"} and 0 <= report["class_accuracy"] <= 1
+                           "class_accuracy", "bounced", "velocity_px_straight"} and 0 <= report["class_accuracy"] <= 1
+    # a bounce: the first step's displacement is not the velocity (the simulator's state says which)
+    bounced = [any(s["position"][1][j][d] - s["position"][0][j][d] != s["velocity"][0][j][d] for d in range(2))
+               for s in unseen["state"] for j in range(2)]  # every object has a slot here (2 of 2)
+    assert report["bounced"] == pytest.approx(sum(bounced) / len(bounced)) and 0 < sum(bounced) < len(bounced) / 2
+    assert "bounced" not in world.estimate_report({"video": unseen["video"], "state": [
+        {**s, "position": s["position"][:1], "velocity": s["velocity"][:1]} for s in unseen["state"]]})
     # sampling reads the first frame only: the true state changes nothing, and none is needed
     first = {"first_frames": unseen["video"][:4, :1], "frame_size": (32, 32), "num_frames": 6}
     maps = world.maps(first, (4, 6, 3, 32, 32))

@@ -263,7 +263,11 @@ class PixelState(PhysicsState):
         """Every part of the estimate against the true first-frame state, over the true objects
         matched to a slot: ``position_px``, ``velocity_px`` (px/frame), ``size_px``, ``depth``
         (absolute error), ``colour`` (mean absolute error per channel, in 0-255 levels),
-        ``class_accuracy`` and, over all slots, ``presence_accuracy`` (at the sampling threshold)."""
+        ``class_accuracy`` and, over all slots, ``presence_accuracy`` (at the sampling threshold).
+        Where the state has a second frame, also ``velocity_px_straight``: the velocity error of the
+        objects whose first step is not a bounce (their displacement to frame 1 is their velocity),
+        and ``bounced``: the share of objects whose first step is one (two frames cannot measure
+        their velocity, only their displacement)."""
         e, st, assign = self._matched(batch)
         pairs = [(i, j, int(assign[i, j])) for i, j in (assign >= 0).nonzero().tolist()]
         present = torch.zeros_like(e["present_logit"])
@@ -282,6 +286,13 @@ class PixelState(PhysicsState):
                    depth=mean(lambda i, j, k: (e["depth"][i, k] - st["depth"][i, j]).abs()),
                    colour=mean(lambda i, j, k: (e["colour"][i, k] - st["colour"][i, j]).abs().mean() * 255),
                    class_accuracy=mean(lambda i, j, k: e["class_logits"][i, k].argmax() == st["shape"][i, j]))
+        if st["pos"].shape[1] > 1:
+            bounce = {(i, j): bool((st["pos"][i, 1, j] - st["pos"][i, 0, j] - st["vel"][i, 0, j]).abs().max() > 1e-3)
+                      for i, j, _ in pairs}
+            straight = [(e["vel"][i, k] - st["vel"][i, 0, j]).norm() for i, j, k in pairs if not bounce[i, j]]
+            out["bounced"] = sum(bounce.values()) / len(pairs)
+            if straight:
+                out["velocity_px_straight"] = float(torch.stack(straight).mean())
         return out
 
     @torch.no_grad()
