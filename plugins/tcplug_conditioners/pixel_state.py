@@ -231,7 +231,7 @@ class PixelState(PhysicsState):
                                        float("-inf")) if others else logits
             return F.cross_entropy(masked[None], torch.tensor([own], device=s.device))
 
-        tracked = "pos1" in e and st["pos"].shape[1] > 1
+        measured, tracked = "pos1" in e, "pos1" in e and st["pos"].shape[1] > 1  # (a one-frame state: no target)
         for i, j in (assign >= 0).nonzero().tolist():
             k = int(assign[i, j])
             present[i, k] = 1
@@ -244,7 +244,7 @@ class PixelState(PhysicsState):
             if tracked:  # frame 1's position (the velocity is its difference from frame 0's)
                 term = term + keypoint(e["heat1_logits"][i], i, j, 1) \
                     + ((e["pos1"][i, k] - st["pos"][i, 1, j]) / s[i] * 2).pow(2).sum()
-            else:  # a guess from one frame
+            elif not measured:  # a guess from one frame
                 term = term + ((e["vel"][i, k] - st["vel"][i, 0, j]) / s[i] * 8).pow(2).sum()
             terms.append(term)
         loss = F.binary_cross_entropy_with_logits(e["present_logit"], present)
