@@ -485,20 +485,25 @@ def _pixel_clips(seed, n, frames=2):
     return {"video": video, "state": [c["state"] for c in cs]}
 
 
+def _train_estimator(world, clips, steps, batch=16, lr=3e-3):
+    """``steps`` Adam steps of ``world``'s estimation loss on random batches of ``clips``."""
+    opt = torch.optim.Adam(world.estimator.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, clips["video"].shape[0], (batch,), generator=g).tolist()
+        loss = world.estimation_loss({"video": clips["video"][idx], "state": [clips["state"][i] for i in idx]})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def test_pixel_state_estimates_the_state_from_pixels_and_never_reads_it():
     torch.manual_seed(0)
     world = comp("conditioner", "pixel_state", slots=2, estimator_channels=16, shapes=True)
     world.setup(dit())
     train, unseen = _pixel_clips(0, 96), _pixel_clips(5, 32)
     before, report_before = world.estimate_error(unseen), world.estimate_report(unseen)
-    opt = torch.optim.Adam(world.estimator.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(100):
-        idx = torch.randint(0, 96, (16,), generator=g).tolist()
-        loss = world.estimation_loss({"video": train["video"][idx], "state": [train["state"][i] for i in idx]})
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _train_estimator(world, train, 100)
     after, report = world.estimate_error(unseen), world.estimate_report(unseen)
     # pixels, on clips it never saw (at a run's budget, 1200 steps, it falls much further)
     assert after < 0.8 * before, (before, after)
@@ -557,14 +562,7 @@ def test_pixel_state_measures_the_velocity_from_two_frames():
         torch.manual_seed(0)
         world = comp("conditioner", "pixel_state", slots=2, estimator_channels=16, shapes=True, frames_seen=seen)
         world.setup(dit())
-        opt = torch.optim.Adam(world.estimator.parameters(), lr=3e-3)
-        g = torch.Generator().manual_seed(0)
-        for _ in range(400):
-            idx = torch.randint(0, 768, (16,), generator=g).tolist()
-            loss = world.estimation_loss({"video": train["video"][idx], "state": [train["state"][i] for i in idx]})
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        _train_estimator(world, train, 400)
         with torch.no_grad():
             e, st, assign = world._matched(unseen)
             errors[seen] = torch.stack([(e["vel"][i, int(assign[i, j])] - st["vel"][i, 0, j]).norm()
