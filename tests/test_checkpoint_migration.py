@@ -66,3 +66,4 @@ def test_migration_moves_the_model_keys_once():
     again = json.loads(json.dumps(old))
     migrate(again)  # today's layout is left as it is
     assert again == old
+

@@ -308,6 +308,19 @@ def test_checkpoint_without_its_recipe(tmp_path, capsys):
     assert code == 2 and "no recipe inside" in err
 
 
+def test_checkpoint_whose_weights_do_not_fit(tmp_path, capsys):
+    """Weights a component's current layers cannot take (the component changed since the
+    checkpoint was written): refused with the checkpoint and the tensor named."""
+    old = torch.load(ROOT / "tests" / "data" / "pre_house" / "last.ckpt", weights_only=True)
+    key = next(k for k, v in old["state_dict"].items() if v.dim() == 2)
+    old["state_dict"][key] = torch.zeros(old["state_dict"][key].shape[0] + 1, old["state_dict"][key].shape[1])
+    changed = tmp_path / "changed.ckpt"
+    torch.save(old, changed)
+    code, err = cli(capsys, "sample", "--ckpt", changed, "--frames", 4, "--out", tmp_path / "x.mp4")
+    assert code == 2 and "do not fit the model its recipe builds" in err and key.split(".")[-1] in err, err[-2000:]
+    assert "Traceback" not in err
+
+
 # ----- numbers ----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_nan_loss_stops_naming_term_and_step_and_keeps_last_checkpoint(tmp_path, tiny):
@@ -534,7 +547,7 @@ def test_score_of_a_one_frame_video_names_the_file(tmp_path, capsys):
 # ----- the catalogue in the docs ------------------------------------------------------------------
 OTHER_CASES = ["plugin-hook-raises", "plugin-duplicate-name", "data-corrupt-sample", "data-missing-ground-truth",
                "data-no-shards", "data-too-few-shards", "checkpoint-pickled-payload", "checkpoint-truncated-or-missing",
-               "checkpoint-without-recipe", "nan-loss", "sigkill-mid-epoch", "sigterm", "kill-during-checkpoint-write",
+               "checkpoint-without-recipe", "checkpoint-weights-do-not-fit", "nan-loss", "sigkill-mid-epoch", "sigterm", "kill-during-checkpoint-write",
                "resume-without-checkpoint", "ctrl-c", "sample-conditioned-without-conditions", "sample-out-extension",
                "checkpoint-is-a-text-file", "resume-finished-run", "export-without-lora",
                "precomputed-shards-from-another-vae", "encode-missing-recipe", "component-replaced-on-cli",
