@@ -570,6 +570,8 @@ def test_pixel_state_measures_the_velocity_from_two_frames():
         if seen == 2:
             assert torch.allclose(e["vel"], e["pos1"] - e["pos"])
     assert errors[2] < 0.4 * speed < errors[1], (errors, speed)
+    with pytest.raises(tcplug.TcplugError, match="needs 2 first frames, got 1 .*--first-frame VIDEO"):
+        world.maps({"first_frames": unseen["video"][:2, :1], "frame_size": (32, 32)}, (2, 4, 3, 32, 32))
 
 
 def test_pixel_state_teacher_forcing_renders_the_true_state_in_training_only():

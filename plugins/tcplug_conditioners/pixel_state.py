@@ -38,7 +38,8 @@ def _first_frames(batch: dict[str, Any], n: int) -> Tensor:
     if frames.dim() == 4:
         frames = frames[:, None]
     if frames.shape[1] < n:
-        raise TcplugError(f"pixel_state(frames_seen={n}) needs {n} first frames, got {frames.shape[1]}")
+        raise TcplugError(f"pixel_state(frames_seen={n}) needs {n} first frames, got {frames.shape[1]} "
+                          "(tcplug sample --first-frame VIDEO gives a video's first two frames, --clip N a clip's)")
     return frames[:, :n].float()
 
 
