@@ -188,3 +188,15 @@ def parse_recipe(text: str, where: str = "the checkpoint") -> dict:
     if not isinstance(cfg, dict):
         raise TcplugError(f"{where}: the recipe inside is not a mapping")
     return cfg
+
+
+def load_weights(module, state_dict: dict[str, Any], path) -> None:
+    """``module.load_state_dict(state_dict)``; weights the module's current layers cannot take (a
+    component changed since the checkpoint at ``path`` was written) are a :class:`TcplugError`
+    naming the tensors, not a traceback."""
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines()[1:4] if ln.strip()]
+        raise TcplugError(f"{path}: its weights do not fit the model its recipe builds now (a component's "
+                          f"layers changed since it was written?): {' '.join(lines)[:400]}") from None

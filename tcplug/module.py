@@ -238,12 +238,7 @@ class TCPlugModule(pl.LightningModule):
         except TcplugError as exc:
             raise TcplugError(f"{path}: the model its recipe describes cannot be built: {exc}") from None
         module.on_load_checkpoint(ckpt)  # old layouts migrated; weights a model folder holds filled in
-        try:
-            module.load_state_dict(ckpt["state_dict"])
-        except RuntimeError as exc:  # a component whose layers changed since the checkpoint was written
-            lines = [ln.strip() for ln in str(exc).splitlines()[1:4] if ln.strip()]
-            raise TcplugError(f"{path}: its weights do not fit the model its recipe builds now (a component's "
-                              f"layers changed since it was written?): {' '.join(lines)[:400]}") from None
+        ckpt_io.load_weights(module, ckpt["state_dict"], path)
         module.tcplug_config = text
         return module.eval()
 
