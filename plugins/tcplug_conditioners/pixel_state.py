@@ -110,7 +110,7 @@ class StateEncoder(nn.Module):
                "heat_logits": found["heat_logits"], "width": frames.shape[-1]}
         if self.frames_seen == 2:
             later = self.locate(frames.flip(1))
-            rgb = slice(-5, -2)  # the pooled pixels of the slot's own frame
+            rgb = slice(-5, -2)  # the pooled pixels of the *other* frame under the slot (objects move less than their size)
             cost = (found["pos"][:, :, None] - later["pos"][:, None]).norm(dim=-1) \
                 + (found["pooled"][:, :, None, rgb] - later["pooled"][:, None, :, rgb]).abs().sum(-1) * frames.shape[-1] / 4
             order = torch.stack([torch.tensor(min(permutations(range(self.slots)),
