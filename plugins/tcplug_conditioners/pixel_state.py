@@ -43,6 +43,13 @@ def _first_frames(batch: dict[str, Any], n: int) -> Tensor:
     return frames[:, :n].float()
 
 
+def cheapest(cost: Tensor) -> tuple[int, ...]:
+    """For ``cost`` ``(n, m)`` (rows to columns), a distinct column for each of the first
+    ``min(n, m)`` rows, of lowest total cost (every permutation is tried: slots are few)."""
+    n, m = cost.shape
+    return min(permutations(range(m), min(n, m)), key=lambda p: float(sum(cost[i, s] for i, s in enumerate(p))))
+
+
 class StateEncoder(nn.Module):
     """First frames ``(B, n, 3, H, W)`` -> per-slot state estimates.
 
@@ -113,9 +120,7 @@ class StateEncoder(nn.Module):
             rgb = slice(-5, -2)  # the pooled pixels of the *other* frame under the slot (objects move less than their size)
             cost = (found["pos"][:, :, None] - later["pos"][:, None]).norm(dim=-1) \
                 + (found["pooled"][:, :, None, rgb] - later["pooled"][:, None, :, rgb]).abs().sum(-1) * frames.shape[-1] / 4
-            order = torch.stack([torch.tensor(min(permutations(range(self.slots)),
-                                                  key=lambda p: float(sum(c[i, p[i]] for i in range(self.slots)))))
-                                 for c in cost.detach().cpu()]).to(frames.device)  # (B, K): frame-1 slot of each slot
+            order = torch.stack([torch.tensor(cheapest(c)) for c in cost.detach().cpu()]).to(frames.device)  # (B, K)
             res["pos1"] = later["pos"].gather(1, order[..., None].expand(-1, -1, 2))
             res["vel"] = res["pos1"] - res["pos"]
             res["heat1_logits"] = later["heat_logits"]
@@ -200,12 +205,7 @@ class PixelState(PhysicsState):
             cost = (e["pos"][:, None, :, :] - st["pos"][:, 0, :, None, :]).norm(dim=-1)  # (B, Kt, S)
             for i in range(b):
                 objs = [j for j in range(k_true) if st["present"][i, j] > 0]
-                best, best_cost = None, float("inf")
-                for perm in permutations(range(self.slots), min(len(objs), self.slots)):
-                    c = float(sum(cost[i, j, s] for j, s in zip(objs, perm)))
-                    if c < best_cost:
-                        best, best_cost = perm, c
-                for j, s in zip(objs, best or ()):
+                for j, s in zip(objs, cheapest(cost[i, objs]) if objs else ()):
                     assign[i, j] = s
         return e, st, assign
 
